@@ -1,0 +1,112 @@
+"""Tiny, real components built and saved locally, so tests load them through the same code paths as hub models."""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8  # 16 patches per image
+CORPUS = [
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: What is in the picture? ASSISTANT: A red circle on a white background.",
+    "There are two shapes: a blue square at the top left and a green triangle in the center.",
+    "How many shapes are in the image? Where is the yellow circle? Is there a red square?",
+    "Describe the image concisely. Describe the image in detail. The answer is yes. The answer is no.",
+]
+
+
+def save_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences, with LLaMA's special tokens."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def save_llm(folder: Path, seed: int = 0) -> Path:
+    tokenizer = save_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def save_clip(folder: Path, seed: int = 0) -> Path:
+    """A full CLIP checkpoint (text and image halves), as openai/clip-vit-* ship, with its image processor."""
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(
+            image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=24, intermediate_size=48,
+            num_hidden_layers=3, num_attention_heads=4,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return folder
+
+
+def save_siglip(folder: Path, seed: int = 0) -> Path:
+    """A SigLIP vision tower alone (no CLS token), saved without an image processor."""
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
+    SiglipVisionModel(config).save_pretrained(folder)
+    return folder
+
+
+def save_open_clip(folder: Path, seed: int = 0) -> Path:
+    """An open_clip model in its own local-dir layout (open_clip_config.json + open_clip_model.safetensors)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 3, "width": 32, "head_width": 16, "patch_size": PATCH_SIZE},
+        "text_cfg": {"context_length": 16, "vocab_size": 99, "width": 16, "heads": 2, "layers": 1},
+    }
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    preprocess_cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def user_turn(text: str, image_first: bool = True) -> dict:
+    """A user message holding one image and a question, the image before or after the text."""
+    parts = [{"type": "image"}, {"type": "text", "text": text}]
+    return {"role": "user", "content": parts if image_first else parts[::-1]}
