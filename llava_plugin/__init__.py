@@ -22,7 +22,10 @@ AutoConfig.register(LlavaPluginConfig.model_type, LlavaPluginConfig, exist_ok=Tr
 AutoConfig.register(OpenClipVisionConfig.model_type, OpenClipVisionConfig, exist_ok=True)
 for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto_class.register(LlavaPluginConfig, LlavaPluginForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(LlavaPluginConfig, slow_image_processor_class=LlavaPluginImageProcessor, exist_ok=True)
+# One PIL implementation answers both backend requests (transformers asks for "torchvision" first).
+AutoImageProcessor.register(
+    LlavaPluginConfig, image_processor_classes={"pil": LlavaPluginImageProcessor, "torchvision": LlavaPluginImageProcessor}, exist_ok=True
+)
 AutoProcessor.register(LlavaPluginConfig, LlavaPluginProcessor, exist_ok=True)
 
 __all__ = [

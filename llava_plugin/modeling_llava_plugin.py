@@ -75,14 +75,14 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(num_images, 3, H, W) -> (num_images, image_seq_length, text hidden size)."""
+        size = self.config.vision_config.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the tower takes {size}px squares: use the processor")
         tower_dtype = next(self.vision_tower.parameters()).dtype
         hidden = tower_hidden_state(self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer)
         prefix = int(self.config.tower_has_cls)
-        if hidden.shape[1] != self.config.num_patches + prefix:
-            raise ValueError(
-                f"the vision tower returned {hidden.shape[1]} tokens for {tuple(pixel_values.shape[-2:])} pixels, expected "
-                f"{self.config.num_patches + prefix}: images must be {self.config.vision_config.image_size}px square (use the processor)"
-            )
+        if hidden.shape[1] != self.config.num_patches + prefix:  # a tower with extra tokens (registers) we do not know
+            raise ValueError(f"the vision tower returned {hidden.shape[1]} tokens, expected {self.config.num_patches + prefix}")
         if prefix and self.config.vision_feature_select == "patch":
             hidden = hidden[:, 1:]  # drop CLS
         projector_dtype = self.projector[0].weight.dtype

@@ -40,7 +40,8 @@ class OpenClipVisionTower(nn.Module):
 
 
 def build_vision_tower(vision_config: PreTrainedConfig) -> nn.Module:
-    if isinstance(vision_config, OpenClipVisionConfig):
+    # By model_type, not isinstance: remote code may load the config module and this one as separate copies.
+    if vision_config.model_type == OpenClipVisionConfig.model_type:
         return OpenClipVisionTower(vision_config)
     return AutoModel.from_config(vision_config)
 

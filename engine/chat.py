@@ -1,0 +1,46 @@
+"""Streaming multi-turn image chat on any llava_plugin checkpoint.
+
+Each turn re-encodes the conversation, as the original LLaVA worker does; keeping the KV cache across turns is the
+app issue's work.
+"""
+
+import threading
+from collections.abc import Iterator
+
+import torch
+from transformers import AutoModel, AutoProcessor, TextIteratorStreamer
+
+from llava_plugin import ImageLoadError, load_image
+
+
+class ChatError(ValueError):
+    """A problem with the user's input, worded for the user."""
+
+
+class ChatEngine:
+    def __init__(self, model_path: str, device: str | None = None):
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(self.device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+
+    def stream(
+        self, messages: list[dict], image, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512
+    ) -> Iterator[str]:
+        """Yields the growing answer to `messages` (chat-template format, one image part in the first user turn)."""
+        try:
+            image = load_image(image)
+        except ImageLoadError as error:
+            raise ChatError(str(error)) from error
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(images=image, text=prompt, return_tensors="pt", truncation=False).to(self.device)
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        worker = threading.Thread(
+            target=self.model.generate, kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, **sampling)
+        )
+        worker.start()
+        answer = ""
+        for piece in streamer:
+            answer += piece
+            yield answer.strip()
+        worker.join()
