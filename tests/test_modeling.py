@@ -135,11 +135,11 @@ def test_batched_generation_with_left_padding_matches_single(assembled):
         assert torch.equal(batched[row], single[0])
 
 
-@pytest.mark.parametrize("tower", ["clip", "siglip", "open_clip"])
-@pytest.mark.parametrize("select", ["patch", "cls_patch"])
+# SigLIP has no CLS token to keep: cls_patch is refused for it (see test_config).
+@pytest.mark.parametrize(
+    "tower, select", [("clip", "patch"), ("clip", "cls_patch"), ("siglip", "patch"), ("open_clip", "patch"), ("open_clip", "cls_patch")]
+)
 def test_each_tower_kind_feeds_the_projector(parts, tower, select):
-    if tower == "siglip" and select == "cls_patch":
-        pytest.skip("SigLIP has no CLS token (refused by the config, see test_config)")
     model, processor = LlavaPluginForConditionalGeneration.from_components(
         vision=parts[tower], llm=parts["llm"], projector="linear", vision_feature_select=select
     )
@@ -189,3 +189,30 @@ def test_bfloat16_assembly_runs(parts):
     )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(**prompt_inputs(processor)).logits.dtype == torch.bfloat16
+
+
+def test_gradient_checkpointing_trains_projector_and_language_model(parts):
+    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["clip"], llm=parts["llm"])
+    model.vision_tower.requires_grad_(False)  # stage 2: the tower stays frozen
+    model.gradient_checkpointing_enable()
+    model.train()
+    inputs = prompt_inputs(processor)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+    assert all(p.grad is not None for p in model.language_model.model.layers.parameters())
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+
+
+@pytest.mark.parametrize("aspect", ["pad", "resize", "crop"])
+def test_aspect_mode_travels_from_components_to_the_saved_processor(parts, aspect, tmp_path):
+    from transformers import AutoProcessor
+
+    model, processor = LlavaPluginForConditionalGeneration.from_components(
+        vision=parts["clip"], llm=parts["llm"], projector="linear", image_aspect=aspect
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert model.config.image_aspect == loaded.image_processor.image_aspect == aspect
+    wide = Image.new("RGB", (90, 20), (0, 0, 255))
+    assert torch.equal(loaded(images=wide, text="<image>", return_tensors="pt")["pixel_values"],
+                       processor(images=wide, text="<image>", return_tensors="pt")["pixel_values"])

@@ -48,7 +48,7 @@ print(json.dumps({
 
 
 def run_standalone(folder, image_path):
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(folder.parent / "modules"))
     result = subprocess.run(
         [sys.executable, "-c", STANDALONE, str(folder), str(image_path)],
