@@ -31,16 +31,28 @@ class ChatEngine:
             image = load_image(image)
         except ImageLoadError as error:
             raise ChatError(str(error)) from error
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(images=image, text=prompt, return_tensors="pt", truncation=False).to(self.device)
+        try:
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            inputs = self.processor(images=image, text=prompt, return_tensors="pt").to(self.device)
+        except ValueError as error:  # too long for the context, or image markers that do not match
+            raise ChatError(str(error)) from error
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        worker = threading.Thread(
-            target=self.model.generate, kwargs=dict(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, **sampling)
-        )
+        failure: list[BaseException] = []
+
+        def generate():
+            try:
+                self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, **sampling)
+            except BaseException as error:  # surfaced below: a silent worker would leave the stream waiting forever
+                failure.append(error)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         answer = ""
         for piece in streamer:
             answer += piece
             yield answer.strip()
         worker.join()
+        if failure:
+            raise failure[0]
