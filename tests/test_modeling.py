@@ -194,7 +194,7 @@ def test_bfloat16_assembly_runs(parts):
 def test_gradient_checkpointing_trains_projector_and_language_model(parts):
     model, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["clip"], llm=parts["llm"])
     model.vision_tower.requires_grad_(False)  # stage 2: the tower stays frozen
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     inputs = prompt_inputs(processor)
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
