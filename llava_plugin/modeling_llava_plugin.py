@@ -73,8 +73,9 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
     def set_output_embeddings(self, value: nn.Module):
         self.language_model.set_output_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, 3, H, W) -> (num_images, image_seq_length, text hidden size)."""
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden):
+        what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
         size = self.config.vision_config.image_size
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the tower takes {size}px squares: use the processor")
@@ -85,8 +86,13 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
             raise ValueError(f"the vision tower returned {hidden.shape[1]} tokens, expected {self.config.num_patches + prefix}")
         if prefix and self.config.vision_feature_select == "patch":
             hidden = hidden[:, 1:]  # drop CLS
-        projector_dtype = self.projector[0].weight.dtype
-        return self.projector(hidden.to(projector_dtype))
+        return hidden
+
+    def get_image_features(self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels (or precomputed vision features) -> (num_images, image_seq_length, text hidden size)."""
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        return self.projector(vision_features.to(self.projector[0].weight.dtype))
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Writes the features, in order, over the embeddings of the image tokens."""
@@ -110,20 +116,22 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Labels follow transformers: -100 is ignored, the shift happens inside the language model's loss."""
+        """Labels follow transformers: -100 is ignored, the shift happens inside the language model's loss.
+        `vision_features` (the tower's cached output, see get_vision_features) may stand in for pixel_values."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
-            if pixel_values is not None:
-                image_features = self.get_image_features(pixel_values)  # (N, S, D): runs at prefill only
+            if pixel_values is not None or vision_features is not None:
+                image_features = self.get_image_features(pixel_values, vision_features)  # (N, S, D): prefill only
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
             elif (cache is None or cache.get_seq_length() == 0) and bool((input_ids == self.config.image_token_id).any()):
                 n_tokens = int((input_ids == self.config.image_token_id).sum())
                 raise ValueError(f"Image features and image tokens do not match: tokens: {n_tokens}, features: 0 (no pixel_values)")
-        elif pixel_values is not None:
+        elif pixel_values is not None or vision_features is not None:
             raise ValueError("pixel_values need input_ids to find the image tokens; pass input_ids instead of inputs_embeds")
         return self.language_model(
             inputs_embeds=inputs_embeds,

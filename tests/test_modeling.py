@@ -30,8 +30,9 @@ def test_from_components_keeps_the_pretrained_weights(assembled, parts):
 def test_forward_shapes_and_answer_only_loss(assembled):
     model, processor = assembled
     conversation = [user_turn("What is in the picture?"), {"role": "assistant", "content": "A red circle."}]
+    conversation[0]["content"][0]["image"] = IMAGE
     batch = processor.apply_chat_template(
-        conversation, images=[IMAGE], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
     labels = batch["input_ids"].masked_fill(batch["assistant_masks"] == 0, -100)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"], labels=labels)

@@ -37,12 +37,13 @@ def test_assistant_mask_marks_exactly_the_answers_and_their_end_token(assembled)
     _, processor = assembled
     answers = ["A red circle on a white background.", "There are two shapes.", "The answer is yes."]
     messages = [user_turn("What is in the picture?")]
+    messages[0]["content"][0]["image"] = IMAGE
     for index, answer in enumerate(answers):
         if index:
             messages.append({"role": "user", "content": f"Question {index}?"})
         messages.append({"role": "assistant", "content": answer})
     out = processor.apply_chat_template(
-        messages, images=[IMAGE], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
     )
     ids, mask = out["input_ids"][0], out["assistant_masks"][0].bool()
     assert int((ids == processor.image_token_id).sum()) == processor.image_seq_length

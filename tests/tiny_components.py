@@ -110,3 +110,25 @@ def user_turn(text: str, image_first: bool = True) -> dict:
     """A user message holding one image and a question, the image before or after the text."""
     parts = [{"type": "image"}, {"type": "text", "text": text}]
     return {"role": "user", "content": parts if image_first else parts[::-1]}
+
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220)}
+
+
+def save_tiny_world(folder: Path, images: int = 24) -> Path:
+    """Solid-colour images of varied sizes, with caption pairs (stage 1) and two-turn conversations (stage 2)."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    captions, conversations = [], []
+    for index in range(images):
+        colour = list(COLOURS)[index % len(COLOURS)]
+        Image.new("RGB", (40 + 3 * index, 30 + index % 7), COLOURS[colour]).save(folder / "images" / f"{index}.png")
+        captions.append({"id": f"cap{index}", "image": f"{index}.png", "caption": f"A {colour} picture."})
+        conversations.append({"id": f"conv{index}", "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "What color is the picture?"}, {"from": "gpt", "value": f"It is {colour}."},
+            {"from": "human", "value": "Is it a picture?"}, {"from": "gpt", "value": "Yes" + ", it is" * (index % 4) + "."}]})
+    conversations.append({"id": "text-only", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]})
+    (folder / "captions.json").write_text(json.dumps(captions))
+    (folder / "instruct.json").write_text(json.dumps(conversations))
+    return folder

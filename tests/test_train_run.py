@@ -1,0 +1,185 @@
+"""llava-train end to end on tiny models: what each stage trains, LoRA, resume after SIGKILL, bad data, configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, CLIPVisionModel
+
+from tiny_components import save_tiny_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return save_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def train(*args, env=None, check=True, cwd=None):
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", *map(str, args)], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=cwd)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def stage1_args(parts, world, output, *extra):
+    return ["--stage", 1, "--vision", parts["clip"], "--llm", parts["llm"], "--data", world / "captions.json",
+            "--image-folder", world / "images", "--output", output, "--batch-size", 4, "--lr", 1e-2, "--max-steps", 4,
+            "--log-every", 1, *extra]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def changed(before: dict, after: dict, prefix: str) -> list[str]:
+    return [key for key in after if key.startswith(prefix) and not torch.equal(before[key], after[key])]
+
+
+@pytest.fixture(scope="module")
+def stage1(parts, world, tmp_path_factory):
+    output = tmp_path_factory.mktemp("stage1")
+    result = train(*stage1_args(parts, world, output))
+    return output, result
+
+
+def test_stage1_trains_only_the_projector(parts, stage1):
+    output, result = stage1
+    assert "training projector" in result.stdout and "language_model (" not in result.stdout
+    after = weights(output)
+    tower = CLIPVisionModel.from_pretrained(parts["clip"]).state_dict()
+    assert all(torch.equal(after[f"vision_tower.{key}"], value) for key, value in tower.items())
+    language_model = AutoModelForCausalLM.from_pretrained(parts["llm"]).state_dict()
+    for key, value in language_model.items():
+        assert torch.equal(after[f"language_model.{key}"][: value.shape[0]], value), key
+    assert set(changed({k: torch.zeros_like(v) for k, v in after.items()}, after, "projector.")) == {
+        "projector.0.weight", "projector.0.bias", "projector.2.weight", "projector.2.bias"}
+
+
+def test_stage2_trains_projector_and_language_model_never_the_tower(world, stage1, tmp_path):
+    stage1_output, _ = stage1
+    train("--stage", 2, "--model", stage1_output, "--data", world / "instruct.json", "--image-folder", world / "images",
+          "--output", tmp_path, "--batch-size", 4, "--lr", 1e-2, "--max-steps", 3)
+    before, after = weights(stage1_output), weights(tmp_path)
+    assert changed(before, after, "vision_tower.") == []
+    assert len(changed(before, after, "projector.")) == 4
+    assert len(changed(before, after, "language_model.")) > 10
+
+
+def test_lora_trains_adapters_and_merges_them(world, stage1, tmp_path):
+    stage1_output, _ = stage1
+    result = train("--stage", 2, "--model", stage1_output, "--data", world / "instruct.json", "--image-folder", world / "images",
+                   "--output", tmp_path, "--batch-size", 4, "--lr", 1e-2, "--projector-lr", 1e-3, "--max-steps", 3,
+                   "--lora", "--lora-r", 4, "--lora-alpha", 8)
+    assert "language_model (" in result.stdout
+    before, after = weights(stage1_output), weights(tmp_path)
+    assert set(after) == set(before)  # merged: no lora_A/lora_B keys, loadable as a plain checkpoint
+    assert changed(before, after, "vision_tower.") == []
+    assert len(changed(before, after, "projector.")) == 4
+    merged = changed(before, after, "language_model.model.layers.")
+    assert merged and all(key.endswith("proj.weight") for key in merged)  # only Linear weights carry LoRA deltas
+    assert changed(before, after, "language_model.model.embed_tokens") == []
+
+
+def test_resume_after_sigkill_is_bit_identical(parts, world, tmp_path):
+    common = stage1_args(parts, world, None, "--save-every", 5, "--max-steps", 40, "--batch-size", 2)
+    straight = tmp_path / "straight"
+    train(*[straight if arg is None else arg for arg in common])
+
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-m", "trainer.cli", *map(str, [killed if arg is None else arg for arg in common])]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (killed / "checkpoint-10" / "trainer_state.json").exists():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "config.json").exists(), "the run finished before it could be killed"
+    (killed / ".tmp-checkpoint-99").mkdir()  # what a kill during a save leaves: never taken for a checkpoint
+    resumed = train(*[killed if arg is None else arg for arg in common], "--resume")
+    assert "resumed from" in resumed.stdout
+    straight_weights, resumed_weights = weights(straight), weights(killed)
+    assert all(torch.equal(straight_weights[key], resumed_weights[key]) for key in straight_weights)
+    assert not (killed / ".tmp-checkpoint-99").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_world(world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "broken.png").write_bytes((world / "images" / "0.png").read_bytes()[:60])
+    records = json.loads((world / "instruct.json").read_text())[:8]
+    records += [
+        {"id": "missing-image", "image": "nowhere.png", "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"id": "truncated-image", "image": str(folder / "broken.png"), "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]},
+        {"id": "no-answer", "image": "1.png", "conversations": [{"from": "human", "value": "Q?"}]},
+        {"id": "too-long", "conversations": [{"from": "human", "value": "shape " * 300}, {"from": "gpt", "value": "A."}]},
+    ]
+    (folder / "data.json").write_text(json.dumps(records))
+    return folder
+
+
+def test_bad_samples_are_skipped_counted_and_named(stage1, world, bad_world, tmp_path):
+    result = train("--stage", 2, "--model", stage1[0], "--data", bad_world / "data.json", "--image-folder", world / "images",
+                   "--output", tmp_path, "--batch-size", 2, "--epochs", 1, "--group-by-length")
+    assert "skipped 4 unusable samples" in result.stdout
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert set(skipped) == {"missing-image", "truncated-image", "no-answer", "too-long"}
+    assert "nowhere.png" in skipped["missing-image"] and "no assistant turn" in skipped["no-answer"]
+    assert (tmp_path / "config.json").exists()
+
+
+def test_strict_stops_at_the_first_bad_sample(stage1, world, bad_world, tmp_path):
+    result = train("--stage", 2, "--model", stage1[0], "--data", bad_world / "data.json", "--image-folder", world / "images",
+                   "--output", tmp_path, "--batch-size", 2, "--strict", check=False)
+    assert result.returncode != 0 and not (tmp_path / "config.json").exists()
+
+
+def test_check_data_reports_every_problem_up_front(stage1, world, bad_world, tmp_path):
+    result = train("--stage", 2, "--model", stage1[0], "--data", bad_world / "data.json", "--image-folder", world / "images",
+                   "--output", tmp_path, "--check-data", check=False)
+    assert result.returncode == 1
+    assert "12 records checked: 4 problems" in result.stdout
+    for record_id in ("missing-image", "truncated-image", "no-answer", "too-long"):
+        assert record_id in result.stdout
+
+
+def test_yaml_config_holds_the_same_keys_as_the_flags(parts, world, tmp_path):
+    from trainer.settings import parse_settings
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"stage: 1\nvision: {parts['clip']}\nllm: {parts['llm']}\ndata: {world / 'captions.json'}\n"
+                      "max_steps: 7\nlr: 0.5\ngradient_checkpointing: true\n")
+    settings = parse_settings(["--config", str(config), "--lr", "0.25"])
+    assert (settings.max_steps, settings.lr, settings.gradient_checkpointing, settings.data) == (7, 0.25, True, [str(world / "captions.json")])
+    preset = parse_settings(["--preset", "llava-1.5-stage2-lora", "--model", "m", "--data", "d.json"])
+    assert (preset.lora, preset.lora_r, preset.lora_alpha, preset.lr, preset.projector_lr) == (True, 128, 256, 2e-4, 2e-5)
+    config.write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown settings"):
+        parse_settings(["--config", str(config)])
+
+
+def test_two_processes_under_accelerate_launch(parts, world, tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer.cli",
+               *map(str, stage1_args(parts, world, tmp_path, "--save-every", 2))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "on 2 process(es) (MULTI_CPU" in result.stdout
+    assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_vision_feature_cache_gives_the_same_training(parts, world, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    train(*stage1_args(parts, world, plain))
+    train(*stage1_args(parts, world, cached, "--cache-vision-features", tmp_path / "features"))
+    assert len(list((tmp_path / "features").glob("*/*.safetensors"))) == 24
+    a, b = weights(plain), weights(cached)
+    assert all(torch.allclose(a[key], b[key], atol=1e-5) for key in a)

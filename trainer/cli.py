@@ -1,0 +1,26 @@
+"""llava-train: stage 1 (feature alignment) or stage 2 (instruction tuning); see `llava-train --help`."""
+
+import logging
+import sys
+
+from .data import DataError
+from .settings import parse_settings
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = parse_settings(argv)
+        from .loop import check_data, train  # after parsing: --help stays instant
+
+        if settings.check_data:
+            return check_data(settings)
+        train(settings)
+    except (DataError, ValueError) as error:
+        print(f"llava-train: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

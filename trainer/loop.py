@@ -1,0 +1,198 @@
+"""The training loop: one readable function on Accelerate, for both stages, from a laptop CPU to a cluster."""
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoProcessor, get_scheduler
+
+from llava_plugin import LlavaPluginForConditionalGeneration
+
+from . import checkpoint
+from .batching import Collator, GroupedBatchSampler
+from .data import load_records
+from .dataset import LlavaDataset, check_records, estimate_lengths
+from .feature_cache import FeatureCache, cache_key
+from .settings import TrainSettings
+from .stages import add_lora, freeze, merge_lora, parameter_groups
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(settings: TrainSettings):
+    if settings.model:
+        model = LlavaPluginForConditionalGeneration.from_pretrained(settings.model)
+        return model, AutoProcessor.from_pretrained(settings.model)
+    return LlavaPluginForConditionalGeneration.from_components(
+        vision=settings.vision, llm=settings.llm, projector=settings.projector,
+        vision_feature_layer=settings.vision_feature_layer, image_aspect=settings.image_aspect,
+    )
+
+
+def prepare_feature_cache(settings, accelerator, model, processor, records) -> FeatureCache:
+    cache = FeatureCache(settings.cache_vision_features, cache_key(model, processor))
+    if accelerator.is_main_process:
+        model.to(accelerator.device)
+        failed = cache.build(model, processor, [r.image for r in records if r.image], settings.image_folder,
+                             settings.batch_size, accelerator.device)
+        for image, reason in list(failed.items())[:5]:
+            logger.warning("vision feature cache: %s", reason)
+    accelerator.wait_for_everyone()
+    return cache
+
+
+def check_data(settings: TrainSettings) -> int:
+    """--check-data: every problem, before any training; exit status 1 if there are any."""
+    _, processor = build_model(settings)
+    records = load_records(settings.data, settings.seed)
+    problems = check_records(records, processor, settings.seed, settings.max_length, settings.image_folder)
+    print(f"{len(records)} records checked: {sum(map(len, problems.values()))} problems")
+    for kind, items in problems.items():
+        print(f"- {kind}: {len(items)}")
+        for item in items[:5]:
+            print(f"    {item}")
+    return 1 if problems else 0
+
+
+def zero_loss(model) -> torch.Tensor:
+    """A loss of 0 that touches every trainable parameter: a batch whose samples were all unusable still takes part
+    in the gradient sync of the other processes."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def train(settings: TrainSettings) -> Path:
+    output = Path(settings.output)
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=settings.mixed_precision,
+                              log_with=settings.report_to, project_dir=str(output))
+    set_seed(settings.seed)
+    output.mkdir(parents=True, exist_ok=True)
+    model, processor = build_model(settings)
+    if settings.lora:
+        add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
+    trainable = freeze(model, settings.stage, settings.lora)
+    if accelerator.is_main_process:
+        print(f"stage {settings.stage} on {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}, "
+              f"{accelerator.device}): training " + ", ".join(f"{part} ({count:,} parameters)" for part, count in trainable.items() if count))
+    if settings.gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    records = load_records(settings.data, settings.seed)
+    cache = prepare_feature_cache(settings, accelerator, model, processor, records) if settings.cache_vision_features else None
+    dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache)
+    lengths = estimate_lengths(records, processor, settings.seed)
+    sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
+                        num_workers=settings.num_workers)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.projector_lr, settings.weight_decay))
+    steps_per_epoch = max(math.ceil(len(sampler) / accelerator.num_processes / settings.grad_accum), 1)
+    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
+    # Accelerate steps a prepared scheduler once per process at every optimizer step: count in those units.
+    scheduler = get_scheduler(settings.scheduler, optimizer,
+                              num_warmup_steps=math.ceil(settings.warmup_ratio * total_steps) * accelerator.num_processes,
+                              num_training_steps=total_steps * accelerator.num_processes)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if settings.report_to:
+        accelerator.init_trackers("llava-train", config={k: v for k, v in vars(settings).items() if isinstance(v, (int, float, str, bool))})
+
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    if settings.resume and (last := checkpoint.latest(output)) is not None:
+        state = checkpoint.load(accelerator, last)
+        accelerator.print(f"resumed from {last} at step {state['step']}")
+    skipped: list[tuple[str, str]] = []
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"stage {settings.stage}", disable=not accelerator.is_main_process)
+    window = {"loss": 0.0, "batches": 0, "tokens": 0, "padded": 0, "start": time.perf_counter()}
+
+    while state["step"] < total_steps:
+        loader.set_epoch(state["epoch"])
+        epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
+        for batch in epoch_loader:
+            state["batches_in_epoch"] += 1
+            skipped += batch.pop("skipped")
+            batch.pop("ids")
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss if "input_ids" in batch else zero_loss(model)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window["loss"] += loss.detach().item()
+            window["batches"] += 1
+            if "attention_mask" in batch:
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["padded"] += batch["attention_mask"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            bar.update()
+            if state["step"] % settings.log_every == 0 or state["step"] == total_steps:
+                log_window(accelerator, bar, window, scheduler, state["step"])
+            if settings.save_every > 0 and state["step"] % settings.save_every == 0 and state["step"] < total_steps:
+                checkpoint.save(accelerator, output, state["step"], state, settings.keep_checkpoints)
+            if state["step"] >= total_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    bar.close()
+    report_skipped(accelerator, skipped, output)
+    save_final(accelerator, model, processor, output, settings)
+    accelerator.end_training()
+    return output
+
+
+def log_window(accelerator, bar, window, scheduler, step):
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    metrics = {
+        "loss": window["loss"] / max(window["batches"], 1),
+        "lr": scheduler.get_last_lr()[0],
+        "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
+        "padding": 1 - window["tokens"] / window["padded"] if window["padded"] else 0.0,
+    }
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    accelerator.log(metrics, step=step)
+    window.update(loss=0.0, batches=0, tokens=0, padded=0, start=time.perf_counter())
+
+
+def report_skipped(accelerator, skipped, output: Path):
+    everything = gather_object(skipped) if accelerator.num_processes > 1 else skipped
+    if not accelerator.is_main_process or not everything:
+        return
+    unique = dict(everything)  # a sample seen in several epochs counts once
+    reasons = Counter(reason.split(": ", 1)[-1].split(" (")[0][:60] for reason in unique.values())
+    print(f"skipped {len(unique)} unusable samples (see {output / 'skipped.json'}):")
+    for reason, count in reasons.most_common():
+        print(f"- {count} x {reason}")
+    print("  first: " + ", ".join(list(unique)[:5]))
+    (output / "skipped.json").write_text(json.dumps(unique, indent=1))
+
+
+def save_final(accelerator, model, processor, output: Path, settings: TrainSettings):
+    """The final model at the top of the output folder, loadable by from_pretrained and the app. Written to a
+    temporary folder first; config.json moves in last, so a folder without it was never finished."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if settings.lora and settings.merge_lora:
+        merge_lora(unwrapped)
+    state_dict = accelerator.get_state_dict(unwrapped)
+    if not accelerator.is_main_process:
+        return
+    temporary = output / ".tmp-final"
+    shutil.rmtree(temporary, ignore_errors=True)
+    unwrapped.save_pretrained(temporary, state_dict=state_dict)
+    processor.save_pretrained(temporary)
+    files = sorted(temporary.iterdir(), key=lambda path: path.name == "config.json")
+    for path in files:
+        path.replace(output / path.name)
+    temporary.rmdir()
+    print(f"saved the final model to {output}")

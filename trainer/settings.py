@@ -1,0 +1,133 @@
+"""Training settings: one typed dataclass. CLI flags and YAML files (`--config`) map onto the same fields, so each
+setting is declared once; precedence is defaults < preset/YAML < command line."""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+PRESETS = Path(__file__).resolve().parent / "presets"
+
+
+@dataclass
+class TrainSettings:
+    stage: int = 1
+    # Model: stage 1 assembles one from parts; stage 2 continues from a checkpoint.
+    model: str | None = None
+    vision: str | None = None
+    llm: str | None = None
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int = -2
+    image_aspect: str = "pad"
+    # Data
+    data: list[str] = dataclasses.field(default_factory=list)
+    image_folder: str = "."
+    max_length: int = 2048
+    strict: bool = False
+    check_data: bool = False
+    cache_vision_features: str | None = None
+    # Optimisation
+    output: str = "out"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-5
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    group_by_length: bool = True
+    num_workers: int = 0
+    # LoRA (stage 2)
+    lora: bool = False
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    merge_lora: bool = True
+    # Runtime
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 10
+    report_to: str | None = None
+
+    def validate(self) -> "TrainSettings":
+        if self.stage not in (1, 2):
+            raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
+        if self.stage == 1 and not self.model and not (self.vision and self.llm):
+            raise ValueError("stage 1 needs --vision and --llm (or --model to continue from a checkpoint)")
+        if self.stage == 2 and not self.model:
+            raise ValueError("stage 2 needs --model (the stage 1 output, or any llava_plugin checkpoint)")
+        if self.lora and self.stage != 2:
+            raise ValueError("--lora trains the language model, which only stage 2 does")
+        if not self.data:
+            raise ValueError("--data is required (LLaVA JSON or JSONL; several files allowed)")
+        if self.cache_vision_features and self.stage != 1:
+            raise ValueError("--cache-vision-features is for stage 1 (stage 2 keeps the tower frozen but its inputs change with nothing; use it in stage 1)")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--batch-size and --grad-accum must be at least 1")
+        return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags generated from the dataclass: `--max-steps` for `max_steps`, booleans as --x / --no-x."""
+    parser = argparse.ArgumentParser(prog="llava-train", description="Two-stage LLaVA training on Accelerate.")
+    parser.add_argument("--config", help="YAML file of settings (same keys as the flags, with underscores)")
+    parser.add_argument("--preset", help=f"a shipped recipe: {', '.join(sorted(p.stem for p in PRESETS.glob('*.yaml')))}")
+    for field in fields(TrainSettings):
+        kind = field.type
+        if kind == "bool" or kind is bool:
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None)
+        elif field.name == "data":
+            parser.add_argument(_flag(field.name), nargs="+", default=None, help="LLaVA JSON/JSONL files")
+        else:
+            parser.add_argument(_flag(field.name), type=_parse_type(kind), default=None)
+    return parser
+
+
+def _parse_type(kind):
+    text = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    if text.startswith("int"):
+        return int
+    if text.startswith("float"):
+        return float
+    return str
+
+
+def read_yaml(path: str | Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    known = {field.name for field in fields(TrainSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}")
+    return data
+
+
+def parse_settings(argv=None) -> TrainSettings:
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    if preset_name := args.pop("preset"):
+        preset = PRESETS / f"{preset_name}.yaml"
+        if not preset.exists():
+            raise ValueError(f"unknown preset {preset_name!r}; shipped: {sorted(p.stem for p in PRESETS.glob('*.yaml'))}")
+        values.update(read_yaml(preset))
+    if config := args.pop("config"):
+        values.update(read_yaml(config))
+    values.update({key: value for key, value in args.items() if value is not None})
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    return TrainSettings(**values).validate()
+
