@@ -110,6 +110,7 @@ def train(settings: TrainSettings) -> Path:
     skipped: list[tuple[str, str]] = []
     bar = tqdm(total=total_steps, initial=state["step"], desc=f"stage {settings.stage}", disable=not accelerator.is_main_process)
     window = {"loss": 0.0, "batches": 0, "tokens": 0, "padded": 0, "start": time.perf_counter()}
+    totals = {"samples": 0, "tokens": 0, "padded": 0, "start": time.perf_counter(), "first_step": state["step"]}
 
     while state["step"] < total_steps:
         loader.set_epoch(state["epoch"])
@@ -117,7 +118,7 @@ def train(settings: TrainSettings) -> Path:
         for batch in epoch_loader:
             state["batches_in_epoch"] += 1
             skipped += batch.pop("skipped")
-            batch.pop("ids")
+            totals["samples"] += len(batch.pop("ids"))
             with accelerator.accumulate(model):
                 loss = model(**batch).loss if "input_ids" in batch else zero_loss(model)
                 accelerator.backward(loss)
@@ -129,8 +130,11 @@ def train(settings: TrainSettings) -> Path:
             window["loss"] += loss.detach().item()
             window["batches"] += 1
             if "attention_mask" in batch:
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["padded"] += batch["attention_mask"].numel()
+                tokens, padded = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+                window["tokens"] += tokens
+                window["padded"] += padded
+                totals["tokens"] += tokens
+                totals["padded"] += padded
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
@@ -145,6 +149,7 @@ def train(settings: TrainSettings) -> Path:
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
     bar.close()
+    write_metrics(accelerator, totals, state["step"], output)
     report_skipped(accelerator, skipped, output)
     save_final(accelerator, model, processor, output, settings)
     accelerator.end_training()
@@ -162,6 +167,19 @@ def log_window(accelerator, bar, window, scheduler, step):
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     accelerator.log(metrics, step=step)
     window.update(loss=0.0, batches=0, tokens=0, padded=0, start=time.perf_counter())
+
+
+def write_metrics(accelerator, totals, step, output: Path):
+    """Throughput of the loop itself (model loading and saving excluded), summed over processes."""
+    seconds = time.perf_counter() - totals["start"]
+    samples = sum(gather_object([totals["samples"]])) if accelerator.num_processes > 1 else totals["samples"]
+    metrics = {"steps": step - totals["first_step"], "samples": samples, "seconds": round(seconds, 3),
+               "samples_per_s": samples / seconds if seconds else 0.0,
+               "padding": 1 - totals["tokens"] / totals["padded"] if totals["padded"] else 0.0}
+    if accelerator.is_main_process:
+        (output / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+        print(f"trained {metrics['steps']} steps, {samples} samples in {seconds:.1f} s ({metrics['samples_per_s']:.2f} samples/s, "
+              f"padding {metrics['padding']:.1%})")
 
 
 def report_skipped(accelerator, skipped, output: Path):
