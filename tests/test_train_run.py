@@ -88,6 +88,22 @@ def test_lora_trains_adapters_and_merges_them(world, stage1, tmp_path):
     assert changed(before, after, "language_model.model.embed_tokens") == []
 
 
+def test_unmerged_lora_is_saved_as_a_peft_adapter_beside_the_base(world, stage1, tmp_path):
+    from peft import PeftModel
+
+    from llava_plugin import LlavaPluginForConditionalGeneration
+
+    stage1_output, _ = stage1
+    train("--stage", 2, "--model", stage1_output, "--data", world / "instruct.json", "--image-folder", world / "images",
+          "--output", tmp_path, "--batch-size", 4, "--lr", 1e-2, "--max-steps", 2, "--lora", "--lora-r", 4, "--no-merge-lora",
+          "--gradient-checkpointing", "--mixed-precision", "bf16")
+    before, after = weights(stage1_output), weights(tmp_path)
+    assert changed(before, after, "language_model.") == [] and len(changed(before, after, "projector.")) == 4
+    model = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path)
+    adapted = PeftModel.from_pretrained(model.language_model, tmp_path / "lora_adapter")
+    assert any("lora_A" in name for name, _ in adapted.named_parameters())
+
+
 def test_resume_after_sigkill_is_bit_identical(parts, world, tmp_path):
     common = stage1_args(parts, world, None, "--save-every", 5, "--max-steps", 40, "--batch-size", 2)
     straight = tmp_path / "straight"

@@ -200,17 +200,24 @@ def save_final(accelerator, model, processor, output: Path, settings: TrainSetti
     temporary folder first; config.json moves in last, so a folder without it was never finished."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    temporary = output / ".tmp-final"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
     if settings.lora and settings.merge_lora:
         merge_lora(unwrapped)
+    elif settings.lora:  # the adapter apart (peft format), the model beside it with the original language model
+        if accelerator.is_main_process:
+            unwrapped.language_model.save_pretrained(temporary / "lora_adapter")
+        unwrapped.language_model = unwrapped.language_model.unload()
     state_dict = accelerator.get_state_dict(unwrapped)
     if not accelerator.is_main_process:
         return
-    temporary = output / ".tmp-final"
-    shutil.rmtree(temporary, ignore_errors=True)
     unwrapped.save_pretrained(temporary, state_dict=state_dict)
     processor.save_pretrained(temporary)
     files = sorted(temporary.iterdir(), key=lambda path: path.name == "config.json")
     for path in files:
+        if path.is_dir():
+            shutil.rmtree(output / path.name, ignore_errors=True)
         path.replace(output / path.name)
     temporary.rmdir()
     print(f"saved the final model to {output}")
