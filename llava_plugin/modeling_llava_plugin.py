@@ -53,6 +53,10 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         self.projector = LlavaPluginProjector(config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_depth)
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        # The towers' lists name classes of models they belong to (CLIP's names its text embeddings): keep the ones
+        # present, since FSDP's wrapping policy refuses a class it cannot find.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
 
     @classmethod
     def from_components(cls, vision: str, llm: str, projector: str = "mlp2x_gelu", **kwargs):

@@ -199,3 +199,23 @@ def test_vision_feature_cache_gives_the_same_training(parts, world, tmp_path):
     assert len(list((tmp_path / "features").glob("*/*.safetensors"))) == 24
     a, b = weights(plain), weights(cached)
     assert all(torch.allclose(a[key], b[key], atol=1e-5) for key in a)
+
+
+class ShardedMixin:
+    """Stands in for FSDP2, which swaps a model's class for a subclass generated in torch's own module."""
+
+
+def test_a_sharded_model_is_saved_with_our_remote_code(assembled, tmp_path):
+    from llava_plugin import LlavaPluginForConditionalGeneration
+    from trainer.loop import plain_class
+
+    model, _ = assembled
+    model.__class__ = type("FSDPLlavaPluginForConditionalGeneration", (ShardedMixin, LlavaPluginForConditionalGeneration), {})
+    try:
+        with plain_class(model):
+            model.save_pretrained(tmp_path)
+        assert type(model).__name__ == "FSDPLlavaPluginForConditionalGeneration"  # restored after the save
+    finally:
+        model.__class__ = LlavaPluginForConditionalGeneration
+    names = {path.name for path in tmp_path.iterdir()}
+    assert "modeling_llava_plugin.py" in names and "test_train_run.py" not in names

@@ -3,7 +3,7 @@ long) comes back as a skip marker with the reason, never as an exception that wo
 
 from torch.utils.data import Dataset
 
-from .data import DataError, ImageLoadError, Record, encode, to_messages
+from .data import DataError, ImageLoadError, Record, encode
 from .feature_cache import FeatureCache
 
 
@@ -46,7 +46,6 @@ def check_records(records: list[Record], processor, seed: int, max_length: int, 
     problems: dict[str, list[str]] = {}
     for record in records:
         try:
-            to_messages(record, seed)
             encode(record, processor, seed, max_length, image_folder)
         except (DataError, ImageLoadError) as error:
             problems.setdefault(problem_kind(str(error)), []).append(f"{record.id}: {error}")

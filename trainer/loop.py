@@ -1,5 +1,6 @@
 """The training loop: one readable function on Accelerate, for both stages, from a laptop CPU to a cluster."""
 
+import contextlib
 import json
 import logging
 import math
@@ -127,10 +128,11 @@ def train(settings: TrainSettings) -> Path:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            window["loss"] += loss.detach().item()
+            # Running sums stay on the device: reading them (.item()) waits for the GPU, so it happens at log time only.
+            window["loss"] += loss.detach()
             window["batches"] += 1
             if "attention_mask" in batch:
-                tokens, padded = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+                tokens, padded = batch["attention_mask"].sum(), batch["attention_mask"].numel()
                 window["tokens"] += tokens
                 window["padded"] += padded
                 totals["tokens"] += tokens
@@ -158,11 +160,12 @@ def train(settings: TrainSettings) -> Path:
 
 def log_window(accelerator, bar, window, scheduler, step):
     elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    tokens = float(window["tokens"])
     metrics = {
-        "loss": window["loss"] / max(window["batches"], 1),
+        "loss": float(window["loss"]) / max(window["batches"], 1),
         "lr": scheduler.get_last_lr()[0],
-        "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
-        "padding": 1 - window["tokens"] / window["padded"] if window["padded"] else 0.0,
+        "tokens_per_s": tokens * accelerator.num_processes / elapsed,
+        "padding": 1 - tokens / window["padded"] if window["padded"] else 0.0,
     }
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
     accelerator.log(metrics, step=step)
@@ -175,7 +178,7 @@ def write_metrics(accelerator, totals, step, output: Path):
     samples = sum(gather_object([totals["samples"]])) if accelerator.num_processes > 1 else totals["samples"]
     metrics = {"steps": step - totals["first_step"], "samples": samples, "seconds": round(seconds, 3),
                "samples_per_s": samples / seconds if seconds else 0.0,
-               "padding": 1 - totals["tokens"] / totals["padded"] if totals["padded"] else 0.0}
+               "padding": 1 - float(totals["tokens"]) / totals["padded"] if totals["padded"] else 0.0}
     if accelerator.is_main_process:
         (output / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"trained {metrics['steps']} steps, {samples} samples in {seconds:.1f} s ({metrics['samples_per_s']:.2f} samples/s, "
@@ -195,6 +198,18 @@ def report_skipped(accelerator, skipped, output: Path):
     (output / "skipped.json").write_text(json.dumps(unique, indent=1))
 
 
+@contextlib.contextmanager
+def plain_class(model):
+    """FSDP2 swaps the model's class for a generated subclass defined in torch; save_pretrained would ship that
+    class's source as the remote code. Save under our own class (the weights come from the gathered state dict)."""
+    sharded_class = type(model)
+    model.__class__ = LlavaPluginForConditionalGeneration
+    try:
+        yield model
+    finally:
+        model.__class__ = sharded_class
+
+
 def save_final(accelerator, model, processor, output: Path, settings: TrainSettings):
     """The final model at the top of the output folder, loadable by from_pretrained and the app. Written to a
     temporary folder first; config.json moves in last, so a folder without it was never finished."""
@@ -212,7 +227,8 @@ def save_final(accelerator, model, processor, output: Path, settings: TrainSetti
     state_dict = accelerator.get_state_dict(unwrapped)
     if not accelerator.is_main_process:
         return
-    unwrapped.save_pretrained(temporary, state_dict=state_dict)
+    with plain_class(unwrapped):
+        unwrapped.save_pretrained(temporary, state_dict=state_dict)
     processor.save_pretrained(temporary)
     files = sorted(temporary.iterdir(), key=lambda path: path.name == "config.json")
     for path in files:

@@ -3,6 +3,7 @@ setting is declared once; precedence is defaults < preset/YAML < command line.""
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -69,13 +70,48 @@ class TrainSettings:
             raise ValueError("--lora trains the language model, which only stage 2 does")
         if not self.data:
             raise ValueError("--data is required (LLaVA JSON or JSONL; several files allowed)")
-        if self.cache_vision_features and self.stage != 1:
-            raise ValueError("--cache-vision-features is for stage 1 (stage 2 keeps the tower frozen but its inputs change with nothing; use it in stage 1)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("--batch-size and --grad-accum must be at least 1")
         return self
+
+
+HELP = {
+    "stage": "1: feature alignment (projector only); 2: instruction tuning (projector and language model)",
+    "model": "a llava_plugin checkpoint to continue from (stage 2: the stage 1 output)",
+    "vision": "vision tower: HF id or folder (CLIP, SigLIP), or open_clip:NAME[:PRETRAINED]",
+    "llm": "causal language model: HF id or folder",
+    "projector": "linear or mlpNx_gelu",
+    "vision_feature_layer": "tower hidden state fed to the projector (transformers' indexing)",
+    "image_aspect": "pad, resize or crop",
+    "data": "LLaVA JSON/JSONL files",
+    "image_folder": "folder the records' image paths are relative to",
+    "max_length": "samples longer than this many tokens are skipped",
+    "strict": "fail on the first unusable sample instead of skipping it",
+    "check_data": "check every sample (images decoded) and exit: 0 if all are usable, 1 otherwise",
+    "cache_vision_features": "folder for the frozen tower's features, computed once per image",
+    "output": "folder for the final model, checkpoints and metrics",
+    "epochs": "passes over the data (fractions allowed)",
+    "max_steps": "optimizer steps; overrides --epochs when positive",
+    "batch_size": "samples per process per forward",
+    "grad_accum": "forwards per optimizer step",
+    "lr": "learning rate (the language model's, or LoRA's)",
+    "projector_lr": "the projector's own learning rate (default: --lr)",
+    "warmup_ratio": "share of the steps spent warming up",
+    "scheduler": "transformers scheduler name: cosine, linear, constant_with_warmup, ...",
+    "seed": "seeds the model's new weights, data order and image placement",
+    "group_by_length": "batch samples of similar length and the same modality (less padding)",
+    "num_workers": "data loading processes",
+    "lora": "stage 2: train LoRA adapters on the language model instead of all its weights",
+    "merge_lora": "merge the adapters into the saved model (default); --no-merge-lora saves them apart",
+    "mixed_precision": "no, fp16 or bf16",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "save_every": "steps between checkpoints (0: none)",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "resume": "continue from the newest checkpoint in --output",
+    "report_to": "an Accelerate tracker (tensorboard, wandb, ...)",
+}
 
 
 def _flag(name: str) -> str:
@@ -89,22 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", help=f"a shipped recipe: {', '.join(sorted(p.stem for p in PRESETS.glob('*.yaml')))}")
     for field in fields(TrainSettings):
         kind = field.type
-        if kind == "bool" or kind is bool:
-            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None)
+        if kind is bool:
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=HELP.get(field.name))
         elif field.name == "data":
-            parser.add_argument(_flag(field.name), nargs="+", default=None, help="LLaVA JSON/JSONL files")
+            parser.add_argument(_flag(field.name), nargs="+", default=None, help=HELP["data"])
         else:
-            parser.add_argument(_flag(field.name), type=_parse_type(kind), default=None)
+            parser.add_argument(_flag(field.name), type=_parse_type(kind), default=None, help=HELP.get(field.name))
     return parser
 
 
 def _parse_type(kind):
-    text = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
-    if text.startswith("int"):
-        return int
-    if text.startswith("float"):
-        return float
-    return str
+    """`float | None` -> float: the type argparse converts a flag's text to."""
+    options = [option for option in typing.get_args(kind) if option is not type(None)]
+    return options[0] if options else kind
 
 
 def read_yaml(path: str | Path) -> dict:
