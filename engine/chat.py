@@ -4,13 +4,34 @@ Each turn re-encodes the conversation, as the original LLaVA worker does; keepin
 app issue's work.
 """
 
+import hashlib
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from transformers import AutoModel, AutoProcessor, TextIteratorStreamer
 
 from llava_plugin import ImageLoadError, load_image
+from llava_plugin.convert import convert, detect_format, local_folder
+
+CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
+
+
+def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
+    """A llava_plugin folder for any checkpoint: llava-hf and original LLaVA ones are converted once and cached
+    (keyed by where they are and when their config changed)."""
+    cache = cache or CACHE
+    folder = local_folder(source)
+    if detect_format(folder) == "llava_plugin":
+        return str(folder)
+    config = folder / "config.json"
+    key = hashlib.sha256(f"{folder.resolve()}:{config.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache / "converted" / f"{folder.name}-{key}"
+    if not target.exists():
+        convert(str(folder), str(target))
+    return str(target)
 
 
 class ChatError(ValueError):
@@ -20,6 +41,7 @@ class ChatError(ValueError):
 class ChatEngine:
     def __init__(self, model_path: str, device: str | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model_path = resolve_checkpoint(model_path)
         self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
 

@@ -1,0 +1,212 @@
+"""llava-convert with parity: llava-hf <-> llava_plugin and original LLaVA -> llava_plugin, on tiny local models."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from llava_plugin import LlavaPluginForConditionalGeneration
+from llava_plugin.convert import convert
+from llava_plugin.processing_llava_plugin import DEFAULT_SYSTEM
+from tiny_components import IMAGE_SIZE, save_tokenizer
+
+IMAGES = {"square": (40, 40), "odd": (33, 17), "wide": (300, 41)}
+
+
+def image(size):
+    return Image.effect_noise(size, 60).convert("RGB")
+
+
+def parity(ours, theirs, input_ids, pixel_values):
+    with torch.no_grad():
+        a = ours(input_ids=input_ids, pixel_values=pixel_values).logits
+        b = theirs(input_ids=input_ids, pixel_values=pixel_values).logits
+    tokens_a = ours.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False, suppress_tokens=[])
+    tokens_b = theirs.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False)
+    return (a - b).abs().max().item(), torch.equal(tokens_a, tokens_b)
+
+
+@pytest.fixture(scope="module")
+def llava_hf(parts, tmp_path_factory):
+    """A tiny llava-hf checkpoint: CLIP tower, LLaMA, <image> in the vocabulary, pad-to-square preprocessing."""
+    folder = tmp_path_factory.mktemp("llava-hf")
+    tokenizer = save_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.pad_token = tokenizer.unk_token
+    tower = CLIPVisionModel.from_pretrained(parts["clip"])
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(), image_seq_length=16,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = LlavaImageProcessorPil(do_pad=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
+                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+def test_llava_hf_to_plugin_matches_transformers(llava_hf, tmp_path):
+    assert convert(str(llava_hf), str(tmp_path / "ours")) == "llava-hf"
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    theirs = LlavaForConditionalGeneration.from_pretrained(llava_hf).eval()
+    ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_hf, backend="pil")
+    assert ours_processor.image_processor.image_aspect == "pad"
+    for name, size in IMAGES.items():
+        picture = image(size)
+        mine = ours_processor(images=picture, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
+        reference = their_processor(images=picture, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
+        assert torch.equal(mine["input_ids"], reference["input_ids"]), name
+        assert torch.allclose(mine["pixel_values"], reference["pixel_values"], atol=1e-6), name
+        difference, same_tokens = parity(ours, theirs, mine["input_ids"], mine["pixel_values"])
+        assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+def test_plugin_to_llava_hf_loads_without_remote_code_and_matches(saved_checkpoint, assembled, tmp_path):
+    assert convert(str(saved_checkpoint), str(tmp_path / "hf"), to="llava-hf") == "llava_plugin"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llava" and "auto_map" not in config
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    their_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    ours, ours_processor = assembled
+    for name, size in IMAGES.items():
+        picture = image(size)
+        prompt = ours_processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                                                    add_generation_prompt=True)
+        mine = ours_processor(images=picture, text=prompt, return_tensors="pt")
+        reference = their_processor(images=picture, text=prompt, return_tensors="pt")
+        assert torch.equal(mine["input_ids"], reference["input_ids"]), name
+        assert torch.allclose(mine["pixel_values"], reference["pixel_values"], atol=1e-6), name
+        difference, same_tokens = parity(ours, theirs, mine["input_ids"], mine["pixel_values"])
+        assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+@pytest.fixture(scope="module")
+def original(parts, tmp_path_factory):
+    """An original LLaVA-1.5 layout: LlavaLlamaForCausalLM config with mm_* keys, .bin weights, no tower inside."""
+    folder = tmp_path_factory.mktemp("original")
+    tokenizer = save_tokenizer(folder)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(3)
+    llama = LlamaForCausalLM(text)
+    state = {key: value for key, value in llama.state_dict().items()}
+    state.update({"model.mm_projector.0.weight": torch.randn(32, 24) * 0.1, "model.mm_projector.0.bias": torch.randn(32) * 0.1,
+                  "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.2.bias": torch.randn(32) * 0.1})
+    torch.save(state, folder / "pytorch_model.bin")
+    config = {**text.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": 24, "mm_projector_type": "mlp2x_gelu",
+              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+              "mm_use_im_start_end": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, state
+
+
+def test_original_to_plugin_matches_the_published_llava_hf_mapping(original, parts, tmp_path):
+    folder, state = original
+    assert convert(str(folder), str(tmp_path / "ours"), vision_tower=parts["clip"]) == "original"
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "ours")
+    image_token = processor.image_token_id
+    # The llava-hf conversion of the same weights, by the published key mapping, the vocabulary grown by <image>.
+    tower = CLIPVisionModel.from_pretrained(parts["clip"])
+    embed = torch.cat([state["model.embed_tokens.weight"], state["model.embed_tokens.weight"].mean(0, keepdim=True)])
+    head = torch.cat([state["lm_head.weight"], state["lm_head.weight"].mean(0, keepdim=True)])
+    text = LlamaConfig(**{**ours.config.text_config.to_dict(), "vocab_size": embed.shape[0]})
+    reference = LlavaForConditionalGeneration(LlavaConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(),
+                                                          image_token_index=image_token, image_seq_length=16)).eval()
+    mapped = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+        for kind in ("weight", "bias"):
+            mapped[f"model.multi_modal_projector.{linear}.{kind}"] = state[f"model.mm_projector.{index}.{kind}"]
+    mapped.update({"model.language_model." + k[len("model."):]: v for k, v in state.items()
+                   if k.startswith("model.") and not k.startswith("model.mm_projector")})
+    mapped.update({"model.language_model.embed_tokens.weight": embed, "lm_head.weight": head})
+    missing, unexpected = reference.load_state_dict(mapped, strict=False)
+    assert not unexpected and not missing
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+                                           add_generation_prompt=True)
+    for name, size in IMAGES.items():
+        inputs = processor(images=image(size), text=prompt, return_tensors="pt")
+        difference, same_tokens = parity(ours, reference, inputs["input_ids"], inputs["pixel_values"])
+        assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+def test_the_original_v1_conversation_is_reproduced_token_for_token(original, parts, tmp_path):
+    folder, _ = original
+    convert(str(folder), str(tmp_path / "ours"), vision_tower=parts["clip"])
+    processor = AutoProcessor.from_pretrained(tmp_path / "ours")
+    # conv_vicuna_v1: system, sep " ", sep2 "</s>", roles USER/ASSISTANT, image first as "<image>\n".
+    turns = [("USER", "<image>\nWhat is it?"), ("ASSISTANT", "A red circle."), ("USER", "Where?"), ("ASSISTANT", None)]
+    original_prompt = DEFAULT_SYSTEM + " "
+    for index, (role, text) in enumerate(turns):
+        if text is None:
+            original_prompt += role + ":"
+        else:
+            original_prompt += f"{role}: {text}" + (" " if index % 2 == 0 else "</s>")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "A red circle."}, {"role": "user", "content": "Where?"}]
+    ours = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert ours == original_prompt
+    tokenizer = processor.tokenizer
+    assert tokenizer(ours)["input_ids"] == tokenizer(original_prompt)["input_ids"]
+
+
+def test_unknown_formats_and_existing_destinations_are_refused_cleanly(tmp_path, saved_checkpoint):
+    odd = tmp_path / "bert"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ValueError, match=r"unknown checkpoint format \(model_type 'bert', architectures \['BertModel'\]\)"):
+        convert(str(odd), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="exists"):
+        convert(str(saved_checkpoint), str(odd), to="llava-hf")
+    with pytest.raises(ValueError, match="already a llava_plugin checkpoint"):
+        convert(str(saved_checkpoint), str(tmp_path / "again"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bert"]  # no half-written folder left behind
+
+
+def test_a_failed_conversion_leaves_nothing_behind(original, tmp_path):
+    folder, _ = original
+    with pytest.raises(OSError):
+        convert(str(folder), str(tmp_path / "ours"), vision_tower=str(tmp_path / "no-such-tower"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_documents_itself():
+    result = subprocess.run([sys.executable, "-m", "llava_plugin.convert", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--to {llava_plugin,llava-hf}" in result.stdout and "--vision-tower" in result.stdout
+
+
+def test_the_chat_engine_takes_a_llava_hf_checkpoint_converting_it_once(llava_hf, tmp_path):
+    from engine.chat import resolve_checkpoint
+
+    first = resolve_checkpoint(str(llava_hf), cache=tmp_path)
+    stamp = (tmp_path / "converted").stat().st_mtime_ns, sorted(p.name for p in (tmp_path / "converted").iterdir())
+    assert resolve_checkpoint(str(llava_hf), cache=tmp_path) == first  # cached: not converted again
+    assert ((tmp_path / "converted").stat().st_mtime_ns, sorted(p.name for p in (tmp_path / "converted").iterdir())) == stamp
+    assert json.loads((tmp_path / "converted" / first.split("/")[-1] / "config.json").read_text())["model_type"] == "llava_plugin"
+
+
+def test_the_app_engine_chats_with_a_llava_hf_checkpoint(llava_hf, tmp_path, monkeypatch):
+    import engine.chat
+
+    monkeypatch.setattr(engine.chat, "CACHE", tmp_path)
+    chat = engine.chat.ChatEngine(str(llava_hf), device="cpu")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert list(chat.stream(messages, image((40, 30)), temperature=0.0, max_new_tokens=4))
