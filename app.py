@@ -17,6 +17,8 @@ def conversation_from(message: dict, history: list[dict]) -> tuple[list[dict], s
     """Gradio's history + new message -> (chat-template messages with the image in the first user turn, image path)."""
     turns, image = [], None
     files = [{"path": file} if isinstance(file, str) else file for file in message.get("files", [])]
+    if files:
+        history = []  # a new image starts a new conversation, as in LLaVA
     for item in [*history, {"role": "user", "content": [*files, message.get("text", "")]}]:
         contents = item["content"] if isinstance(item["content"], (list, tuple)) else [item["content"]]
         for part in contents:
@@ -30,25 +32,29 @@ def conversation_from(message: dict, history: list[dict]) -> tuple[list[dict], s
                 else:
                     turns.append({"role": item["role"], "text": text})
     messages = [{"role": turn["role"], "content": turn["text"]} for turn in turns]
-    if messages and messages[0]["role"] == "user":
+    if image is not None and messages and messages[0]["role"] == "user":
         messages[0]["content"] = [{"type": "image"}, {"type": "text", "text": messages[0]["content"]}]
     return messages, image
 
 
 def build_demo(engine: ChatEngine | None, notice: str = "") -> gr.Blocks:
-    def respond(message, history, temperature, top_p, max_new_tokens):
+    def respond(message, history, temperature, top_p, max_new_tokens, request: gr.Request):
         if engine is None:
             yield notice
             return
+        session = request.session_hash if request else None
         messages, image = conversation_from(message, history)
         if not message.get("text", "").strip():
             yield "Please type a question about the image."
             return
+        if image is None and session:  # an API client sends one turn at a time: continue its conversation
+            earlier, image = engine.conversation(session)
+            messages = earlier + messages
         if image is None:
             yield "Please attach an image to your first message."
             return
         try:
-            yield from engine.stream(messages, image, temperature, top_p, int(max_new_tokens))
+            yield from engine.stream(messages, image, temperature, top_p, int(max_new_tokens), session_id=session)
         except ChatError as error:
             yield f"Sorry, I could not use that input: {error}"
 

@@ -1,8 +1,5 @@
-"""Streaming multi-turn image chat on any llava_plugin checkpoint.
-
-Each turn re-encodes the conversation, as the original LLaVA worker does; keeping the KV cache across turns is the
-app issue's work.
-"""
+"""Streaming multi-turn image chat on any llava_plugin, llava-hf or original LLaVA checkpoint, reusing each
+session's KV cache and vision features across turns (the original LLaVA worker re-encoded everything every turn)."""
 
 import hashlib
 import os
@@ -11,12 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoProcessor, TextIteratorStreamer
+from PIL import Image
+from transformers import AutoModel, AutoProcessor, DynamicCache
 
 from llava_plugin import ImageLoadError, load_image
 from llava_plugin.convert import convert, detect_format, local_folder
 
+from .decoding import decode
+from .sessions import Session, SessionStore
+
 CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
+PLACEHOLDER = Image.new("RGB", (1, 1))
 
 
 def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
@@ -38,43 +40,105 @@ class ChatError(ValueError):
     """A problem with the user's input, worded for the user."""
 
 
+def common_prefix(cached: torch.Tensor | None, ids: torch.Tensor) -> int:
+    if cached is None:
+        return 0
+    length = min(len(cached), len(ids))
+    differ = (cached[:length] != ids[:length]).nonzero()
+    return int(differ[0]) if len(differ) else length
+
+
+def fingerprint(image) -> str:
+    return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
+
+
 class ChatEngine:
-    def __init__(self, model_path: str, device: str | None = None):
+    """Streams answers; with a session id, each turn reuses what earlier turns computed: the KV cache up to where
+    the new prompt departs from the cached tokens (so regenerate and undo crop it), and the image's vision features
+    (the tower runs once per image per session)."""
+
+    def __init__(self, model_path: str, device: str | None = None, max_sessions: int = 64, max_cached_tokens: int = 65_536):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_path = resolve_checkpoint(model_path)
         self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+        self.sessions = SessionStore(max_sessions, max_cached_tokens)
+        self._generation = threading.Lock()  # one generate at a time on the shared model
 
-    def stream(
-        self, messages: list[dict], image, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512
-    ) -> Iterator[str]:
+    def stream(self, messages: list[dict], image, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512,
+               session_id: str | None = None) -> Iterator[str]:
         """Yields the growing answer to `messages` (chat-template format, one image part in the first user turn)."""
+        session = self.sessions.get(session_id) if session_id else Session()
+        with session.lock:
+            answer = ""
+            for answer in self._stream(session, messages, image, temperature, top_p, max_new_tokens):
+                yield answer
+            session.messages, session.image = [*messages, {"role": "assistant", "content": answer}], image
+        self.sessions.trim(keep=session)
+
+    def conversation(self, session_id: str) -> tuple[list[dict], object]:
+        """The session's conversation so far and its image ([] and None when there is none)."""
+        session = self.sessions.get(session_id)
+        return list(session.messages), session.image
+
+    def reset(self, session_id: str):
+        self.sessions.reset(session_id)
+
+    def _stream(self, session: Session, messages, image, temperature, top_p, max_new_tokens) -> Iterator[str]:
         try:
             image = load_image(image)
-        except ImageLoadError as error:
-            raise ChatError(str(error)) from error
-        try:
+            if fingerprint(image) != session.image_key:
+                session.forget_image()
+                session.image_key = fingerprint(image)
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt").to(self.device)
-        except ValueError as error:  # too long for the context, or image markers that do not match
+            # With the image's features already computed, only the token layout is needed: skip its preprocessing.
+            pixels = image if session.vision_features is None else PLACEHOLDER
+            inputs = self.processor(images=pixels, text=prompt, return_tensors="pt")
+        except (ImageLoadError, ValueError) as error:  # unreadable image, too long for the context, bad markers
             raise ChatError(str(error)) from error
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        failure: list[BaseException] = []
+        ids = inputs["input_ids"].to(self.device)
+        extra = self._reuse(session, ids[0], inputs["pixel_values"])
+        keep = session.cached_tokens
+        generation = self.model.generation_config
+        stop_ids = {generation.eos_token_id} if isinstance(generation.eos_token_id, int) else set(generation.eos_token_id or [])
+        stop_ids.add(self.processor.tokenizer.eos_token_id)
+        tokens: list[int] = []
+        consistent = False
+        try:
+            for token in decode(self.model, ids, session.cache, keep, max_new_tokens, temperature, top_p, stop_ids,
+                                list(generation.suppress_tokens or []), self._generation, **extra):
+                tokens.append(token)
+                yield self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            consistent = True
+            if not tokens:
+                yield ""
+        except GeneratorExit:  # the reader stopped (Stop button, disconnect): decoding stops here, the cache is sound
+            consistent = True
+            raise
+        finally:
+            if consistent:  # the cache holds the prompt and every generated token but the last (never fed back)
+                generated = torch.tensor(tokens, device=ids.device, dtype=ids.dtype)
+                session.tokens = torch.cat([ids[0], generated])[: session.cache.get_seq_length()]
+            else:
+                session.drop_cache()  # a step failed half-way: start clean next turn
 
-        def generate():
-            try:
-                self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, **sampling)
-            except BaseException as error:  # surfaced below: a silent worker would leave the stream waiting forever
-                failure.append(error)
-                streamer.end()
-
-        worker = threading.Thread(target=generate, daemon=True)
-        worker.start()
-        answer = ""
-        for piece in streamer:
-            answer += piece
-            yield answer.strip()
-        worker.join()
-        if failure:
-            raise failure[0]
+    def _reuse(self, session: Session, ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
+        """Crops the session's cache to the prefix it shares with `ids`; returns the image input the rest needs."""
+        keep = common_prefix(session.tokens, ids)
+        image_positions = (ids == self.model.config.image_token_id).nonzero()
+        first_image = int(image_positions[0]) if len(image_positions) else None
+        if first_image is not None and keep <= int(image_positions[-1]):
+            keep = min(keep, first_image)  # an image span is recomputed whole or not at all
+        keep = min(keep, len(ids) - 1)  # generate needs at least one new token to run
+        if session.cache is None or keep == 0:
+            session.cache = DynamicCache(config=self.model.config.get_text_config())
+            keep = 0
+        elif keep < session.cached_tokens:
+            session.cache.crop(keep - session.cached_tokens)
+        session.tokens = ids[:keep]
+        if first_image is None or keep > first_image:
+            return {}
+        if session.vision_features is None:
+            with torch.no_grad():
+                session.vision_features = self.model.get_vision_features(pixel_values.to(self.device))
+        return {"vision_features": session.vision_features}

@@ -110,6 +110,13 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """As transformers does for pixel_values: cached vision features feed the prefill only."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("vision_features", None)
+        return inputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

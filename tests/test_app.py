@@ -70,6 +70,49 @@ def test_chat_answers_a_question_about_an_image(server, tmp_path):
     assert isinstance(first, str) and first and not first.startswith(("Please", "Sorry"))
 
 
+def direct_answer(saved_checkpoint, turns, image):
+    """What the engine answers for the whole conversation at once, without any cache (greedy)."""
+    from engine import ChatEngine
+
+    engine = direct_answer.engine = getattr(direct_answer, "engine", None) or ChatEngine(str(saved_checkpoint), device="cpu")
+    return list(engine.stream(turns, image, temperature=0.0, max_new_tokens=8))[-1]
+
+
+def test_two_turns_through_the_api_continue_one_conversation(server, saved_checkpoint, tmp_path):
+    picture = tmp_path / "blue.png"
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(picture)
+    client = Client(server, verbose=False)
+    first = client.predict({"text": "What is it?", "files": [handle_file(str(picture))]}, 0.0, 0.7, 8, api_name="/chat")
+    second = client.predict({"text": "Are you sure?", "files": []}, 0.0, 0.7, 8, api_name="/chat")
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+             {"role": "assistant", "content": first}, {"role": "user", "content": "Are you sure?"}]
+    image = Image.open(picture).convert("RGB")
+    assert first == direct_answer(saved_checkpoint, turns[:1], image)
+    assert second == direct_answer(saved_checkpoint, turns, image)  # the second turn saw the first
+    other = Client(server, verbose=False).predict({"text": "Are you sure?", "files": []}, 0.0, 0.7, 8, api_name="/chat")
+    assert other == "Please attach an image to your first message."  # another client has no conversation yet
+
+
+def test_eight_concurrent_clients_get_their_own_answers(server, saved_checkpoint, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pictures = []
+    for index in range(8):
+        path = tmp_path / f"{index}.png"
+        colour = ((index * 97) % 256, (index * 53 + 128) % 256, (255 - index * 31) % 256)
+        Image.new("RGB", (40 + index * 9, 40), colour).save(path)
+        pictures.append(path)
+
+    def ask(path):
+        return Client(server, verbose=False).predict({"text": "Describe it.", "files": [handle_file(str(path))]}, 0.0, 0.7, 8, api_name="/chat")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, pictures))
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    assert answers == [direct_answer(saved_checkpoint, turn, Image.open(path).convert("RGB")) for path in pictures]
+    assert len(set(answers)) > 1, answers  # different images, different answers: a mix-up would show
+
+
 def test_first_message_without_an_image_is_asked_for_one(server):
     answer = Client(server, verbose=False).predict({"text": "Hello?", "files": []}, 0.0, 0.7, 8, api_name="/chat")
     assert answer == "Please attach an image to your first message."

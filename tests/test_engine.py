@@ -31,10 +31,93 @@ def test_unreadable_image_and_overlong_chat_are_chat_errors(engine, tmp_path):
         list(engine.stream([user_turn("shape " * 400)], IMAGE))
 
 
-def test_a_failing_generation_is_raised_not_left_hanging(engine, monkeypatch):
-    def broken(**kwargs):
+def test_a_failing_step_is_raised_and_the_session_starts_clean(engine, monkeypatch):
+    def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(engine.model, "generate", broken)
+    list(engine.stream([user_turn("Hi")], IMAGE, max_new_tokens=2, session_id="carol"))
+    monkeypatch.setattr(engine.model, "forward", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        list(engine.stream([user_turn("Hi")], IMAGE))
+        list(engine.stream([user_turn("Hi there")], IMAGE, session_id="carol"))
+    assert engine.sessions.get("carol").cache is None
+
+
+def record_calls(engine):
+    prefills, tower = [], []
+    hooks = [
+        engine.model.language_model.register_forward_pre_hook(lambda m, a, k: prefills.append(k["inputs_embeds"].shape[1]), with_kwargs=True),
+        engine.model.vision_tower.register_forward_hook(lambda *args: tower.append(1)),
+    ]
+    return prefills, tower, hooks
+
+
+def answer(engine, messages, image=IMAGE, session=None):
+    return list(engine.stream(messages, image, temperature=0.0, max_new_tokens=6, session_id=session))[-1]
+
+
+def test_later_turns_prefill_only_the_new_tokens_and_match_a_full_recompute(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    prefills, tower, hooks = record_calls(engine)
+    messages, first_prefills = [user_turn("What is in the picture?")], []
+    try:
+        for turn in range(3):
+            prefills.clear()
+            reply = answer(engine, messages, session="alice")
+            first_prefills.append(prefills[0])
+            assert reply == answer(engine, messages)  # no session: everything recomputed
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"And then {turn}?"}]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    full_prompt = engine.processor(images=IMAGE, text=engine.processor.apply_chat_template(messages[:-2], add_generation_prompt=True))
+    assert first_prefills[0] > 16 and max(first_prefills[1:]) < len(full_prompt["input_ids"][0]) // 2
+    assert len(tower) == 1 + 3  # once for the session, once per recompute
+
+
+def test_regenerate_and_undo_crop_the_cache(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    first = [user_turn("What is in the picture?")]
+    reply = answer(engine, first, session="bob")
+    longer = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}]
+    answer(engine, longer, session="bob")
+    prefills, tower, hooks = record_calls(engine)
+    try:
+        assert answer(engine, first, session="bob") == reply  # undo the second turn, then regenerate the first
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert prefills[0] == 1 and tower == []  # all but the last prompt token came from the cache, no tower run
+
+
+def test_a_new_image_starts_over_and_caches_stay_bounded(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", max_cached_tokens=150)
+    other = Image.effect_noise((50, 50), 90).convert("RGB")
+    for name in ("a", "b", "c"):
+        answer(engine, [user_turn("What is in the picture?")], session=name)
+    assert engine.sessions.cached_tokens <= 150  # older sessions lost their caches, least recently used first
+    _, tower, hooks = record_calls(engine)
+    try:
+        assert answer(engine, [user_turn("What is in the picture?")], image=other, session="a") == answer(
+            engine, [user_turn("What is in the picture?")], image=other)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(tower) == 2  # the new image was encoded for the session (and for the recompute)
+
+
+def test_a_reader_that_stops_early_stops_decoding_and_keeps_the_cache(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    prefills, _, hooks = record_calls(engine)
+    try:
+        stream = engine.stream([user_turn("What is in the picture?")], IMAGE, temperature=0.0, max_new_tokens=50, session_id="dan")
+        next(stream)
+        stream.close()  # what Gradio does on Stop
+        steps = len(prefills)
+        session = engine.sessions.get("dan")
+        assert steps == 1 and session.cache is not None and session.cached_tokens == session.cache.get_seq_length()
+        prefills.clear()
+        answer(engine, [user_turn("What is in the picture?")], session="dan")
+        assert prefills[0] == 1  # the stopped turn's prompt was reused
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -1,0 +1,116 @@
+"""The chat engine: time to first token at turn 5 with KV reuse vs full recompute, and decode tokens/s vs
+transformers' LlavaForConditionalGeneration.generate on the same weights, side by side in one run.
+
+A 336px/14 tower (576 image tokens) and a LLaMA-style LM, random weights, made on the spot; greedy decoding.
+python bench/bench_engine.py [--size small|7b] [--repeats 5]
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from tiny_components import save_tokenizer  # noqa: E402
+
+SIZES = {
+    "small": dict(tower=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
+                  lm=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)),
+    "7b": dict(tower=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+               lm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)),
+}
+
+
+def build(folder: Path, size: str, device: str):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from llava_plugin import LlavaPluginForConditionalGeneration
+
+    tokenizer = save_tokenizer(folder / "llm")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **SIZES[size]["lm"])).to(dtype).save_pretrained(folder / "llm")
+        CLIPVisionModel(CLIPVisionConfig(image_size=336, patch_size=14, **SIZES[size]["tower"])).to(dtype).save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(folder / "clip")
+    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=str(folder / "clip"), llm=str(folder / "llm"), dtype=dtype)
+    model.save_pretrained(folder / "ours")
+    processor.save_pretrained(folder / "ours")
+
+
+def first_token_seconds(engine, messages, image, session):
+    start = time.perf_counter()
+    next(iter(engine.stream(messages, image, temperature=0.0, max_new_tokens=1, session_id=session)))
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from engine import ChatEngine
+    from llava_plugin.convert import convert
+
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
+        build(folder, args.size, device)
+        engine = ChatEngine(str(folder / "ours"), device=device)
+        image = Image.effect_noise((500, 375), 50).convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+        answer = ("There are two shapes in the image: a red circle at the top left and a blue square at the bottom "
+                  "right, both on a white background, and the circle is the larger of the two.")
+        for turn in range(4):  # four turns of history, each answered with a fixed sentence of about 40 tokens
+            list(engine.stream(messages, image, temperature=0.0, max_new_tokens=1, session_id="warm"))
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"Tell me more about part {turn}."}]
+        prompt_tokens = len(engine.processor(images=image, text=engine.processor.apply_chat_template(messages, add_generation_prompt=True))["input_ids"][0])
+        reuse, full = [], []
+        for repeat in range(args.repeats):  # turn 5 with a new question each time: the session's cache holds turns 1-4
+            turn5 = messages[:-1] + [{"role": "user", "content": f"Tell me more about part {repeat}, please."}]
+            full.append(first_token_seconds(engine, turn5, image, None))
+            reuse.append(first_token_seconds(engine, turn5, image, "warm"))
+        ttft_reuse, ttft_full = statistics.median(reuse), statistics.median(full)
+
+        convert(str(folder / "ours"), str(folder / "hf"), to="llava-hf")
+        hf = LlavaForConditionalGeneration.from_pretrained(folder / "hf").to(device).eval()
+        processor = AutoProcessor.from_pretrained(folder / "hf")
+        prompt = processor.apply_chat_template(messages[:1], add_generation_prompt=True)
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+        ours_rates, hf_rates = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            stream = engine.stream(messages[:1], image, temperature=0.0, max_new_tokens=args.new_tokens, session_id=None)
+            next(stream)
+            first = time.perf_counter()
+            for _ in stream:
+                pass
+            ours_rates.append((args.new_tokens - 1) / (time.perf_counter() - first))
+            with torch.no_grad():
+                start = time.perf_counter()
+                hf.generate(**inputs, max_new_tokens=1, do_sample=False)
+                first = time.perf_counter() - start
+                start = time.perf_counter()
+                hf.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+                hf_rates.append((args.new_tokens - 1) / (time.perf_counter() - start - first))
+    print(f"device {device}, size {args.size}, turn-5 prompt {prompt_tokens} tokens (576 image)")
+    print(f"TTFT turn 5: reuse {ttft_reuse * 1000:.1f} ms, full recompute {ttft_full * 1000:.1f} ms: ratio {ttft_reuse / ttft_full:.3f}")
+    print(f"decode tokens/s: engine {statistics.median(ours_rates):.1f}, transformers LlavaForConditionalGeneration "
+          f"{statistics.median(hf_rates):.1f}: ratio {statistics.median(ours_rates) / statistics.median(hf_rates):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Per-user chat state: the KV cache of what was already computed, the image's vision features, and the
+conversation, kept in a bounded least-recently-used store so memory stays flat under many users."""
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Session:
+    image_key: str | None = None
+    vision_features: torch.Tensor | None = None  # (1, S, C) the tower's output for this session's image
+    cache: object | None = None  # transformers Cache holding the keys/values of `tokens`
+    tokens: torch.Tensor | None = None  # (T,) ids whose keys/values are in `cache`
+    messages: list = field(default_factory=list)  # the conversation so far, for API clients that send one turn
+    image: object | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+
+    def forget_image(self):
+        self.image_key = self.vision_features = self.cache = self.tokens = self.image = None
+        self.messages = []
+
+    def drop_cache(self):
+        self.cache = self.tokens = None
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0 if self.tokens is None else len(self.tokens)
+
+
+class SessionStore:
+    """At most `max_sessions` sessions and `max_cached_tokens` cached tokens in all; the least recently used
+    session loses its cache first (its conversation stays, so it recomputes instead of failing)."""
+
+    def __init__(self, max_sessions: int = 64, max_cached_tokens: int = 65_536):
+        self.max_sessions, self.max_cached_tokens = max_sessions, max_cached_tokens
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.pop(session_id, None) or Session()
+            session.last_used = time.monotonic()
+            self._sessions[session_id] = session
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+            return session
+
+    def trim(self, keep: Session | None = None):
+        """Drops least recently used caches until the total fits."""
+        with self._lock:
+            total = sum(session.cached_tokens for session in self._sessions.values())
+            for session in list(self._sessions.values()):
+                if total <= self.max_cached_tokens:
+                    break
+                if session is not keep and session.cache is not None:
+                    total -= session.cached_tokens
+                    session.drop_cache()
+
+    def reset(self, session_id: str):
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(session.cached_tokens for session in self._sessions.values())
