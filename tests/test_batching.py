@@ -19,7 +19,8 @@ def test_grouping_cuts_padding_and_keeps_modalities_apart():
     grouped = GroupedBatchSampler(lengths, has_image, batch_size=16, seed=0).batches()
     shuffled = GroupedBatchSampler(lengths, has_image, batch_size=16, seed=0, group_by_length=False).batches()
     assert padding_fraction(grouped, lengths) < 0.05 < padding_fraction(shuffled, lengths)
-    assert all(len({has_image[i] for i in batch}) == 1 for batch in grouped)
+    assert all(len({has_image[i] for i in batch}) == 1 for batch in grouped[:-1])  # the last gathers the remainders
+    assert all(len(batch) == 16 for batch in grouped[:-1])  # only the last may be short (per-process sharding needs it)
     assert sorted(i for batch in grouped for i in batch) == list(range(len(lengths)))  # every sample once
 
 

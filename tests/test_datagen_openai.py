@@ -134,3 +134,27 @@ def test_batch_api_submits_then_collects(annotations_file, tmp_path):
     assert summary.cost == pytest.approx((12 * 100 * 2.5 + 12 * 20 * 10) / 1e6 / 2)
     assert len(json.loads((tmp_path / "out.json").read_text())) == 12
     assert not chat_requests(server)  # nothing went through the live endpoint
+
+
+def test_an_expired_batch_is_collected_as_far_as_it_went_then_resubmitted(annotations_file, tmp_path):
+    with FakeOpenAI() as server:
+        cfg = config(annotations_file, server, tmp_path, limit=2)
+        asyncio.run(run_batch(cfg))
+        (batch_id, batch), = server.batches.items()
+        server.run_batch(batch_id, batch["input_file_id"])
+        output = server.files[batch["output_file_id"]].decode().splitlines()
+        server.files[batch["output_file_id"]] = "\n".join(output[:4]).encode()  # it expired after 4 of 6
+        batch["status"] = "expired"
+        status, summary = asyncio.run(run_batch(cfg))
+        assert status.startswith("the batch ended expired") and summary.accepted == 4
+        status, _ = asyncio.run(run_batch(cfg))
+    assert status.startswith("submitted batch batch-1 with 2 requests")  # only what is still missing
+
+
+def test_whitespace_captions_do_not_count(tmp_path):
+    from trainer.datagen import AnnotationError
+
+    path = tmp_path / "ann.jsonl"
+    path.write_text(json.dumps({"id": "w", "image": "w.jpg", "width": 10, "height": 10, "captions": ["  ", "\n"]}))
+    with pytest.raises(AnnotationError, match="no captions and no boxes"):
+        load_annotations([path])

@@ -219,3 +219,31 @@ def test_a_sharded_model_is_saved_with_our_remote_code(assembled, tmp_path):
         model.__class__ = LlavaPluginForConditionalGeneration
     names = {path.name for path in tmp_path.iterdir()}
     assert "modeling_llava_plugin.py" in names and "test_train_run.py" not in names
+
+
+def test_two_processes_with_text_only_and_unreadable_samples(stage1, world, bad_world, tmp_path):
+    """Every sample reaches a process, and batches without images (or with nothing usable) keep the gradient sync."""
+    records = json.loads((world / "instruct.json").read_text())[:6]
+    records += [{"id": f"text{n}", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}
+                for n in range(8)]
+    records += [{"id": f"gone{n}", "image": f"missing{n}.png",
+                 "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]} for n in range(4)]
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(records))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer.cli", "--stage", "2", "--model", str(stage1[0]),
+               "--data", str(data), "--image-folder", str(world / "images"), "--output", str(tmp_path / "out"),
+               "--batch-size", "1", "--epochs", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "skipped 4 unusable samples" in result.stdout
+    metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert metrics["samples"] + 4 >= len(records)  # nothing lost to sharding (Accelerate may repeat a few to even out)
+
+
+def test_a_new_run_refuses_an_output_holding_another_runs_checkpoints(parts, world, tmp_path):
+    (tmp_path / "checkpoint-500").mkdir()
+    (tmp_path / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    result = train(*stage1_args(parts, world, tmp_path), check=False)
+    assert result.returncode == 2 and "checkpoints of an earlier run" in result.stderr

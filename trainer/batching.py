@@ -25,16 +25,20 @@ class GroupedBatchSampler:
             order = list(range(len(self.lengths)))
             rng.shuffle(order)
             return self._cut(order)
-        batches = []
+        batches, leftovers = [], []
         for modality in (True, False):
             order = [index for index, image in enumerate(self.has_image) if image == modality]
             rng.shuffle(order)
             size = self.batch_size * self.megabatch
             for start in range(0, len(order), size):
                 chunk = sorted(order[start:start + size], key=lambda index: -self.lengths[index])
-                batches += self._cut(chunk)
+                cut = self._cut(chunk)
+                if cut and len(cut[-1]) < self.batch_size:
+                    leftovers += cut.pop()
+                batches += cut
         rng.shuffle(batches)
-        return batches
+        # Only the last batch may be short: Accelerate's per-process sharding expects full batches before it.
+        return batches + self._cut(sorted(leftovers, key=lambda index: -self.lengths[index]))
 
     def _cut(self, order: list[int]) -> list[list[int]]:
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]

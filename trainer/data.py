@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 
 from llava_plugin import ImageLoadError, load_image
@@ -106,6 +107,11 @@ def to_messages(record: Record, seed: int) -> list[dict]:
         raise DataError(f"{record.source} ({record.id}): {markers} <image> markers for {1 if record.image else 0} images")
     if not any(role == "assistant" for role, _ in turns):
         raise DataError(f"{record.source} ({record.id}): no assistant turn, nothing to learn")
+    roles = [role for role, _ in turns if role != "system"]
+    if any(role != ("user" if index % 2 == 0 else "assistant") for index, role in enumerate(roles)) or \
+            any(role == "system" for role, _ in turns[1:]):
+        raise DataError(f"{record.source} ({record.id}): turns must alternate human/gpt, starting with human "
+                        f"(an optional system turn first), got {[role for role, _ in turns]}")
     messages = []
     for role, text in turns:
         parts = text.split(IMAGE_MARKER)
@@ -145,7 +151,7 @@ def encode(record: Record, processor, seed: int, max_length: int, image_folder: 
         out = processor.apply_chat_template(
             messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
         )
-    except ValueError as error:  # over the model's context, or markers the processor refuses
+    except (ValueError, TemplateError) as error:  # over the model's context, markers or turns the template refuses
         raise DataError(f"{record.source} ({record.id}): {error}") from error
     input_ids, mask = out["input_ids"][0], out["assistant_masks"][0].bool()
     if len(input_ids) > max_length:

@@ -41,12 +41,13 @@ def build_model(settings: TrainSettings):
 
 def prepare_feature_cache(settings, accelerator, model, processor, records) -> FeatureCache:
     cache = FeatureCache(settings.cache_vision_features, cache_key(model, processor))
-    if accelerator.is_main_process:
-        model.to(accelerator.device)
-        failed = cache.build(model, processor, [r.image for r in records if r.image], settings.image_folder,
-                             settings.batch_size, accelerator.device)
-        for image, reason in list(failed.items())[:5]:
-            logger.warning("vision feature cache: %s", reason)
+    images = sorted({record.image for record in records if record.image})
+    model.to(accelerator.device)
+    # Each process encodes its share, so no process waits on the others longer than its own part.
+    failed = cache.build(model, processor, images[accelerator.process_index::accelerator.num_processes], settings.image_folder,
+                         settings.batch_size, accelerator.device)
+    for image, reason in list(failed.items())[:5]:
+        logger.warning("vision feature cache: %s", reason)
     accelerator.wait_for_everyone()
     return cache
 
@@ -65,9 +66,21 @@ def check_data(settings: TrainSettings) -> int:
 
 
 def zero_loss(model) -> torch.Tensor:
-    """A loss of 0 that touches every trainable parameter: a batch whose samples were all unusable still takes part
-    in the gradient sync of the other processes."""
+    """0, connected to every trainable parameter, so each receives a (zero) gradient."""
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def training_loss(model, batch: dict, tokenizer) -> torch.Tensor:
+    """The batch's answer loss. Every process must run a forward and give every trainable parameter a gradient for
+    the gradient sync to complete: a batch without images leaves the projector out (text-only samples), and a batch
+    whose samples were all unusable has nothing to run, so it runs one dummy token at weight 0."""
+    if "input_ids" not in batch:
+        token = torch.tensor([[tokenizer.eos_token_id]], device=next(model.parameters()).device)
+        return model(input_ids=token).logits.sum() * 0.0 + zero_loss(model)
+    loss = model(**batch).loss
+    if "pixel_values" not in batch and "vision_features" not in batch:
+        loss = loss + zero_loss(model)
+    return loss
 
 
 def train(settings: TrainSettings) -> Path:
@@ -105,6 +118,8 @@ def train(settings: TrainSettings) -> Path:
         accelerator.init_trackers("llava-train", config={k: v for k, v in vars(settings).items() if isinstance(v, (int, float, str, bool))})
 
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    if not settings.resume and checkpoint.latest(output) is not None:
+        raise ValueError(f"{output} holds checkpoints of an earlier run: pass --resume to continue it, or choose a new --output")
     if settings.resume and (last := checkpoint.latest(output)) is not None:
         state = checkpoint.load(accelerator, last)
         accelerator.print(f"resumed from {last} at step {state['step']}")
@@ -114,14 +129,15 @@ def train(settings: TrainSettings) -> Path:
     totals = {"samples": 0, "tokens": 0, "padded": 0, "start": time.perf_counter(), "first_step": state["step"]}
 
     while state["step"] < total_steps:
-        loader.set_epoch(state["epoch"])
+        loader.set_epoch(state["epoch"])  # Accelerate's loader re-applies its own epoch at every pass: keep it in step
+        sampler.set_epoch(state["epoch"])  # and our sampler directly: the multi-process sharding wrapper does not pass it on
         epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
         for batch in epoch_loader:
             state["batches_in_epoch"] += 1
             skipped += batch.pop("skipped")
             totals["samples"] += len(batch.pop("ids"))
             with accelerator.accumulate(model):
-                loss = model(**batch).loss if "input_ids" in batch else zero_loss(model)
+                loss = training_loss(model, batch, processor.tokenizer)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -224,7 +240,7 @@ def save_final(accelerator, model, processor, output: Path, settings: TrainSetti
         if accelerator.is_main_process:
             unwrapped.language_model.save_pretrained(temporary / "lora_adapter")
         unwrapped.language_model = unwrapped.language_model.unload()
-    state_dict = accelerator.get_state_dict(unwrapped)
+    state_dict = accelerator.get_state_dict(model)  # the prepared model: DeepSpeed/FSDP gather through their wrappers
     if not accelerator.is_main_process:
         return
     with plain_class(unwrapped):

@@ -72,8 +72,8 @@ class TrainSettings:
             raise ValueError("--data is required (LLaVA JSON or JSONL; several files allowed)")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--batch-size and --grad-accum must be at least 1")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
+            raise ValueError("--batch-size, --grad-accum and --log-every must be at least 1")
         return self
 
 

@@ -60,10 +60,10 @@ def parse_record(record: dict, where: str) -> ImageAnnotation:
         if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
             raise AnnotationError(f"{where}: boxes[{index}] ({box['label']}) has x2 <= x1 or y2 <= y1: {bbox}")
         boxes.append(Box(box["label"].strip(), tuple(float(v) for v in bbox)))
+    captions = tuple(caption.strip() for caption in captions if caption.strip())
     if not captions and not boxes:
         raise AnnotationError(f"{where}: no captions and no boxes: nothing to draft from")
-    return ImageAnnotation(str(record["id"]), str(record["image"]), width, height,
-                           tuple(c.strip() for c in captions if c.strip()), tuple(boxes))
+    return ImageAnnotation(str(record["id"]), str(record["image"]), width, height, captions, tuple(boxes))
 
 
 def load_jsonl(path: Path) -> list[ImageAnnotation]:

@@ -16,6 +16,7 @@ from .responses import ResponseError, parse_response
 from .symbolic import symbolic_text
 
 ENDPOINT = "/v1/chat/completions"
+FINISHED = ("completed", "failed", "expired", "cancelled")  # the Batch API's terminal statuses
 
 
 def state_path(output: str) -> Path:
@@ -40,10 +41,13 @@ async def collect(drafter: OpenAIDrafter, annotations: dict[str, tuple[ImageAnno
     """Writes what a finished batch returned; returns the batch status ('completed' once collected)."""
     state = json.loads(state_path(output).read_text())
     batch = await drafter.client.batches.retrieve(state["batch_id"])
-    if batch.status != "completed":
+    if batch.status not in FINISHED:
         return batch.status
-    content = await drafter.client.files.content(batch.output_file_id)
-    for line in content.text.splitlines():
+    if getattr(batch, "error_file_id", None):  # requests the service gave up on: not done, a later run drafts them
+        errors = await drafter.client.files.content(batch.error_file_id)
+        summary.failed += sum(1 for line in errors.text.splitlines() if line.strip())
+    lines = (await drafter.client.files.content(batch.output_file_id)).text.splitlines() if batch.output_file_id else []
+    for line in lines:
         if not line.strip():
             continue
         result = json.loads(line)
@@ -66,5 +70,5 @@ async def collect(drafter: OpenAIDrafter, annotations: dict[str, tuple[ImageAnno
             log.reject(result["custom_id"], str(error), text)
             summary.rejected += 1
     summary.cost = estimated_cost(drafter.model, drafter.usage, batch=True)
-    state_path(output).unlink()
-    return "completed"
+    state_path(output).unlink()  # finished, whatever the outcome: the next run submits what is still missing
+    return batch.status

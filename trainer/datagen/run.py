@@ -224,8 +224,10 @@ async def run_batch(config: DatagenConfig) -> tuple[str, Summary]:
     finally:
         log.close()
         await drafter.close()
-    if status != "completed":
+    if status not in batch_api.FINISHED:
         return f"batch is {status}; run the same command later to collect it", summary
     summary.usage = drafter.usage
     summary.output_records = write_output(annotations, config, log)
+    if status != "completed":
+        return f"the batch ended {status}: collected what it returned; run again to submit the rest", summary
     return "collected the batch", summary
