@@ -4,11 +4,25 @@ python app.py --model PATH_OR_ID [--host H] [--port N] [--share]
 """
 
 import argparse
+import json
 import os
+import tempfile
 
 import gradio as gr
+import openai
 
 from engine import ChatEngine, ChatError
+from trainer.datagen import KINDS, AnnotationError, draft_records
+from trainer.datagen.openai_backend import DEFAULT_MODEL as DEFAULT_DRAFT_MODEL
+from trainer.datagen.preview import annotation_from_text, as_chat, draw_boxes
+
+MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio with a message; huge images are downscaled by the engine
+EXAMPLES_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+EXAMPLES = [
+    {"text": "What color is the circle?", "files": [os.path.join(EXAMPLES_FOLDER, "red_circle_blue_square.png")]},
+    {"text": "How many shapes are in the image?", "files": [os.path.join(EXAMPLES_FOLDER, "three_shapes.png")]},
+    {"text": "Where is the yellow triangle?", "files": [os.path.join(EXAMPLES_FOLDER, "yellow_triangle.png")]},
+]
 
 DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", "checkpoints/shapes")
 
@@ -59,20 +73,73 @@ def build_demo(engine: ChatEngine | None, notice: str = "") -> gr.Blocks:
             yield f"Sorry, I could not use that input: {error}"
 
     with gr.Blocks(title="llava-plugin") as demo:
-        gr.Markdown("# llava-plugin\nVisual instruction tuning: chat about an image.")
-        if notice:
-            gr.Markdown(notice)
-        gr.ChatInterface(
-            respond,
-            multimodal=True,
-            api_name="chat",
-            additional_inputs=[
-                gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="Temperature"),
-                gr.Slider(0.0, 1.0, value=0.7, step=0.05, label="Top-p"),
-                gr.Slider(1, 1024, value=512, step=1, label="Max new tokens"),
-            ],
-        )
+        gr.Markdown("# llava-plugin\nVisual instruction tuning: chat about an image, or draft instruction data.")
+        with gr.Tab("Chat"):
+            if notice:
+                gr.Markdown(notice)
+            gr.ChatInterface(
+                respond,
+                multimodal=True,
+                api_name="chat",
+                examples=[[example, 0.2, 0.7, 512] for example in EXAMPLES if os.path.exists(example["files"][0])] or None,
+                additional_inputs=[
+                    gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="Temperature"),
+                    gr.Slider(0.0, 1.0, value=0.7, step=0.05, label="Top-p"),
+                    gr.Slider(1, 1024, value=512, step=1, label="Max new tokens"),
+                ],
+            )
+        with gr.Tab("Data"):
+            data_tab()
     return demo
+
+
+def draft(record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed):
+    """The data tab's action: the same drafting API as llava-datagen. The key is used for this call only."""
+    try:
+        size = image.size if image is not None else (width, height)
+        annotation = annotation_from_text(record_json, captions, boxes, *size)
+        options = {"model": model, "base_url": base_url or None, "api_key": api_key or None} if backend == "openai" else {}
+        records, rejects = draft_records(annotation, kinds=kinds or KINDS, backend=backend, seed=int(seed or 0), **options)
+    except (AnnotationError, ValueError) as error:
+        raise gr.Error(str(error)) from error
+    except openai.OpenAIError as error:
+        raise gr.Error(f"the OpenAI request failed: {type(error).__name__}: {error}") from error
+    text = json.dumps(records, indent=1, ensure_ascii=False)
+    path = os.path.join(tempfile.mkdtemp(prefix="llava-data-"), "instruct.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    notes = [f"rejected {reject['id']}: {reject['reason']}" for reject in rejects]
+    boxed = draw_boxes(image, annotation) if image is not None else None
+    return boxed, as_chat(records), text + ("\n// " + "\n// ".join(notes) if notes else ""), path
+
+
+def data_tab():
+    gr.Markdown("Captions and boxes in, LLaVA instruction data out (conversation, detailed description, complex "
+                "reasoning), as `llava-datagen` drafts it.")
+    with gr.Row():
+        with gr.Column():
+            record_json = gr.Textbox(label="One record of the data-generation JSONL (optional; overrides the fields below)", lines=3)
+            captions = gr.Textbox(label="Captions, one per line", lines=3, value="A red circle and a blue square on a white background.")
+            boxes = gr.Textbox(label="Boxes, one per line: label: [x1, y1, x2, y2] in pixels", lines=3,
+                               value="red circle: [20, 20, 120, 120]\nblue square: [200, 150, 300, 250]")
+            image = gr.Image(type="pil", label="Image (optional: sets the size and shows the boxes)")
+            with gr.Row():
+                width = gr.Number(value=336, label="Width (without an image)", precision=0)
+                height = gr.Number(value=336, label="Height", precision=0)
+            kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
+            backend = gr.Radio(["offline", "openai"], value="offline", label="Backend")
+            api_key = gr.Textbox(type="password", label="OpenAI API key (openai backend; used for this request only)")
+            base_url = gr.Textbox(label="Base URL (any OpenAI-compatible server; optional)")
+            model = gr.Textbox(value=DEFAULT_DRAFT_MODEL, label="Model")
+            seed = gr.Number(value=0, label="Seed", precision=0)
+            button = gr.Button("Draft", variant="primary")
+        with gr.Column():
+            boxed = gr.Image(label="Boxes", interactive=False)
+            preview = gr.Chatbot(label="Preview")
+            output = gr.Code(label="LLaVA JSON", language="json")
+            download = gr.File(label="Download")
+    button.click(draft, [record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed],
+                 [boxed, preview, output, download], api_name="draft")
 
 
 def load_engine(model: str) -> tuple[ChatEngine | None, str]:
@@ -103,4 +170,4 @@ if __name__ == "__main__":
     args = parse_args()
     if args.model != DEFAULT_MODEL:
         demo = build_demo(*load_engine(args.model))
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)

@@ -19,6 +19,7 @@ from .sessions import Session, SessionStore
 
 CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
 PLACEHOLDER = Image.new("RGB", (1, 1))
+MAX_IMAGE_SIDE = 2048
 
 
 def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
@@ -87,6 +88,9 @@ class ChatEngine:
     def _stream(self, session: Session, messages, image, temperature, top_p, max_new_tokens) -> Iterator[str]:
         try:
             image = load_image(image)
+            if max(image.size) > MAX_IMAGE_SIDE:  # a huge photo: the tower sees 336 px anyway, keep memory and time flat
+                image = image.copy()
+                image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
             if fingerprint(image) != session.image_key:
                 session.forget_image()
                 session.image_key = fingerprint(image)

@@ -125,3 +125,33 @@ def test_a_file_that_is_not_an_image_gets_a_clear_message(server, tmp_path):
         {"text": "What is this?", "files": [handle_file(str(bogus))]}, 0.0, 0.7, 8, api_name="/chat"
     )
     assert answer.startswith("Sorry, I could not use that input: cannot read image") and "notes.png" in answer
+
+
+def test_data_tab_drafts_shows_boxes_and_offers_a_download():
+    import json as json_module
+
+    from app import draft
+
+    picture = Image.new("RGB", (336, 336), "white")
+    boxed, chat, text, path = draft("", "A red circle.", "red circle: [20, 20, 120, 120]", picture, None, None,
+                                    ["conversation", "detail"], "offline", "", "", "gpt-4.1", 0)
+    assert boxed.getpixel((20, 70)) == (255, 0, 255) and picture.getpixel((20, 70)) == (255, 255, 255)
+    records = json_module.loads(open(path).read())
+    assert [record["id"] for record in records] == ["pasted_conversation", "pasted_detail"]
+    assert json_module.loads(text) == records and chat[0]["content"] == "**pasted_conversation**"
+
+
+def test_data_tab_reports_bad_boxes_clearly():
+    import gradio
+
+    from app import draft
+
+    with pytest.raises(gradio.Error, match="box line 1 should read"):
+        draft("", "A cat.", "cat: [1, 2]", None, 100, 100, ["detail"], "offline", "", "", "gpt-4.1", 0)
+
+
+def test_data_tab_through_the_api(server):
+    boxed, chat, text, path = Client(server, verbose=False).predict(
+        "", "Two shapes.", "blue square: [10, 10, 50, 50]", None, 100, 100, ["complex"], "offline", "", "", "gpt-4.1", 3,
+        api_name="/draft")
+    assert '"id": "pasted_complex"' in text and path.endswith("instruct.json")
