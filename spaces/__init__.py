@@ -1,0 +1,1 @@
+"""Hugging Face Spaces deployment: `python -m spaces.deploy --space USER/NAME [--dry-run]`."""
