@@ -82,6 +82,7 @@ def build_demo(engine: ChatEngine | None, notice: str = "") -> gr.Blocks:
                 multimodal=True,
                 api_name="chat",
                 examples=[[example, 0.2, 0.7, 512] for example in EXAMPLES if os.path.exists(example["files"][0])] or None,
+                additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
                 additional_inputs=[
                     gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="Temperature"),
                     gr.Slider(0.0, 1.0, value=0.7, step=0.05, label="Top-p"),
