@@ -66,7 +66,9 @@ def test_stage1_trains_only_the_projector(parts, stage1):
 def test_stage2_trains_projector_and_language_model_never_the_tower(world, stage1, tmp_path):
     stage1_output, _ = stage1
     train("--stage", 2, "--model", stage1_output, "--data", world / "instruct.json", "--image-folder", world / "images",
-          "--output", tmp_path, "--batch-size", 4, "--lr", 1e-2, "--max-steps", 3)
+          "--output", tmp_path, "--batch-size", 4, "--grad-accum", 2, "--lr", 1e-2, "--max-steps", 3)
+    metrics = json.loads((tmp_path / "train_metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["samples"] > 3 * 4  # two forwards of up to 4 samples per step
     before, after = weights(stage1_output), weights(tmp_path)
     assert changed(before, after, "vision_tower.") == []
     assert len(changed(before, after, "projector.")) == 4
