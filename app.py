@@ -24,7 +24,7 @@ EXAMPLES = [
     {"text": "Where is the yellow triangle?", "files": [os.path.join(EXAMPLES_FOLDER, "yellow_triangle.png")]},
 ]
 
-DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", "checkpoints/shapes")
+DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", "checkpoints/shapes-llava")
 
 
 def conversation_from(message: dict, history: list[dict]) -> tuple[list[dict], str | None]:

@@ -3,7 +3,7 @@ upload it with huggingface_hub.
 
 python -m spaces.deploy --space USER/NAME [--model PATH] [--out DIR] [--dry-run]
 
-The model goes to `checkpoints/shapes` inside the Space, the app's default, so the Space answers as soon as it starts.
+The model goes to `checkpoints/shapes-llava` inside the Space, the app's default, so the Space answers as soon as it starts.
 """
 
 import argparse
@@ -66,7 +66,7 @@ def assemble(out: Path, model: Path, space: str) -> Path:
             shutil.copytree(source, out / name, ignore=ignore)
         elif source.exists():
             shutil.copyfile(source, out / name)
-    shutil.copytree(model, out / "checkpoints" / "shapes", ignore=shutil.ignore_patterns("checkpoint-*", ".tmp-*"))
+    shutil.copytree(model, out / "checkpoints" / "shapes-llava", ignore=shutil.ignore_patterns("checkpoint-*", ".tmp-*"))
     (out / "requirements.txt").write_text(REQUIREMENTS)
     (out / "README.md").write_text(front_matter(space), encoding="utf-8")
     return out
@@ -84,7 +84,7 @@ def upload(out: Path, space: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spaces.deploy", description=__doc__.splitlines()[0])
     parser.add_argument("--space", required=True, help="USER/NAME of the Space")
-    parser.add_argument("--model", default=str(ROOT / "checkpoints" / "shapes"), help="llava_plugin checkpoint to ship (default: %(default)s)")
+    parser.add_argument("--model", default=str(ROOT / "checkpoints" / "shapes-llava"), help="llava_plugin checkpoint to ship (default: %(default)s)")
     parser.add_argument("--out", default=str(ROOT / "build" / "space"), help="where to assemble (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="assemble only, upload nothing")
     args = parser.parse_args(argv)

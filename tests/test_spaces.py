@@ -21,7 +21,7 @@ def test_dry_run_assembles_a_space_that_serves_a_chat(saved_checkpoint, tmp_path
     assert result.returncode == 0, result.stderr
     readme = (out / "README.md").read_text()
     assert "sdk: gradio" in readme and "app_file: app.py" in readme and "transformers>=5.24" in (out / "requirements.txt").read_text()
-    assert (out / "checkpoints" / "shapes" / "model.safetensors").exists() and (out / "llava_plugin" / "modeling_llava_plugin.py").exists()
+    assert (out / "checkpoints" / "shapes-llava" / "model.safetensors").exists() and (out / "llava_plugin" / "modeling_llava_plugin.py").exists()
 
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("LLAVA_MODEL", "PYTHONPATH")}
