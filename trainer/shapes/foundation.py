@@ -1,0 +1,99 @@
+"""The "foundation" parts the real method assumes, made for the shapes world: a tiny vision tower trained CLIP-style
+with open_clip's contrastive loss on image-caption pairs, and a tiny causal LM (with its own BPE tokenizer) trained
+on the world's text. Both are saved in the layouts their real counterparts ship in, so the pipeline loads them
+through the same code as pretrained models."""
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from llava_plugin import LlavaPluginImageProcessor, load_image
+
+TOWER = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def train_tower(records: list[dict], image_folder: Path, out: Path, epochs: int, batch_size: int, seed: int) -> Path:
+    """open_clip CLIP on (image, caption) pairs; saved as an open_clip local-dir model."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(seed)
+    model = open_clip.model.CLIP(**TOWER)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=TOWER["text_cfg"]["context_length"])
+    processor = LlavaPluginImageProcessor(image_aspect="pad", image_size=TOWER["vision_cfg"]["image_size"], image_mean=MEAN, image_std=STD)
+    pixels = torch.cat([processor(load_image(image_folder / record["image"]), return_tensors="pt")["pixel_values"]
+                        for record in tqdm(records, desc="tower: images")])
+    loss_fn, optimizer = ClipLoss(), torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    rng = random.Random(seed)
+    steps = epochs * (len(records) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    bar = tqdm(total=steps, desc="tower: contrastive")
+    for _ in range(epochs):
+        order = list(range(len(records)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            batch = order[start:start + batch_size]
+            texts = tokenizer([rng.choice(records[i]["captions"]) for i in batch])
+            image_features, text_features, scale = model(pixels[batch], texts)
+            loss = loss_fn(image_features, text_features, scale)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TOWER, "preprocess_cfg": {"mean": MEAN, "std": STD}}))
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+    return out
+
+
+def train_language_model(texts: list[str], out: Path, steps: int, batch_size: int, seed: int) -> Path:
+    """A BPE tokenizer and a small LLaMA trained on the world's text; saved as a transformers causal LM."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    ids = [tokenizer(text + tokenizer.eos_token)["input_ids"] for text in texts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    model.train()
+    bar = tqdm(range(steps), desc="language model")
+    for _ in bar:
+        batch = [ids[rng.randrange(len(ids))][:256] for _ in range(batch_size)]
+        longest = max(map(len, batch))
+        input_ids = torch.full((len(batch), longest), tokenizer.eos_token_id)
+        labels = torch.full((len(batch), longest), -100)
+        for row, sample in enumerate(batch):
+            input_ids[row, :len(sample)] = torch.tensor(sample)
+            labels[row, :len(sample)] = torch.tensor(sample)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
