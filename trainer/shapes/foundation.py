@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from llava_plugin import LlavaPluginImageProcessor, load_image
 
@@ -36,8 +36,9 @@ def train_tower(records: list[dict], image_folder: Path, out: Path, epochs: int,
                         for record in tqdm(records, desc="tower: images")])
     loss_fn, optimizer = ClipLoss(), torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     rng = random.Random(seed)
+    batch_size = min(batch_size, len(records))
     steps = epochs * (len(records) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 10, num_training_steps=steps)
     model.train()
     bar = tqdm(total=steps, desc="tower: contrastive")
     for _ in range(epochs):
@@ -76,7 +77,7 @@ def train_language_model(texts: list[str], out: Path, steps: int, batch_size: in
     model = LlamaForCausalLM(config)
     ids = [tokenizer(text + tokenizer.eos_token)["input_ids"] for text in texts]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 10, num_training_steps=steps)
     rng = random.Random(seed)
     model.train()
     bar = tqdm(range(steps), desc="language model")

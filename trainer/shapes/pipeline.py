@@ -31,11 +31,11 @@ def spoken(kind: str, question: str, expected) -> str:
         return f"Yes, there is a {thing} in the image." if expected == "yes" else f"No, there is no {thing} in the image."
     if kind == "color":
         return f"The {question.split()[-1].rstrip('?')} is {expected}."
-    if kind == "shape":
-        return f"The {question.split()[3]} object is a {expected}."
-    if kind == "position":
+    if kind == "shape":  # "What shape is the {color} object?"
+        return f"The {question.split()[4]} object is a {expected}."
+    if kind == "position":  # "Where is the {color} {shape}?"
         where = "in the center" if expected == "center" else f"at the {expected}"
-        return f"The {' '.join(question.split()[2:]).rstrip('?')} is {where} of the image."
+        return f"The {' '.join(question.split()[3:]).rstrip('?')} is {where} of the image."
     return "The image shows " + " and ".join(f"a {label}" for label in expected) + "."
 
 
