@@ -84,6 +84,7 @@ def hf_trainer(stage1: Path, folder: Path, steps: int, batch_size: int) -> dict:
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, Trainer, TrainingArguments
 
     from llava_plugin import LlavaPluginForConditionalGeneration
+    from llava_plugin.convert import HF_TO_PLUGIN, rename
     from trainer.batching import Collator
     from trainer.data import load_records
     from trainer.dataset import LlavaDataset
@@ -93,10 +94,7 @@ def hf_trainer(stage1: Path, folder: Path, steps: int, batch_size: int) -> dict:
     config = LlavaConfig(vision_config=ours.config.vision_config.to_dict(), text_config=ours.config.text_config.to_dict(),
                          image_token_index=ours.config.image_token_id, image_seq_length=ours.config.image_seq_length)
     model = LlavaForConditionalGeneration(config)
-    renamed = {key.replace("projector.0.", "model.multi_modal_projector.linear_1.").replace("projector.2.", "model.multi_modal_projector.linear_2.")
-               .replace("vision_tower.", "model.vision_tower.").replace("language_model.lm_head.", "lm_head.")
-               .replace("language_model.model.", "model.language_model."): value for key, value in ours.state_dict().items()}
-    model.load_state_dict(renamed, strict=False)
+    model.load_state_dict(rename(ours.state_dict(), [(new, old) for old, new in HF_TO_PLUGIN]), strict=False)
     model.model.vision_tower.requires_grad_(False)
     dataset = LlavaDataset(load_records([str(folder / "instruct.json")], 0), processor, 0, 2048, str(folder / "images"))
     collate = Collator(processor.tokenizer.pad_token_id)

@@ -15,6 +15,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from llava_plugin import LlavaPluginConfig, LlavaPluginForConditionalGeneration
+from llava_plugin.convert import HF_TO_PLUGIN, rename
 
 SIZES = {
     "7b": dict(
@@ -43,14 +44,7 @@ def build_pair(size: str, device: str, dtype: torch.dtype):
         torch.manual_seed(0)
         ours = LlavaPluginForConditionalGeneration(ours_config).to(dtype).eval()
         theirs = LlavaForConditionalGeneration(theirs_config).to(dtype).eval()
-    renamed = {}
-    for key, value in ours.state_dict().items():
-        key = (key.replace("projector.0.", "model.multi_modal_projector.linear_1.")
-               .replace("projector.2.", "model.multi_modal_projector.linear_2.")
-               .replace("vision_tower.", "model.vision_tower.")
-               .replace("language_model.lm_head.", "lm_head.")
-               .replace("language_model.model.", "model.language_model."))
-        renamed[key] = value
+    renamed = rename(ours.state_dict(), [(new, old) for old, new in HF_TO_PLUGIN])
     missing, unexpected = theirs.load_state_dict(renamed, strict=False)
     assert not unexpected and not [key for key in missing if "position_ids" not in key], (missing, unexpected)
     return ours, theirs, image_token, ours_config.image_seq_length
