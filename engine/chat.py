@@ -91,9 +91,10 @@ class ChatEngine:
             if max(image.size) > MAX_IMAGE_SIDE:  # a huge photo: the tower sees 336 px anyway, keep memory and time flat
                 image = image.copy()
                 image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-            if fingerprint(image) != session.image_key:
+            key = fingerprint(image)  # hashes every pixel: once per turn
+            if key != session.image_key:
                 session.forget_image()
-                session.image_key = fingerprint(image)
+                session.image_key = key
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             # With the image's features already computed, only the token layout is needed: skip its preprocessing.
             pixels = image if session.vision_features is None else PLACEHOLDER

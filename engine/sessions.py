@@ -2,7 +2,6 @@
 conversation, kept in a bounded least-recently-used store so memory stays flat under many users."""
 
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -18,7 +17,6 @@ class Session:
     messages: list = field(default_factory=list)  # the conversation so far, for API clients that send one turn
     image: object | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-    last_used: float = field(default_factory=time.monotonic)
 
     def forget_image(self):
         self.image_key = self.vision_features = self.cache = self.tokens = self.image = None
@@ -44,8 +42,7 @@ class SessionStore:
     def get(self, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.pop(session_id, None) or Session()
-            session.last_used = time.monotonic()
-            self._sessions[session_id] = session
+            self._sessions[session_id] = session  # re-inserted last: the OrderedDict's order is the recency
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
             return session

@@ -32,7 +32,7 @@ class LlavaDataset(Dataset):
         return {"id": record.id, "input_ids": encoded.input_ids, "labels": encoded.labels, **item}
 
 
-def estimate_lengths(records: list[Record], processor, seed: int) -> list[int]:
+def estimate_lengths(records: list[Record], processor) -> list[int]:
     """Token counts without images or templates rendered one by one: fast enough for 665K records, close enough to
     group by length (the image adds a fixed image_seq_length)."""
     texts = [" ".join(text for _, text in record.conversations) for record in records]

@@ -54,7 +54,8 @@ def prepare_feature_cache(settings, accelerator, model, processor, records) -> F
 
 def check_data(settings: TrainSettings) -> int:
     """--check-data: every problem, before any training; exit status 1 if there are any."""
-    _, processor = build_model(settings)
+    # Only the processor is needed: from a checkpoint it loads without the weights.
+    processor = AutoProcessor.from_pretrained(settings.model) if settings.model else build_model(settings)[1]
     records = load_records(settings.data, settings.seed)
     problems = check_records(records, processor, settings.seed, settings.max_length, settings.image_folder)
     print(f"{len(records)} records checked: {sum(map(len, problems.values()))} problems")
@@ -102,7 +103,7 @@ def train(settings: TrainSettings) -> Path:
     records = load_records(settings.data, settings.seed)
     cache = prepare_feature_cache(settings, accelerator, model, processor, records) if settings.cache_vision_features else None
     dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache)
-    lengths = estimate_lengths(records, processor, settings.seed)
+    lengths = estimate_lengths(records, processor)
     sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
                         num_workers=settings.num_workers)
