@@ -29,7 +29,8 @@ def answer_for(messages: list[dict]) -> str:
 
 class FakeOpenAI:
     def __init__(self, fault_rate: float = 0.0, faults=FAULTS, latency: float = 0.0, script: list[str] | None = None,
-                 timeout_sleep: float = 3.0, retry_after: str = "0.2", seed: int = 0):
+                 timeout_sleep: float = 3.0, retry_after: str = "0.2", seed: int = 0, responder=None):
+        self.responder = responder or answer_for  # messages -> the assistant's content
         self.fault_rate, self.faults, self.latency, self.timeout_sleep = fault_rate, faults, latency, timeout_sleep
         self.retry_after = retry_after
         self.script = list(script or [])  # faults for the first requests, in order ("ok" for none)
@@ -152,6 +153,6 @@ class FakeOpenAI:
                     time.sleep(fake.timeout_sleep)  # the client gives up first
                     return self.reply(500, {"error": {"message": "too late"}})
                 content = {"malformed": "I cannot follow that format, sorry.", "empty": ""}.get(fault)
-                self.reply(200, fake.completion(body, content if content is not None else answer_for(body["messages"])))
+                self.reply(200, fake.completion(body, content if content is not None else fake.responder(body["messages"])))
 
         return Handler

@@ -62,10 +62,9 @@ class TrainSettings:
     def validate(self) -> "TrainSettings":
         if self.stage not in (1, 2):
             raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
-        if self.stage == 1 and not self.model and not (self.vision and self.llm):
-            raise ValueError("stage 1 needs --vision and --llm (or --model to continue from a checkpoint)")
-        if self.stage == 2 and not self.model:
-            raise ValueError("stage 2 needs --model (the stage 1 output, or any llava_plugin checkpoint)")
+        if not self.model and not (self.vision and self.llm):
+            raise ValueError(f"stage {self.stage} needs --model (a llava_plugin checkpoint: for stage 2 usually the stage 1 "
+                             "output) or --vision and --llm (a fresh projector; for stage 2 that skips feature alignment)")
         if self.lora and self.stage != 2:
             raise ValueError("--lora trains the language model, which only stage 2 does")
         if not self.data:

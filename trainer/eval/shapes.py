@@ -1,0 +1,55 @@
+"""The shapes world's held-out accuracy per question type: every canonical question of every held-out image, answered
+greedily and judged by its key word (`trainer.shapes.world.judge`)."""
+
+import random
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from trainer.shapes.world import KINDS, judge, questions
+
+from .candidate import Candidate
+from .report import table
+from .results import ResultLog, read_jsonl_objects
+
+
+def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Path, answers_path: Path, seed: int = 0,
+                    progress: bool = True) -> dict:
+    """Scores per kind from `answers_path` (JSONL, one line per question; resumed when it exists)."""
+    rng = random.Random(seed)
+    jobs = [(f"{record['id']}:{index}", record, kind, question, expected)
+            for record in records for index, (kind, question, expected) in enumerate(questions(record["things"], rng))]
+    by_image: dict[str, list] = {}
+    for job in jobs:
+        by_image.setdefault(job[1]["image"], []).append(job)
+    with ResultLog(answers_path) as log:
+        for image, image_jobs in tqdm(by_image.items(), desc="shapes: answering", unit="image", disable=not progress):
+            todo = [job for job in image_jobs if job[0] not in log]
+            if not todo:
+                continue
+            answers = candidate.answer_many([job[3] for job in todo], image_folder / image, max_new_tokens=48)
+            for (item_id, record, kind, question, expected), answer in zip(todo, answers):
+                log.add({"id": item_id, "image": image, "kind": kind, "question": question, "expected": expected,
+                         "answer": answer, "right": judge(kind, answer, expected)})
+        answered = [log[item_id] for item_id, *_ in jobs]
+    scores = {kind: [0, 0] for kind in KINDS}
+    for entry in answered:
+        scores[entry["kind"]][0] += entry["right"]
+        scores[entry["kind"]][1] += 1
+    return {"accuracy": {kind: right / total if total else 0.0 for kind, (right, total) in scores.items()},
+            "counts": {kind: total for kind, (_, total) in scores.items()},
+            "samples": [entry for entry in answered[:40]]}
+
+
+def load_split(path: Path) -> list[dict]:
+    records = []
+    for where, record in read_jsonl_objects(path):
+        if not isinstance(record.get("things"), list) or "image" not in record:
+            raise ValueError(f"{where}: not a shapes-world record (needs 'image' and 'things')")
+        records.append(record)
+    return records
+
+
+def shapes_report(result: dict, model: str) -> str:
+    rows = [[kind, f"{100 * result['accuracy'][kind]:.1f}%", result["counts"][kind]] for kind in KINDS]
+    return f"# Shapes world: {model}\n\n" + table(["question", "accuracy", "questions"], rows) + "\n"
