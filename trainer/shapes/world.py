@@ -14,6 +14,7 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
 GRID = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+KINDS = ("color", "shape", "count", "position", "yes/no", "describe")  # the question types, in report order
 
 
 @dataclass(frozen=True)
