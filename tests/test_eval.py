@@ -228,3 +228,14 @@ def test_cli_runs_each_command_on_a_real_checkpoint(saved_checkpoint, tmp_path, 
     assert result["counts"]["count"] == 2 and sum(result["counts"].values()) == len(answers)
     assert result["accuracy"]["count"] == sum(a["right"] for a in answers if a["kind"] == "count") / 2
     assert "llava-eval" not in capsys.readouterr().err  # no error was printed
+
+
+def test_a_bad_key_stops_the_judge_with_a_clear_message(saved_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-revoked")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": "a", "text": "conversation?", "category": "conversation", "context": "c"}))
+    with FakeOpenAI(script=["401"] * 20) as server:
+        code = eval_main(["judge", "--model", str(saved_checkpoint), "--output", str(tmp_path / "out"), "--questions", str(questions),
+                          "--base-url", server.base_url, "--quiet"])
+        assert len(chat_requests(server)) == 1  # not retried: a bad key stays bad
+    assert code == 2 and "Incorrect API key" in capsys.readouterr().err

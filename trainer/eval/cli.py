@@ -11,7 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
-from .judge import DEFAULT_JUDGE, FATAL_ERRORS, JudgeSettings, load_questions, run_judge
+import openai
+
+from .judge import DEFAULT_JUDGE, JudgeSettings, load_questions, run_judge
 from .multiple_choice import DEFAULT_FORMAT, evaluate_multiple_choice, load_problems, multiple_choice_report
 
 
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         candidate = Candidate(args.model, args.device, args.max_new_tokens)
         command = {"judge": judge_command, "mc": mc_command, "shapes": shapes_command}[args.command]
         summary = command(args, candidate)
-    except (ValueError, RuntimeError, OSError, *FATAL_ERRORS) as error:
+    except (ValueError, RuntimeError, OSError, openai.OpenAIError) as error:  # FATAL_ERRORS are OpenAIErrors
         print(f"llava-eval {args.command}: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -266,5 +266,5 @@ def run_judge(questions: list[Question], answer, output: Path, settings: JudgeSe
     return scores
 
 
-__all__ = ["CATEGORIES", "FATAL_ERRORS", "JudgeSettings", "Question", "load_questions", "parse_scores", "relative_scores",
+__all__ = ["CATEGORIES", "JudgeSettings", "Question", "load_questions", "parse_scores", "relative_scores",
            "run_judge"]
