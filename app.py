@@ -17,14 +17,21 @@ from trainer.datagen.openai_backend import DEFAULT_MODEL as DEFAULT_DRAFT_MODEL
 from trainer.datagen.preview import annotation_from_text, as_chat, draw_boxes
 
 MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio with a message; huge images are downscaled by the engine
-EXAMPLES_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples")
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES_FOLDER = os.path.join(HERE, "examples")
 EXAMPLES = [
     {"text": "What color is the circle?", "files": [os.path.join(EXAMPLES_FOLDER, "red_circle_blue_square.png")]},
     {"text": "How many shapes are in the image?", "files": [os.path.join(EXAMPLES_FOLDER, "three_shapes.png")]},
     {"text": "Where is the yellow triangle?", "files": [os.path.join(EXAMPLES_FOLDER, "yellow_triangle.png")]},
+    {"text": "Describe the image.", "files": [os.path.join(EXAMPLES_FOLDER, "three_shapes.png")]},
+    {"text": "Is there a blue square in the image?", "files": [os.path.join(EXAMPLES_FOLDER, "red_circle_blue_square.png")]},
 ]
+# What the examples show (tests/test_app.py checks that the embedded model says so): red circle at the top left and
+# blue square at the bottom right; green triangle at the top, yellow circle in the center, red square at the bottom
+# left; one yellow triangle in the center.
 
-DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", "checkpoints/shapes-llava")
+# The embedded default: a miniature LLaVA trained on the shapes world (`llava-shapes`), committed with the code.
+DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", os.path.join(HERE, "checkpoints", "shapes-llava"))
 
 
 def conversation_from(message: dict, history: list[dict]) -> tuple[list[dict], str | None]:
@@ -147,8 +154,8 @@ def load_engine(model: str) -> tuple[ChatEngine | None, str]:
     """An engine for a local folder or hub id, or None and a notice the page shows instead of answers."""
     if model == DEFAULT_MODEL and not os.path.isdir(model):
         return None, (
-            f"**No model loaded.** The embedded default `{model}` has not been built yet (the shapes-world issue adds it). "
-            "Start the app with `python app.py --model PATH` pointing at a llava_plugin checkpoint."
+            f"**No model loaded.** The embedded default `{model}` is missing: rebuild it with "
+            "`llava-shapes --export checkpoints/shapes-llava`, or start the app with `python app.py --model PATH`."
         )
     try:
         return ChatEngine(model), ""

@@ -2,9 +2,12 @@ import json
 import random
 
 import pytest
+import torch
+from PIL import Image
 
 from trainer.shapes import judge, questions
-from trainer.shapes.pipeline import run, spoken, vqa_records
+from trainer.shapes.pipeline import ShapesSettings, run, spoken, vqa_records
+from trainer.shapes.world import KINDS
 
 THINGS = [{"shape": "circle", "color": "red", "position": "top left"}, {"shape": "square", "color": "blue", "position": "center"},
           {"shape": "triangle", "color": "yellow", "position": "bottom"}]
@@ -29,10 +32,29 @@ def test_vqa_records_are_llava_json():
 
 
 @pytest.mark.timeout(900)
-def test_the_whole_pipeline_runs_end_to_end_in_miniature(tmp_path):
-    result = run(tmp_path, train_images=24, test_images=3, seed=0, tower_epochs=1, lm_steps=10, stage1_epochs=1,
-                 stage2_epochs=0.5, batch_size=8)
-    assert set(result["accuracy"]) == {"color", "shape", "count", "position", "yes/no", "describe"}
-    assert result["counts"]["count"] == 3 and result["counts"]["describe"] == 3
-    assert json.loads((tmp_path / "results.json").read_text())["timings"].keys() >= {"tower", "stage 1", "stage 2"}
-    assert (tmp_path / "stage2" / "model.safetensors").exists() and (tmp_path / "tower" / "open_clip_model.safetensors").exists()
+def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_and_export(tmp_path):
+    settings = ShapesSettings(output=str(tmp_path / "run"), train_images=24, test_images=3, tower_epochs=1, lm_steps=10,
+                              stage2_epochs=0.5, batch_size=8, ablations=True, report=str(tmp_path / "docs"),
+                              export=str(tmp_path / "export"))
+    result = run(settings)
+    assert list(result["variants"]) == ["two stages, layer -2", "stage 2 only", "two stages, layer -1"]
+    for variant in result["variants"].values():
+        assert set(variant["accuracy"]) == set(KINDS)
+        assert variant["counts"]["count"] == 3 and variant["counts"]["describe"] == 3
+    assert result["timings"].keys() >= {"foundation: vision tower", "stage 1 (full)", "stage 2 (full)", "stage 2 (no-stage1)",
+                                        "stage 1 (layer-1)"}
+    assert "stage 1 (no-stage1)" not in result["timings"]
+    assert json.loads((tmp_path / "run" / "stage2-layer-1" / "config.json").read_text())["vision_feature_layer"] == -1
+    report = (tmp_path / "docs" / "report.md").read_text()
+    assert "| question | target | two stages, layer -2 | stage 2 only | two stages, layer -1 |" in report
+    assert "llava-shapes --train-images 24 " in report and "--ablations" in report and "stage 2 (full)" in report
+    assert Image.open(tmp_path / "docs" / "accuracy.png").size == (900, 420)
+
+    from transformers import AutoModel
+    exported = AutoModel.from_pretrained(tmp_path / "export")
+    assert exported.dtype == torch.float16 and (tmp_path / "export" / "README.md").exists()
+
+    again = run(settings)  # everything is there: nothing is trained again
+    assert not any(name.startswith(("stage", "foundation")) for name in again["timings"])
+    with pytest.raises(SystemExit, match="other settings"):
+        run(ShapesSettings(**{**settings.__dict__, "seed": 1}))

@@ -2,24 +2,27 @@
 
 1. the world: train and held-out splits; 2. foundation: a CLIP-style tower (open_clip) and a small LM;
 3. stage 1 (`llava-train`); 4. instruction data (`llava-datagen --backend offline`) plus the world's short-answer
-questions (as LLaVA-1.5 mixes in VQA data); 5. stage 2 (`llava-train`); 6. evaluation on held-out images.
+questions (as LLaVA-1.5 mixes in VQA data); 5. stage 2 (`llava-train`); 6. evaluation on held-out images (`llava-eval
+shapes`), a report, and optionally the paper's ablations and an fp16 export of the model.
+
+Every step skips itself when its output is already there, so an interrupted run continues where it stopped.
 """
 
 import argparse
+import dataclasses
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from .foundation import train_language_model, train_tower
-from .world import NUMBER_WORDS, judge, questions, write_split
-
-KINDS = ("color", "shape", "count", "position", "yes/no", "describe")
+from .report import accuracy_table, draw_chart
+from .world import NUMBER_WORDS, questions, write_split
 
 
 def spoken(kind: str, question: str, expected) -> str:
@@ -51,90 +54,254 @@ def vqa_records(records: list[dict], seed: int) -> list[dict]:
     return out
 
 
+@dataclasses.dataclass
+class ShapesSettings:
+    output: str = "out/shapes"
+    train_images: int = 2000
+    test_images: int = 200
+    seed: int = 0
+    tower_epochs: int = 30
+    lm_steps: int = 300
+    stage1_epochs: float = 1.0
+    stage2_epochs: float = 2.0
+    batch_size: int = 32
+    ablations: bool = False
+    report: str | None = None  # also copy report.md and accuracy.png here
+    export: str | None = None  # save the trained model in fp16 here, with a model card
+
+
 def run_command(*args):
-    result = subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(map(str, args[:2]))} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
+    """A step as its own process, as a user would run it; its progress bars show through."""
+    command = [sys.executable, "-m", *map(str, args)]
+    if subprocess.run(command).returncode:
+        raise SystemExit(f"step failed: {' '.join(command[2:5])} ... (its error is above)")
 
 
-def evaluate(model_path: Path, records: list[dict], image_folder: Path, seed: int) -> dict:
-    from transformers import AutoModel, AutoProcessor
+class Steps:
+    def __init__(self, settings: ShapesSettings):
+        self.settings, self.out = settings, Path(settings.output)
+        # Step times survive reruns that skip finished steps, so the report always has them.
+        self.timings_path = self.out / "timings.json"
+        self.timings = json.loads(self.timings_path.read_text()) if self.timings_path.exists() else {}
 
-    import llava_plugin  # noqa: F401  (registers the Auto classes)
+    def record(self, name: str, started: float):
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        self.timings_path.write_text(json.dumps(self.timings, indent=1))
 
-    model = AutoModel.from_pretrained(model_path).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
-    rng, scores, samples = random.Random(seed), {kind: [0, 0] for kind in KINDS}, []
-    for record in records:
-        image = Image.open(image_folder / record["image"]).convert("RGB")
-        for kind, question, expected in questions(record["things"], rng):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors="pt")
-            with torch.no_grad():
-                ids = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-            answer = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-            right = judge(kind, answer, expected)
-            scores[kind][0] += right
-            scores[kind][1] += 1
-            if len(samples) < 12:
-                samples.append({"kind": kind, "question": question, "answer": answer, "right": right})
-    return {"accuracy": {kind: right / total if total else 0.0 for kind, (right, total) in scores.items()},
-            "counts": {kind: total for kind, (_, total) in scores.items()}, "samples": samples}
+    def step(self, name: str, done: Path, action):
+        """Run `action` unless `done` exists (a previous run finished the step); time it."""
+        if not done.exists():
+            started = time.perf_counter()
+            print(f"== {name}", flush=True)
+            action()
+            self.record(name, started)
+        return done
+
+    def train(self, stage: int, output: Path, data: Path, start: list, epochs: float, lr: float, layer: int = -2):
+        s = self.settings
+        run_command("trainer.cli", "--stage", stage, *start, "--data", data, "--output", output, "--lr", lr,
+                    "--projector-lr", lr, "--epochs", epochs, "--vision-feature-layer", layer,
+                    "--image-folder", self.out / "world" / "images", "--batch-size", s.batch_size, "--save-every", 0,
+                    "--seed", s.seed, "--log-every", 50)
+
+    def evaluate(self, name: str, model: Path) -> dict:
+        from trainer.eval.candidate import Candidate
+        from trainer.eval.shapes import evaluate_shapes, load_split
+
+        path = self.out / f"eval-{name}.json"
+        if not path.exists():
+            started = time.perf_counter()
+            world = self.out / "world"
+            result = evaluate_shapes(Candidate(str(model), device="cpu", max_new_tokens=48), load_split(world / "test.jsonl"),
+                                     world / "images", self.out / f"eval-{name}.answers.jsonl", self.settings.seed)
+            path.write_text(json.dumps(result, indent=1))
+            self.record(f"evaluation ({name})", started)
+        return json.loads(path.read_text())
 
 
-def run(out: Path, train_images: int, test_images: int, seed: int, tower_epochs: int, lm_steps: int, stage1_epochs: float,
-        stage2_epochs: float, batch_size: int) -> dict:
-    started, timings = time.perf_counter(), {}
+def check_settings(out: Path, settings: ShapesSettings):
+    """An output folder holds one run: continuing it with other settings would mix two experiments."""
+    recipe = {key: value for key, value in dataclasses.asdict(settings).items() if key not in ("output", "ablations", "report", "export")}
+    path = out / "settings.json"
+    if path.exists() and json.loads(path.read_text()) != recipe:
+        raise SystemExit(f"{out} holds a run with other settings ({path}); choose another --output or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(recipe, indent=1))
+
+
+def run(settings: ShapesSettings) -> dict:
+    out, s = Path(settings.output), settings
+    check_settings(out, settings)
+    steps = Steps(settings)
     world = out / "world"
-    train_path, test_path = write_split(world, "train", train_images, seed), write_split(world, "test", test_images, seed)
-    train = [json.loads(line) for line in train_path.read_text().splitlines()]
-    test = [json.loads(line) for line in test_path.read_text().splitlines()]
-    timings["world"] = time.perf_counter() - started
+    steps.step("world", world / "test.jsonl", lambda: (write_split(world, "train", s.train_images, s.seed),
+                                                         write_split(world, "test", s.test_images, s.seed)))
+    train = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()]
 
-    instruct = out / "instruct.json"
-    run_command("trainer.datagen.cli", "--input", train_path, "--output", instruct, "--backend", "offline", "--seed", seed)
-    drafted = json.loads(instruct.read_text())
-    vqa = vqa_records(train, seed)
-    texts = [caption for record in train for caption in record["captions"]]
-    texts += [" ".join(turn["value"].replace("<image>", "").strip() for turn in record["conversations"]) for record in drafted + vqa]
-    tower = train_tower(train, world / "images", out / "tower", tower_epochs, min(batch_size * 4, 256), seed)
-    timings["tower"] = time.perf_counter() - started - sum(timings.values())
-    llm = train_language_model(texts, out / "llm", lm_steps, batch_size, seed)
-    timings["language model"] = time.perf_counter() - started - sum(timings.values())
+    tower, llm = out / "tower", out / "llm"
+    steps.step("foundation: vision tower", tower / "open_clip_model.safetensors",
+               lambda: train_tower(train, world / "images", tower, s.tower_epochs, min(s.batch_size * 4, 256), s.seed))
+    instruct = steps.step("instruction data", out / "instruct.json", lambda: run_command(
+        "trainer.datagen.cli", "--input", world / "train.jsonl", "--output", out / "instruct.json", "--backend", "offline",
+        "--seed", s.seed))
+    drafted, vqa = json.loads(instruct.read_text()), vqa_records(train, s.seed)
 
-    captions = [{"id": f"{r['id']}_caption{i}", "image": r["image"], "caption": c} for r in train for i, c in enumerate(r["captions"][:1])]
-    (out / "captions.json").write_text(json.dumps(captions))
-    common = ["--image-folder", world / "images", "--batch-size", batch_size, "--save-every", 0, "--seed", seed, "--log-every", 50]
-    run_command("trainer.cli", "--stage", 1, "--vision", f"open_clip:local-dir:{tower}", "--llm", llm, "--projector", "mlp2x_gelu",
-                "--data", out / "captions.json", "--output", out / "stage1", "--lr", 1e-3, "--epochs", stage1_epochs, *common)
-    timings["stage 1"] = time.perf_counter() - started - sum(timings.values())
-    (out / "stage2.json").write_text(json.dumps(drafted + vqa))
-    run_command("trainer.cli", "--stage", 2, "--model", out / "stage1", "--data", out / "stage2.json", "--output", out / "stage2",
-                "--lr", 5e-4, "--projector-lr", 5e-4, "--epochs", stage2_epochs, *common)
-    timings["stage 2"] = time.perf_counter() - started - sum(timings.values())
-    result = evaluate(out / "stage2", test, world / "images", seed)
-    timings["evaluation"] = time.perf_counter() - started - sum(timings.values())
-    result["timings"] = {step: round(seconds, 1) for step, seconds in timings.items()}
+    def language_model():
+        texts = [caption for record in train for caption in record["captions"]]
+        texts += [" ".join(turn["value"].replace("<image>", "").strip() for turn in record["conversations"]) for record in drafted + vqa]
+        train_language_model(texts, llm, s.lm_steps, s.batch_size, s.seed)
+
+    steps.step("foundation: language model", llm / "model.safetensors", language_model)
+
+    captions, stage2_data = out / "captions.json", out / "stage2.json"
+    captions.write_text(json.dumps([{"id": f"{r['id']}_caption", "image": r["image"], "caption": r["captions"][0]} for r in train]))
+    stage2_data.write_text(json.dumps(drafted + vqa))
+    components = ["--vision", f"open_clip:local-dir:{tower}", "--llm", llm, "--projector", "mlp2x_gelu"]
+
+    def two_stages(name: str, layer: int, with_stage1: bool = True) -> Path:
+        start = components
+        if with_stage1:
+            stage1 = steps.step(f"stage 1 ({name})", out / f"stage1-{name}" / "model.safetensors", lambda: steps.train(
+                1, out / f"stage1-{name}", captions, components, s.stage1_epochs, 1e-3, layer)).parent
+            start = ["--model", stage1]
+        return steps.step(f"stage 2 ({name})", out / f"stage2-{name}" / "model.safetensors", lambda: steps.train(
+            2, out / f"stage2-{name}", stage2_data, start, s.stage2_epochs, 1e-3, layer)).parent
+
+    model = two_stages("full", -2)
+    variants = {"two stages, layer -2": steps.evaluate("full", model)}
+    if s.ablations:
+        variants["stage 2 only"] = steps.evaluate("no-stage1", two_stages("no-stage1", -2, with_stage1=False))
+        variants["two stages, layer -1"] = steps.evaluate("layer-1", two_stages("layer-1", -1))
+    result = {"variants": variants, "timings": steps.timings, "settings": dataclasses.asdict(s)}
+    write_report(out, result)
+    if s.report:
+        Path(s.report).mkdir(parents=True, exist_ok=True)
+        for name in ("report.md", "accuracy.png"):
+            shutil.copy(out / name, Path(s.report) / name)
+    if s.export:
+        export(model, Path(s.export), result)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
 
+def command_line(settings: ShapesSettings) -> str:
+    defaults = ShapesSettings()
+    flags = [f"--{key.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
+             for key, value in dataclasses.asdict(settings).items()
+             if value != getattr(defaults, key) and value and key != "output"]
+    return " ".join(["llava-shapes", *flags])
+
+
+def write_report(out: Path, result: dict):
+    variants, s = result["variants"], result["settings"]
+    draw_chart(variants, out / "accuracy.png")
+    samples = "\n".join(f"| {e['kind']} | {e['question']} | {e['answer']} | {'yes' if e['right'] else 'no'} |"
+                        for e in next(iter(variants.values()))["samples"][:12])
+    timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["timings"].items()) or "not recorded"
+    ablations = ("The variants are the paper's own ablations: \"stage 2 only\" skips feature alignment (stage 1) and starts "
+                 "instruction tuning from a fresh projector; \"layer -1\" feeds the projector the vision tower's last layer "
+                 "instead of the one before it." if len(variants) > 1 else
+                 "The ablations (stage 2 only; vision feature layer -1) were not run for this report: add `--ablations`.")
+    text = f"""# Shapes world: LLaVA's two-stage method in miniature
+
+Held-out accuracy per question type ({s['test_images']} held-out images; the model never saw them), judged by the key
+word of each answer (`trainer.shapes.world.judge`). Regenerate with:
+
+```bash
+{command_line(ShapesSettings(**s))}
+```
+
+{accuracy_table(variants)}
+
+![accuracy per question type](accuracy.png)
+
+{ablations}
+
+Training: {s['train_images']} images; vision tower {s['tower_epochs']} contrastive epochs; language model {s['lm_steps']}
+steps; stage 1 {s['stage1_epochs']} epoch(s) on one caption per image; stage 2 {s['stage2_epochs']} epoch(s) on the offline
+drafts (conversation, detail, complex) plus the world's short-answer questions. Step times on this run: {timings}.
+
+Sample answers (full model):
+
+| kind | question | answer | right |
+|---|---|---|---|
+{samples}
+"""
+    (out / "report.md").write_text(text)
+
+
+
+def export(model: Path, target: Path, result: dict):
+    """The trained model in fp16 with its processor and a model card; staged then renamed, so a failure leaves the
+    old export in place."""
+    from transformers import AutoModel, AutoProcessor
+
+    import llava_plugin  # noqa: F401  (registers the Auto classes)
+
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    AutoModel.from_pretrained(model, dtype=torch.float16).save_pretrained(staging)
+    AutoProcessor.from_pretrained(model).save_pretrained(staging)
+    full = next(iter(result["variants"].values()))
+    # What the model scored when it was made: tests/test_shapes_model.py checks it still does about as well.
+    (staging / "shapes_eval.json").write_text(json.dumps({key: full[key] for key in ("accuracy", "counts")}, indent=1))
+    scores = "\n".join(f"| {kind} | {100 * accuracy:.1f}% |" for kind, accuracy in full["accuracy"].items())
+    (staging / "README.md").write_text(f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [llava, llava-plugin, shapes-world]
+---
+# shapes-llava
+
+A miniature LLaVA trained from scratch on llava-plugin's shapes world: white images with one to three circles,
+squares or triangles in red, green, blue or yellow on a 3x3 grid. It answers questions such as "What color is the
+circle?", "How many shapes are in the image?", "Where is the red square?" or "Describe the image." It knows nothing
+else; it is the demo app's default model and a worked example of the whole pipeline.
+
+Made with `{command_line(ShapesSettings(**result['settings']))}`:
+an open_clip ViT trained contrastively on the world's captions (96 px, 32 px patches: 9 image tokens, one per grid cell), a 3-layer
+LLaMA with its own BPE tokenizer trained on the world's text, then LLaVA's stage 1 (projector only) and stage 2
+(projector and language model) with `llava-train`. Weights in float16.
+
+Held-out accuracy ({result['settings']['test_images']} unseen images):
+
+| question | accuracy |
+|---|---|
+{scores}
+
+```python
+import llava_plugin  # or trust_remote_code=True
+from transformers import AutoModel, AutoProcessor
+model = AutoModel.from_pretrained("checkpoints/shapes-llava")
+processor = AutoProcessor.from_pretrained("checkpoints/shapes-llava")
+```
+""")
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="llava-shapes", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="out/shapes", help="working folder (default: %(default)s)")
-    parser.add_argument("--train-images", type=int, default=3000)
-    parser.add_argument("--test-images", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tower-epochs", type=int, default=10)
-    parser.add_argument("--lm-steps", type=int, default=1500)
-    parser.add_argument("--stage1-epochs", type=float, default=1.0)
-    parser.add_argument("--stage2-epochs", type=float, default=2.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
-    result = run(Path(args.output), args.train_images, args.test_images, args.seed, args.tower_epochs, args.lm_steps,
-                 args.stage1_epochs, args.stage2_epochs, args.batch_size)
-    print(json.dumps({"accuracy": result["accuracy"], "timings": result["timings"]}, indent=1))
+    defaults = ShapesSettings()
+    for field in dataclasses.fields(ShapesSettings):
+        flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
+                                help="(default: %(default)s)")
+    settings = ShapesSettings(**vars(parser.parse_args(argv)))
+    result = run(settings)
+    summary = {name: {kind: round(100 * value, 1) for kind, value in variant["accuracy"].items()}
+               for name, variant in result["variants"].items()}
+    print(json.dumps({"accuracy": summary, "timings": result["timings"]}, indent=1))
+    print(f"report: {Path(settings.output) / 'report.md'}")
     return 0
 
 

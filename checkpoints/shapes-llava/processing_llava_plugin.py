@@ -1,0 +1,90 @@
+"""The processor: images and text in, model inputs out.
+
+Each `<image>` in the text becomes `image_seq_length` image tokens (one per vision feature the model will scatter
+there). The chat template reproduces LLaVA's v1 conversation format and marks assistant text with
+`{% generation %}`, so `apply_chat_template(..., return_assistant_tokens_mask=True)` yields the training mask.
+This file ships as remote code.
+"""
+
+from transformers import ProcessorMixin
+
+from .image_processing_llava_plugin import LlavaPluginImageProcessor  # noqa: F401  (AutoProcessor resolves it by name)
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# LLaVA v1 ("vicuna_v1"): SYSTEM USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT:
+# The space after "ASSISTANT:" sits inside the generation block: at inference the prompt ends with "ASSISTANT:" and
+# the model writes " {a}</s>", so training and inference see the same token boundaries.
+LLAVA_V1_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{ content }}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<image>' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{ render(messages[0]['content']) }}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{{ '" + DEFAULT_SYSTEM.replace("'", "\\'") + "' }}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' }}{{ render(message['content']) }}"
+    "{%- else -%}"
+    "{{ ' ASSISTANT:' }}{% generation %}{{ ' ' }}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+
+class LlavaPluginProcessor(ProcessorMixin):
+    """Wraps the image processor and tokenizer; checks image counts and the context length before the model does."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=576, image_token="<image>", chat_template=None, **kwargs):
+        self.image_seq_length = image_seq_length
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {image_token!r} token; add it as a special token first")
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or LLAVA_V1_CHAT_TEMPLATE)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+    def __call__(self, images=None, text=None, **kwargs):
+        """As every transformers processor, plus: a prompt longer than the tokenizer's `model_max_length` (set from
+        the language model's context) raises unless `truncation=True`. (transformers itself refuses a truncation
+        that cuts into an image.)"""
+        outputs = super().__call__(images=images, text=text, **kwargs)
+        truncation = kwargs.get("truncation") or kwargs.get("text_kwargs", {}).get("truncation")
+        if text is not None and not truncation:
+            self._check_context(outputs, text)
+        return outputs
+
+    def _check_context(self, outputs, text):
+        texts = [text] if isinstance(text, str) else list(text)
+        rows, masks = (_as_lists(outputs.get(key)) for key in ("input_ids", "attention_mask"))
+        context = self.tokenizer.model_max_length
+        for index, (row, sample) in enumerate(zip(rows, texts)):
+            length = sum(masks[index]) if masks is not None else len(row)  # padding does not count
+            if length > context:
+                raise ValueError(
+                    f"prompt {index} is {length} tokens ({sample.count(self.image_token)} images x {self.image_seq_length} "
+                    f"image tokens) but the model's context is {context}; shorten it or pass truncation=True"
+                )
+
+def _as_lists(values):
+    return values.tolist() if hasattr(values, "tolist") else values
+
+
+LlavaPluginProcessor.register_for_auto_class()
+
+__all__ = ["LlavaPluginProcessor", "LLAVA_V1_CHAT_TEMPLATE", "DEFAULT_SYSTEM"]

@@ -1,0 +1,39 @@
+"""The committed default model (checkpoints/shapes-llava): it loads as transformers models do and still answers
+held-out questions of every kind about as well as when it was made (CI does not retrain it)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoModel, AutoProcessor
+
+import llava_plugin  # noqa: F401  (registers the Auto classes)
+from trainer.eval.candidate import Candidate
+from trainer.eval.shapes import evaluate_shapes, load_split
+from trainer.shapes.world import KINDS, judge, write_split
+
+MODEL = Path(__file__).resolve().parent.parent / "checkpoints" / "shapes-llava"
+
+
+def test_the_committed_model_loads_in_half_precision_and_is_small():
+    model = AutoModel.from_pretrained(MODEL)
+    processor = AutoProcessor.from_pretrained(MODEL)
+    assert str(model.dtype) == "torch.float16" and processor.image_processor.size
+    size = sum(path.stat().st_size for path in MODEL.iterdir())
+    assert size < 8 * 2**20, f"{size / 2**20:.1f} MB is not 'a few MB'"
+    assert "shapes world" in (MODEL / "README.md").read_text().lower()
+
+
+@pytest.mark.timeout(600)
+def test_the_committed_model_answers_held_out_questions_of_every_kind(tmp_path):
+    made = json.loads((MODEL / "shapes_eval.json").read_text())["accuracy"]
+    split = write_split(tmp_path, "heldout", 30, seed=2026)  # scenes the model never saw (training used seed 0)
+    result = evaluate_shapes(Candidate(str(MODEL), device="cpu"), load_split(split), tmp_path / "images",
+                             tmp_path / "answers.jsonl", progress=False)
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    for kind in KINDS:
+        right = [a for a in answers if a["kind"] == kind and a["right"]]
+        assert right, f"no {kind} question answered correctly"
+        assert judge(kind, right[0]["answer"], right[0]["expected"])
+        # 30 images are a small sample: allow for its noise, not for a model that has lost what it knew
+        assert result["accuracy"][kind] >= made[kind] - 0.2, (kind, result["accuracy"][kind], made[kind])
