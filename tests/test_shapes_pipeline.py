@@ -54,7 +54,9 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     exported = AutoModel.from_pretrained(tmp_path / "export")
     assert exported.dtype == torch.float16 and (tmp_path / "export" / "README.md").exists()
 
-    again = run(settings)  # everything is there: nothing is trained again
-    assert not any(name.startswith(("stage", "foundation")) for name in again["timings"])
+    trained = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").glob("*/*.safetensors")}
+    again = run(settings)  # everything is there: nothing is trained or evaluated again
+    assert again["timings"] == result["timings"] and len(trained) == 7
+    assert {path: path.stat().st_mtime_ns for path in trained} == trained
     with pytest.raises(SystemExit, match="other settings"):
         run(ShapesSettings(**{**settings.__dict__, "seed": 1}))
