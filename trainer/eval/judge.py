@@ -8,6 +8,7 @@ not two scores is asked for again (`parse_retries`), then counted as a failure a
 
 import asyncio
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from trainer.datagen.openai_backend import FATAL_ERRORS, Usage, make_client
 from .report import table
 from .results import ResultLog, read_jsonl_objects
 
+logger = logging.getLogger(__name__)
 CATEGORIES = ("conversation", "detail", "complex")
 DEFAULT_JUDGE = "gpt-4.1"
 
@@ -131,10 +133,10 @@ async def _ask(client, model: str, messages: list[dict], temperature: float, usa
     return (response.choices[0].message.content or "") if response.choices else ""
 
 
-async def _gather(jobs, concurrency: int, description: str, progress: bool) -> int:
+async def _gather(jobs, concurrency: int, description: str, progress: bool) -> None:
     """Run coroutine factories with bounded concurrency. A fatal error (bad key, unknown model) stops the run; a
-    transport error that outlived the client's retries leaves that item undone for the next run. Returns how many."""
-    semaphore, failed = asyncio.Semaphore(concurrency), []
+    transport error that outlived the client's retries leaves that item undone (and logged) for the next run."""
+    semaphore = asyncio.Semaphore(concurrency)
     bar = tqdm(total=len(jobs), desc=description, disable=not progress)
 
     async def one(job):
@@ -144,14 +146,13 @@ async def _gather(jobs, concurrency: int, description: str, progress: bool) -> i
             except FATAL_ERRORS:
                 raise
             except openai.APIError as error:
-                failed.append(error)
+                logger.warning("%s: left for the next run after the client's retries: %s", description, error)
             bar.update()
 
     try:
         await asyncio.gather(*(one(job) for job in jobs))
     finally:
         bar.close()
-    return len(failed)
 
 
 async def write_references(questions: list[Question], log: ResultLog, settings: JudgeSettings, client) -> None:

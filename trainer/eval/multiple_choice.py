@@ -79,8 +79,7 @@ def load_problems(path: Path, split: str | None = None) -> list[Problem]:
 
 def prompt(problem: Problem, template: str = DEFAULT_FORMAT) -> str:
     options = " ".join(f"({LETTERS[index]}) {option}" for index, option in enumerate(problem.options))
-    text = template.format(context=problem.context or "N/A", question=problem.question, options=options)
-    return text
+    return template.format(context=problem.context or "N/A", question=problem.question, options=options)
 
 
 def parse_choice(answer: str, options: list[str]) -> int | None:
