@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from trainer.shapes import judge, questions
-from trainer.shapes.pipeline import ShapesSettings, run, spoken, vqa_records
+from trainer.shapes.pipeline import SYSTEM_PROMPT, ShapesSettings, drafted_subset, run, spoken, vqa_records
 from trainer.shapes.world import KINDS
 
 THINGS = [{"shape": "circle", "color": "red", "position": "top left"}, {"shape": "square", "color": "blue", "position": "center"},
@@ -25,15 +25,25 @@ def test_short_answers_are_sentences_the_judge_accepts():
     assert answers["How many shapes are in the image?"] == "There are three shapes in the image."
 
 
-def test_vqa_records_are_llava_json():
-    (record,) = vqa_records([{"id": "x", "image": "x.png", "things": THINGS}], seed=0)
-    assert record["id"] == "x_vqa" and len(record["conversations"]) % 2 == 0
-    assert [turn["from"] for turn in record["conversations"][:2]] == ["human", "gpt"]
+def test_vqa_records_ask_one_question_each_and_describe_in_reading_order():
+    shuffled = [THINGS[2], THINGS[0], THINGS[1]]
+    records = vqa_records([{"id": "x", "image": "x.png", "things": shuffled}], seed=0)
+    assert len(records) == len(questions(THINGS, random.Random(0))) and len({r["id"] for r in records}) == len(records)
+    for record in records:
+        assert record["image"] == "x.png" and [turn["from"] for turn in record["conversations"]] == ["human", "gpt"]
+    answers = {r["conversations"][0]["value"]: r["conversations"][1]["value"] for r in records}
+    assert answers["Describe the image."] == "The image shows a red circle and a blue square and a yellow triangle."
+
+
+def test_one_drafted_kind_per_image_in_turn():
+    drafted = [{"id": f"{image}_{kind}", "image": f"{image}.png"} for image in "abcd" for kind in ("conversation", "detail", "complex")]
+    chosen = drafted_subset(drafted)
+    assert [record["id"] for record in chosen] == ["a_conversation", "b_detail", "c_complex", "d_conversation"]
 
 
 @pytest.mark.timeout(900)
 def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_and_export(tmp_path):
-    settings = ShapesSettings(output=str(tmp_path / "run"), train_images=24, test_images=3, tower_epochs=1, lm_steps=10,
+    settings = ShapesSettings(output=str(tmp_path / "run"), train_images=24, test_images=3, tower_steps=2, tower_scenes=8, lm_steps=10,
                               stage2_epochs=0.5, batch_size=8, ablations=True, report=str(tmp_path / "docs"),
                               export=str(tmp_path / "export"))
     result = run(settings)
@@ -50,9 +60,12 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     assert "llava-shapes --train-images 24 " in report and "--ablations" in report and "stage 2 (full)" in report
     assert Image.open(tmp_path / "docs" / "accuracy.png").size == (900, 420)
 
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoProcessor
     exported = AutoModel.from_pretrained(tmp_path / "export")
     assert exported.dtype == torch.float16 and (tmp_path / "export" / "README.md").exists()
+    prompt = AutoProcessor.from_pretrained(tmp_path / "export").apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}], add_generation_prompt=True)
+    assert prompt == f"{SYSTEM_PROMPT} USER: <image>\nDescribe the image. ASSISTANT:"  # trained with the short system prompt
 
     trained = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").glob("*/*.safetensors")}
     again = run(settings)  # everything is there: nothing is trained or evaluated again

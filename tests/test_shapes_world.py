@@ -6,6 +6,7 @@ from PIL import Image
 
 from trainer.datagen import load_annotations, symbolic_text
 from trainer.shapes import COLORS, judge, make_scene, questions, render, write_split
+from trainer.shapes.world import inventory, swap_shapes
 
 
 def test_scenes_follow_the_rules_of_the_world():
@@ -32,6 +33,21 @@ def test_rendered_pixels_match_the_boxes_and_colours():
             assert centre == thing.rgb
             assert max(abs(a - b) for a, b in zip(centre, COLORS[thing.color])) <= 25
         assert image.getpixel((0, 0)) == (255, 255, 255) or any(t.box[0] == 0 and t.box[1] == 0 for t in things)
+
+
+def test_a_shape_swapped_copy_differs_only_in_shape():
+    rng = random.Random(2)
+    for _ in range(200):
+        things = make_scene(rng, 256)
+        twin = swap_shapes(things, rng)
+        assert [(t.color, t.cell, t.box, t.rgb) for t in twin] == [(t.color, t.cell, t.box, t.rgb) for t in things]
+        assert any(a.shape != b.shape for a, b in zip(things, twin))
+
+
+def test_the_inventory_names_every_thing_in_reading_order():
+    things = [{"shape": "square", "color": "blue", "position": "bottom right"}, {"shape": "circle", "color": "red", "position": "center"},
+              {"shape": "triangle", "color": "green", "position": "top"}]
+    assert inventory(things) == "a green triangle at the top; a red circle in the center; a blue square at the bottom right."
 
 
 def test_a_split_is_seeded_and_reads_as_datagen_input(tmp_path):

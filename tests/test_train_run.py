@@ -183,6 +183,18 @@ def test_yaml_config_holds_the_same_keys_as_the_flags(parts, world, tmp_path):
         parse_settings(["--config", str(config)])
 
 
+def test_a_model_assembled_from_parts_can_get_a_short_system_prompt(parts, world, tmp_path):
+    from trainer.loop import build_model
+    from trainer.settings import parse_settings
+
+    settings = parse_settings(["--vision", parts["clip"], "--llm", parts["llm"], "--data", "d.json", "--system-prompt", "Shapes."])
+    _, processor = build_model(settings)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True)
+    assert prompt == "Shapes. USER: Hi? ASSISTANT:"
+    with pytest.raises(ValueError, match="keeps the template it was trained with"):
+        parse_settings(["--model", "m", "--data", "d.json", "--system-prompt", "Shapes."])
+
+
 def test_two_processes_under_accelerate_launch(parts, world, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -36,6 +36,7 @@ def build_model(settings: TrainSettings):
     return LlavaPluginForConditionalGeneration.from_components(
         vision=settings.vision, llm=settings.llm, projector=settings.projector,
         vision_feature_layer=settings.vision_feature_layer, image_aspect=settings.image_aspect,
+        system_prompt=settings.system_prompt,
     )
 
 

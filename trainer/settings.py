@@ -22,6 +22,7 @@ class TrainSettings:
     projector: str = "mlp2x_gelu"
     vision_feature_layer: int = -2
     image_aspect: str = "pad"
+    system_prompt: str | None = None
     # Data
     data: list[str] = dataclasses.field(default_factory=list)
     image_folder: str = "."
@@ -65,6 +66,9 @@ class TrainSettings:
         if not self.model and not (self.vision and self.llm):
             raise ValueError(f"stage {self.stage} needs --model (a llava_plugin checkpoint: for stage 2 usually the stage 1 "
                              "output) or --vision and --llm (a fresh projector; for stage 2 that skips feature alignment)")
+        if self.system_prompt is not None and self.model:
+            raise ValueError("--system-prompt sets the chat template of a model assembled from --vision/--llm; "
+                             "a --model checkpoint keeps the template it was trained with")
         if self.lora and self.stage != 2:
             raise ValueError("--lora trains the language model, which only stage 2 does")
         if not self.data:
@@ -84,6 +88,7 @@ HELP = {
     "projector": "linear or mlpNx_gelu",
     "vision_feature_layer": "tower hidden state fed to the projector (transformers' indexing)",
     "image_aspect": "pad, resize or crop",
+    "system_prompt": "with --vision/--llm: the chat template's system prompt (default: LLaVA v1's)",
     "data": "LLaVA JSON/JSONL files",
     "image_folder": "folder the records' image paths are relative to",
     "max_length": "samples longer than this many tokens are skipped",

@@ -13,7 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from llava_plugin import LlavaPluginImageProcessor, load_image
+from llava_plugin import LlavaPluginImageProcessor
+
+from .world import SIDES, as_dicts, inventory, make_scene, render, swap_shapes
 
 TOWER = {
     "embed_dim": 64,
@@ -23,8 +25,13 @@ TOWER = {
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 
 
-def train_tower(records: list[dict], image_folder: Path, out: Path, epochs: int, batch_size: int, seed: int) -> Path:
-    """open_clip CLIP on (image, caption) pairs; saved as an open_clip local-dir model."""
+def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = 3) -> Path:
+    """open_clip CLIP on (image, caption) pairs of freshly drawn scenes; saved as an open_clip local-dir model.
+
+    Each batch holds groups of one scene and `negatives` copies of it with shapes swapped, captioned with every
+    thing's colour, shape and place. Random batches can be told apart by colour and place alone, and a tower
+    trained on them forgets shape (a per-patch probe read shape worse than from a random tower); the swapped copies
+    make shape the only way to match their captions."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -32,30 +39,31 @@ def train_tower(records: list[dict], image_folder: Path, out: Path, epochs: int,
     model = open_clip.model.CLIP(**TOWER)
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=TOWER["text_cfg"]["context_length"])
     processor = LlavaPluginImageProcessor(image_aspect="pad", image_size=TOWER["vision_cfg"]["image_size"], image_mean=MEAN, image_std=STD)
-    pixels = torch.cat([processor(load_image(image_folder / record["image"]), return_tensors="pt")["pixel_values"]
-                        for record in tqdm(records, desc="tower: images")])
+    rng = random.Random(f"{seed}:tower")
+    groups, pixels = [], []
+    for _ in tqdm(range(scenes), desc="tower: scenes"):
+        side = rng.choice(SIDES)
+        scene = make_scene(rng, side)
+        group = [scene] + [swap_shapes(scene, rng) for _ in range(negatives)]
+        groups.append([inventory(as_dicts(things)) for things in group])
+        # float16 keeps the pool small (scenes x groups of 96 px images); the step casts back.
+        pixels.append(torch.cat([processor(render(things, side), return_tensors="pt")["pixel_values"] for things in group]).half())
     loss_fn, optimizer = ClipLoss(), torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    rng = random.Random(seed)
-    batch_size = min(batch_size, len(records))
-    steps = epochs * (len(records) // batch_size)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 10, num_training_steps=steps)
+    per_batch = max(batch_size // (1 + negatives), 2)
     model.train()
-    bar = tqdm(total=steps, desc="tower: contrastive")
-    for _ in range(epochs):
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            batch = order[start:start + batch_size]
-            texts = tokenizer([rng.choice(records[i]["captions"]) for i in batch])
-            image_features, text_features, scale = model(pixels[batch], texts)
-            loss = loss_fn(image_features, text_features, scale)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+    bar = tqdm(range(steps), desc="tower: contrastive")
+    for _ in bar:
+        chosen = rng.sample(range(scenes), min(per_batch, scenes))
+        images = torch.cat([pixels[index] for index in chosen]).float()
+        texts = tokenizer([caption for index in chosen for caption in groups[index]])
+        image_features, text_features, scale = model(images, texts)
+        loss = loss_fn(image_features, text_features, scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TOWER, "preprocess_cfg": {"mean": MEAN, "std": STD}}))
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))

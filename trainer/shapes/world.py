@@ -3,6 +3,7 @@
 jittered in size, position inside its cell and shade. Each image has captions in varied phrasing and pixel boxes
 labelled "red circle", in the JSONL that llava-datagen reads; `questions` and `judge` are the held-out test."""
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
 GRID = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+SIDES = (224, 256, 336, 384)  # image sizes drawn; every model input is resized anyway
 KINDS = ("color", "shape", "count", "position", "yes/no", "describe")  # the question types, in report order
 
 
@@ -63,6 +65,32 @@ def render(things: list[Thing], side: int) -> Image.Image:
     return image
 
 
+def swap_shapes(things: list[Thing], rng: random.Random) -> list[Thing]:
+    """The same scene with at least one thing's shape changed (colour, cell and box kept): a hard negative that only
+    the shapes tell apart, so contrastive training cannot match captions on colour and place alone."""
+    out = list(things)
+    changed = [rng.randrange(len(out))]
+    if len(out) > 1 and rng.random() < 0.3:
+        changed.append(rng.randrange(len(out)))
+    for index, thing in enumerate(out):
+        if index in changed:
+            shape = rng.choice([s for s in SHAPES if s != thing.shape]) if index == changed[0] else rng.choice(SHAPES)
+            out[index] = dataclasses.replace(thing, shape=shape)
+    return out
+
+
+def inventory(things: list[dict]) -> str:
+    """Every thing with its colour and place, in reading order: "a red circle at the top left; a blue square in the
+    center." (things as dicts: shape, color, position)."""
+    ordered = sorted(things, key=lambda thing: GRID.index(thing["position"]))
+    return "; ".join(f"a {t['color']} {t['shape']} {'in the center' if t['position'] == 'center' else 'at the ' + t['position']}"
+                     for t in ordered) + "."
+
+
+def as_dicts(things: list[Thing]) -> list[dict]:
+    return [{"shape": t.shape, "color": t.color, "position": t.position} for t in things]
+
+
 def _listing(things: list[Thing]) -> str:
     names = [f"a {thing.label}" for thing in things]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -84,7 +112,7 @@ def captions(things: list[Thing], rng: random.Random) -> list[str]:
     return options[:3]
 
 
-def write_split(folder: Path, split: str, count: int, seed: int, sides=(224, 256, 336, 384)) -> Path:
+def write_split(folder: Path, split: str, count: int, seed: int, sides=SIDES) -> Path:
     """Images under folder/images/<split>/ and folder/<split>.jsonl (llava-datagen's input format)."""
     rng = random.Random(f"{seed}:{split}")
     (folder / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -98,7 +126,7 @@ def write_split(folder: Path, split: str, count: int, seed: int, sides=(224, 256
             "id": f"{split}-{index:06d}", "image": name, "width": side, "height": side,
             "captions": captions(things, rng),
             "boxes": [{"label": thing.label, "bbox": list(thing.box)} for thing in things],
-            "things": [{"shape": t.shape, "color": t.color, "position": t.position} for t in things],
+            "things": as_dicts(things),
         }))
     path = folder / f"{split}.jsonl"
     path.write_text("\n".join(lines) + "\n")
