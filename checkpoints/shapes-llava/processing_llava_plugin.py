@@ -6,6 +6,8 @@ there). The chat template reproduces LLaVA's v1 conversation format and marks as
 This file ships as remote code.
 """
 
+import json
+
 from transformers import ProcessorMixin
 
 from .image_processing_llava_plugin import LlavaPluginImageProcessor  # noqa: F401  (AutoProcessor resolves it by name)
@@ -18,31 +20,37 @@ DEFAULT_SYSTEM = (
 # LLaVA v1 ("vicuna_v1"): SYSTEM USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT:
 # The space after "ASSISTANT:" sits inside the generation block: at inference the prompt ends with "ASSISTANT:" and
 # the model writes " {a}</s>", so training and inference see the same token boundaries.
-LLAVA_V1_CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content -%}"
-    "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{{ render(messages[0]['content']) }}{%- set turns = messages[1:] -%}"
-    "{%- else -%}"
-    "{{ '" + DEFAULT_SYSTEM.replace("'", "\\'") + "' }}{%- set turns = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in turns -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') }}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}"
-    "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' }}{{ render(message['content']) }}"
-    "{%- else -%}"
-    "{{ ' ASSISTANT:' }}{% generation %}{{ ' ' }}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
-)
+def llava_v1_chat_template(system: str = DEFAULT_SYSTEM) -> str:
+    """The v1 template with `system` as the default system prompt (a conversation may still bring its own). A model
+    trained from scratch may use a short one: every prompt token costs compute in every training sample."""
+    return (
+        "{%- macro render(content) -%}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- else -%}{%- for part in content -%}"
+        "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
+        "{%- if part['type'] == 'image' -%}{{ '<image>' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{{ render(messages[0]['content']) }}{%- set turns = messages[1:] -%}"
+        "{%- else -%}"
+        "{{ " + json.dumps(system) + " }}{%- set turns = messages -%}"  # a JSON string is a valid Jinja literal
+        "{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+        "{{ raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') }}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' }}{{ render(message['content']) }}"
+        "{%- else -%}"
+        "{{ ' ASSISTANT:' }}{% generation %}{{ ' ' }}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+    )
+
+
+LLAVA_V1_CHAT_TEMPLATE = llava_v1_chat_template()
 
 
 class LlavaPluginProcessor(ProcessorMixin):
@@ -87,4 +95,4 @@ def _as_lists(values):
 
 LlavaPluginProcessor.register_for_auto_class()
 
-__all__ = ["LlavaPluginProcessor", "LLAVA_V1_CHAT_TEMPLATE", "DEFAULT_SYSTEM"]
+__all__ = ["LlavaPluginProcessor", "LLAVA_V1_CHAT_TEMPLATE", "DEFAULT_SYSTEM", "llava_v1_chat_template"]
