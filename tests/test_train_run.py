@@ -183,7 +183,7 @@ def test_yaml_config_holds_the_same_keys_as_the_flags(parts, world, tmp_path):
         parse_settings(["--config", str(config)])
 
 
-def test_a_model_assembled_from_parts_can_get_a_short_system_prompt(parts, world, tmp_path):
+def test_a_model_assembled_from_parts_can_get_a_short_system_prompt(parts):
     from trainer.loop import build_model
     from trainer.settings import parse_settings
 

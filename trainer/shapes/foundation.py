@@ -23,9 +23,10 @@ TOWER = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+HARD_NEGATIVES = 3  # shape-swapped copies beside each scene in a contrastive batch
 
 
-def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = 3) -> Path:
+def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = HARD_NEGATIVES) -> Path:
     """open_clip CLIP on (image, caption) pairs of freshly drawn scenes; saved as an open_clip local-dir model.
 
     Each batch holds groups of one scene and `negatives` copies of it with shapes swapped, captioned with every

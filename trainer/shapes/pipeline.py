@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .foundation import train_language_model, train_tower
+from .foundation import HARD_NEGATIVES, train_language_model, train_tower
 from .report import accuracy_table, draw_chart
-from .world import GRID, NUMBER_WORDS, inventory, questions, write_split
+from .world import NUMBER_WORDS, inventory, questions, reading_order, where, write_split
 
-# The chat template's system prompt for this model: LLaVA v1's is ~30 tokens of every ~45-token training sample.
+# The chat template's system prompt for this model. LLaVA v1's is 75 tokens with this model's tokenizer, most of every
+# training sample (119 tokens with it, 42 without); this one is 8.
 SYSTEM_PROMPT = "A chat about a picture of shapes."
 
 
@@ -40,8 +41,7 @@ def spoken(kind: str, question: str, expected) -> str:
     if kind == "shape":  # "What shape is the {color} object?"
         return f"The {question.split()[4]} object is a {expected}."
     if kind == "position":  # "Where is the {color} {shape}?"
-        where = "in the center" if expected == "center" else f"at the {expected}"
-        return f"The {' '.join(question.split()[3:]).rstrip('?')} is {where} of the image."
+        return f"The {' '.join(question.split()[3:]).rstrip('?')} is {where(expected)} of the image."
     return "The image shows " + " and ".join(f"a {label}" for label in expected) + "."
 
 
@@ -51,8 +51,8 @@ def vqa_records(records: list[dict], seed: int) -> list[dict]:
     first question of every test conversation."""
     rng, out = random.Random(seed), []
     for record in records:
-        things = sorted(record["things"], key=lambda thing: GRID.index(thing["position"]))  # descriptions in reading order
-        for number, (kind, question, expected) in enumerate(questions(things, rng)):
+        # In reading order, so a description lists the things in an order the model can know.
+        for number, (kind, question, expected) in enumerate(questions(reading_order(record["things"]), rng)):
             out.append({"id": f"{record['id']}_q{number}", "image": record["image"], "conversations": [
                 {"from": "human", "value": question}, {"from": "gpt", "value": spoken(kind, question, expected)}]})
     return out
@@ -233,7 +233,7 @@ word of each answer (`trainer.shapes.world.judge`). Regenerate with:
 {ablations}
 
 Training: {s['train_images']} images; vision tower {s['tower_steps']} contrastive steps on {s['tower_scenes']} fresh scenes, each
-with 3 shape-swapped hard negatives; language model {s['lm_steps']} steps; stage 1 {s['stage1_epochs']} epoch(s) on one caption per
+with {HARD_NEGATIVES} shape-swapped hard negatives; language model {s['lm_steps']} steps; stage 1 {s['stage1_epochs']} epoch(s) on one caption per
 image naming every shape with its place; stage 2 {s['stage2_epochs']} epoch(s) on one offline draft per image (conversation,
 detail or complex, in turn) plus the world's short-answer questions, one question per sample. Step times on this run:
 {timings}.

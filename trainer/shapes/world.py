@@ -79,12 +79,20 @@ def swap_shapes(things: list[Thing], rng: random.Random) -> list[Thing]:
     return out
 
 
+def where(position: str) -> str:
+    """A grid position as a caption or answer says it: "in the center", "at the top left"."""
+    return "in the center" if position == "center" else f"at the {position}"
+
+
+def reading_order(things: list[dict]) -> list[dict]:
+    """Top left to bottom right (things as dicts: shape, color, position)."""
+    return sorted(things, key=lambda thing: GRID.index(thing["position"]))
+
+
 def inventory(things: list[dict]) -> str:
     """Every thing with its colour and place, in reading order: "a red circle at the top left; a blue square in the
     center." (things as dicts: shape, color, position)."""
-    ordered = sorted(things, key=lambda thing: GRID.index(thing["position"]))
-    return "; ".join(f"a {t['color']} {t['shape']} {'in the center' if t['position'] == 'center' else 'at the ' + t['position']}"
-                     for t in ordered) + "."
+    return "; ".join(f"a {t['color']} {t['shape']} {where(t['position'])}" for t in reading_order(things)) + "."
 
 
 def as_dicts(things: list[Thing]) -> list[dict]:
@@ -99,8 +107,7 @@ def _listing(things: list[Thing]) -> str:
 def captions(things: list[Thing], rng: random.Random) -> list[str]:
     count = len(things)
     noun = "shape" if count == 1 else "shapes"
-    placed = "; ".join(f"a {thing.label} {'in the center' if thing.position == 'center' else 'at the ' + thing.position}"
-                       for thing in things)
+    placed = "; ".join(f"a {thing.label} {where(thing.position)}" for thing in things)
     options = [
         f"{_listing(things).capitalize()} on a white background.",
         f"A white picture with {NUMBER_WORDS[count]} {noun}: {_listing(things)}.",
