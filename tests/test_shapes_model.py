@@ -37,3 +37,6 @@ def test_the_committed_model_answers_held_out_questions_of_every_kind(tmp_path):
         assert judge(kind, right[0]["answer"], right[0]["expected"])
         # 30 images are a small sample: allow for its noise, not for a model that has lost what it knew
         assert result["accuracy"][kind] >= made[kind] - 0.2, (kind, result["accuracy"][kind], made[kind])
+    outcomes = result["position_outcomes"]
+    assert sum(outcomes.values()) == result["counts"]["position"]
+    assert outcomes["right"] == sum(a["right"] for a in answers if a["kind"] == "position")

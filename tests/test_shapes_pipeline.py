@@ -57,6 +57,7 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     assert json.loads((tmp_path / "run" / "stage2-layer-1" / "config.json").read_text())["vision_feature_layer"] == -1
     report = (tmp_path / "docs" / "report.md").read_text()
     assert "| question | target | two stages, layer -2 | stage 2 only | two stages, layer -1 |" in report
+    assert report.count("Answers to \"Where is ...?\" named: right ") == 3  # one line per variant
     assert "llava-shapes --train-images 24 " in report and "--ablations" in report and "stage 2 (full)" in report
     assert Image.open(tmp_path / "docs" / "accuracy.png").size == (900, 420)
 

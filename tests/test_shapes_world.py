@@ -6,7 +6,7 @@ from PIL import Image
 
 from trainer.datagen import load_annotations, symbolic_text
 from trainer.shapes import COLORS, judge, make_scene, questions, render, write_split
-from trainer.shapes.world import inventory, swap_shapes
+from trainer.shapes.world import inventory, position_outcome, swap_shapes
 
 
 def test_scenes_follow_the_rules_of_the_world():
@@ -91,3 +91,15 @@ def test_questions_cover_every_kind_with_true_answers():
 ])
 def test_judge_reads_the_key_word(kind, answer, expected, right):
     assert judge(kind, answer, expected) is right
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    ("The red circle is at the top left of the image.", "right"),
+    ("The red circle is in the center of the image.", "another thing's place"),  # the blue square's place
+    ("The red circle is at the bottom of the image.", "an empty cell"),
+    ("The red circle is red.", "no place"),
+])
+def test_position_outcomes_tell_a_wrong_thing_from_an_unread_place(answer, outcome):
+    things = [{"shape": "circle", "color": "red", "position": "top left"}, {"shape": "square", "color": "blue", "position": "center"}]
+    assert position_outcome(answer, "top left", things) == outcome
+    assert (outcome == "right") is judge("position", answer, "top left")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from trainer.shapes.world import KINDS, judge, questions
+from trainer.shapes.report import position_outcomes_sentence
+from trainer.shapes.world import KINDS, POSITION_OUTCOMES, judge, position_outcome, questions
 
 from .candidate import Candidate
 from .report import table
@@ -36,8 +37,14 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
     for entry in answered:
         scores[entry["kind"]][0] += entry["right"]
         scores[entry["kind"]][1] += 1
+    things = {item_id: record["things"] for item_id, record, *_ in jobs}
+    outcomes = dict.fromkeys(POSITION_OUTCOMES, 0)
+    for entry in answered:
+        if entry["kind"] == "position":
+            outcomes[position_outcome(entry["answer"], entry["expected"], things[entry["id"]])] += 1
     return {"accuracy": {kind: right / total if total else 0.0 for kind, (right, total) in scores.items()},
             "counts": {kind: total for kind, (_, total) in scores.items()},
+            "position_outcomes": outcomes,
             "samples": [entry for entry in answered[:40]]}
 
 
@@ -52,4 +59,6 @@ def load_split(path: Path) -> list[dict]:
 
 def shapes_report(result: dict, model: str) -> str:
     rows = [[kind, f"{100 * result['accuracy'][kind]:.1f}%", result["counts"][kind]] for kind in KINDS]
-    return f"# Shapes world: {model}\n\n" + table(["question", "accuracy", "questions"], rows) + "\n"
+    return (f"# Shapes world: {model}\n\n" + table(["question", "accuracy", "questions"], rows) + "\n\n"
+            + position_outcomes_sentence(result["position_outcomes"]) + "\n")
+

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .foundation import HARD_NEGATIVES, train_language_model, train_tower
-from .report import accuracy_table, draw_chart
+from .report import accuracy_table, draw_chart, position_outcomes_sentence
 from .world import NUMBER_WORDS, inventory, questions, reading_order, where, write_split
 
 # The chat template's system prompt for this model. LLaVA v1's is 75 tokens with this model's tokenizer, most of every
@@ -212,6 +212,8 @@ def write_report(out: Path, result: dict):
     draw_chart(variants, out / "accuracy.png")
     samples = "\n".join(f"| {e['kind']} | {e['question']} | {e['answer']} | {'yes' if e['right'] else 'no'} |"
                         for e in next(iter(variants.values()))["samples"][:12])
+    outcomes = "\n".join(f"- {name}: {position_outcomes_sentence(evaluation['position_outcomes'])}"
+                         for name, evaluation in variants.items() if "position_outcomes" in evaluation)
     timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["timings"].items()) or "not recorded"
     ablations = ("The variants are the paper's own ablations: \"stage 2 only\" skips feature alignment (stage 1) and starts "
                  "instruction tuning from a fresh projector; \"layer -1\" feeds the projector the vision tower's last layer "
@@ -231,6 +233,12 @@ word of each answer (`trainer.shapes.world.judge`). Regenerate with:
 ![accuracy per question type](accuracy.png)
 
 {ablations}
+
+Where the "Where is ...?" answers go wrong. "Another thing's place" means the model read a place off the image but
+for the wrong thing: it did not tie the question's colour and shape to their image token. "An empty cell" means it
+read no place off the image at all.
+
+{outcomes}
 
 Training: {s['train_images']} images; vision tower {s['tower_steps']} contrastive steps on {s['tower_scenes']} fresh scenes, each
 with {HARD_NEGATIVES} shape-swapped hard negatives; language model {s['lm_steps']} steps; stage 1 {s['stage1_epochs']} epoch(s) on one caption per

@@ -51,3 +51,11 @@ def draw_chart(variants: dict[str, dict], path: Path, width: int = 900, height: 
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def position_outcomes_sentence(outcomes: dict[str, int]) -> str:
+    """What the "Where is ...?" answers named: the right place, another thing's place (the model read a place but for
+    the wrong thing), an empty cell (it read no place off the image) or no place at all."""
+    total = sum(outcomes.values()) or 1
+    return "Answers to \"Where is ...?\" named: " + ", ".join(
+        f"{name} {count} ({100 * count / total:.0f}%)" for name, count in outcomes.items()) + "."

@@ -160,6 +160,28 @@ def questions(things: list[dict], rng: random.Random) -> list[tuple[str, str, ob
     return asked
 
 
+def named_position(answer: str) -> str | None:
+    """The grid position an answer names: the longest match, "top left" rather than "top"."""
+    text = " ".join(answer.lower().replace(",", " ").replace(".", " ").split())
+    named = [position for position in sorted(GRID, key=len, reverse=True) if position in text]
+    return named[0] if named else None
+
+
+POSITION_OUTCOMES = ("right", "another thing's place", "an empty cell", "no place")
+
+
+def position_outcome(answer: str, expected: str, things: list[dict]) -> str:
+    """Why a "Where is ...?" answer is right or wrong (one of POSITION_OUTCOMES). "another thing's place" means the
+    model read a place off the image but for the wrong thing (it did not bind the question's colour and shape to
+    their image token); "an empty cell" means it did not read a place off the image at all."""
+    named = named_position(answer)
+    if named == expected:
+        return "right"
+    if named is None:
+        return "no place"
+    return "another thing's place" if any(thing["position"] == named for thing in things) else "an empty cell"
+
+
 def judge(kind: str, answer: str, expected) -> bool:
     """Right when the answer contains the key word: the colour, shape, count (word or digit), grid position, yes/no,
     or for a description every shape with its colour. Other key words of the same kind must not appear as well."""
@@ -174,8 +196,7 @@ def judge(kind: str, answer: str, expected) -> bool:
         said = {n for n, word in NUMBER_WORDS.items() if word in words or str(n) in words}
         return said == {expected}
     if kind == "position":
-        named = [position for position in sorted(GRID, key=len, reverse=True) if position in text]
-        return bool(named) and named[0] == expected  # the longest match: "top left" rather than "top"
+        return named_position(text) == expected
     if kind == "yes/no":
         said = {word for word in ("yes", "no") if word in words}
         return said == {expected}
