@@ -61,4 +61,3 @@ def shapes_report(result: dict, model: str) -> str:
     rows = [[kind, f"{100 * result['accuracy'][kind]:.1f}%", result["counts"][kind]] for kind in KINDS]
     return (f"# Shapes world: {model}\n\n" + table(["question", "accuracy", "questions"], rows) + "\n\n"
             + position_outcomes_sentence(result["position_outcomes"]) + "\n")
-
