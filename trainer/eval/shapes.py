@@ -33,15 +33,12 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
                 log.add({"id": item_id, "image": image, "kind": kind, "question": question, "expected": expected,
                          "answer": answer, "right": judge(kind, answer, expected)})
         answered = [log[item_id] for item_id, *_ in jobs]
-    scores = {kind: [0, 0] for kind in KINDS}
-    for entry in answered:
+    scores, outcomes = {kind: [0, 0] for kind in KINDS}, dict.fromkeys(POSITION_OUTCOMES, 0)
+    for entry, (_, record, *_) in zip(answered, jobs):
         scores[entry["kind"]][0] += entry["right"]
         scores[entry["kind"]][1] += 1
-    things = {item_id: record["things"] for item_id, record, *_ in jobs}
-    outcomes = dict.fromkeys(POSITION_OUTCOMES, 0)
-    for entry in answered:
         if entry["kind"] == "position":
-            outcomes[position_outcome(entry["answer"], entry["expected"], things[entry["id"]])] += 1
+            outcomes[position_outcome(entry["answer"], entry["expected"], record["things"])] += 1
     return {"accuracy": {kind: right / total if total else 0.0 for kind, (right, total) in scores.items()},
             "counts": {kind: total for kind, (_, total) in scores.items()},
             "position_outcomes": outcomes,
