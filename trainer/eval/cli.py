@@ -3,6 +3,7 @@
   judge   LLaVA-Bench style: a judge model scores reference and candidate answers; relative score per category
   mc      multiple-choice accuracy (ScienceQA style) per subject
   shapes  the shapes world's accuracy per question type on held-out images
+  shapes-probe  what the model's image tokens tell about the shapes world (trainer/shapes/probe.py)
 """
 
 import argparse
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     shapes.add_argument("--split", help="a shapes-world JSONL (images beside it under images/); default: a fresh held-out split")
     shapes.add_argument("--images", type=int, default=200, help="held-out images to make when no --split (default: %(default)s)")
     shapes.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+
+    probe = commands.add_parser("shapes-probe", help="probes on the model's image tokens: colour, shape, place; place from their mean")
+    probe.add_argument("--model", required=True, help="a llava_plugin checkpoint with a shapes-world tower (9 image tokens)")
+    probe.add_argument("--output", required=True, help="folder for scores.json")
+    probe.add_argument("--split", help="a shapes-world JSONL (images beside it under images/); default: a fresh split")
+    probe.add_argument("--images", type=int, default=1000, help="images to make when no --split (default: %(default)s)")
+    probe.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -97,12 +105,37 @@ def shapes_command(args, candidate) -> dict:
     return {kind: round(100 * accuracy, 1) for kind, accuracy in result["accuracy"].items()}
 
 
+def shapes_probe_command(args) -> dict:
+    from transformers import AutoModel, AutoProcessor
+
+    import llava_plugin  # noqa: F401  (registers the Auto classes)
+    from llava_plugin import load_image
+    from trainer.shapes.probe import model_features, probe_features
+    from trainer.shapes.world import write_split
+
+    from .shapes import load_split
+
+    output = Path(args.output)
+    split = Path(args.split) if args.split else write_split(output / "world", "probe", args.images, args.seed)
+    records = load_split(split)
+    model, processor = AutoModel.from_pretrained(args.model).eval(), AutoProcessor.from_pretrained(args.model)
+    features = model_features(model, processor, [load_image(split.parent / "images" / record["image"]) for record in records])
+    result = {name: round(100 * accuracy, 1) for name, accuracy in
+              probe_features(features, [record["things"] for record in records], args.seed).items()}
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "scores.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from .candidate import Candidate
 
     try:
+        if args.command == "shapes-probe":
+            print(json.dumps(shapes_probe_command(args), indent=1))
+            return 0
         candidate = Candidate(args.model, args.device, args.max_new_tokens)
         command = {"judge": judge_command, "mc": mc_command, "shapes": shapes_command}[args.command]
         summary = command(args, candidate)
