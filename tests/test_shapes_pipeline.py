@@ -7,7 +7,7 @@ from PIL import Image
 
 from trainer.shapes import judge, questions
 from trainer.shapes.pipeline import SYSTEM_PROMPT, ShapesSettings, drafted_subset, run, spoken, vqa_records
-from trainer.shapes.world import KINDS
+from trainer.shapes.world import KINDS, reading_order
 
 THINGS = [{"shape": "circle", "color": "red", "position": "top left"}, {"shape": "square", "color": "blue", "position": "center"},
           {"shape": "triangle", "color": "yellow", "position": "bottom"}]
@@ -25,14 +25,20 @@ def test_short_answers_are_sentences_the_judge_accepts():
     assert answers["How many shapes are in the image?"] == "There are three shapes in the image."
 
 
-def test_vqa_records_ask_one_question_each_and_describe_in_reading_order():
-    shuffled = [THINGS[2], THINGS[0], THINGS[1]]
-    records = vqa_records([{"id": "x", "image": "x.png", "things": shuffled}], seed=0)
-    assert len(records) == len(questions(THINGS, random.Random(0))) and len({r["id"] for r in records}) == len(records)
+def test_vqa_records_ask_one_question_each_and_describe_in_naming_order():
+    things = [{"shape": "square", "color": "blue", "position": "top left"}, {"shape": "triangle", "color": "red", "position": "center"},
+              {"shape": "circle", "color": "red", "position": "bottom"}]
+    records = vqa_records([{"id": "x", "image": "x.png", "things": things}], seed=0)
+    assert len(records) == len(questions(things, random.Random(0))) and len({r["id"] for r in records}) == len(records)
     for record in records:
         assert record["image"] == "x.png" and [turn["from"] for turn in record["conversations"]] == ["human", "gpt"]
     answers = {r["conversations"][0]["value"]: r["conversations"][1]["value"] for r in records}
-    assert answers["Describe the image."] == "The image shows a red circle and a blue square and a yellow triangle."
+    # By colour, then shape: not in reading order (blue square first) nor in the record's order.
+    assert answers["Describe the image."] == "The image shows a red circle and a red triangle and a blue square."
+    # The LM's corpus has them in reading order, as the captions do.
+    corpus = vqa_records([{"id": "x", "image": "x.png", "things": things}], seed=0, order=reading_order)
+    described = next(r["conversations"][1]["value"] for r in corpus if r["conversations"][0]["value"] == "Describe the image.")
+    assert described == "The image shows a blue square and a red triangle and a red circle."
 
 
 def test_one_drafted_kind_per_image_in_turn():

@@ -6,7 +6,7 @@ from PIL import Image
 
 from trainer.datagen import load_annotations, symbolic_text
 from trainer.shapes import COLORS, judge, make_scene, questions, render, write_split
-from trainer.shapes.world import inventory, position_outcome, swap_shapes
+from trainer.shapes.world import inventory, naming_order, position_outcome, swap_shapes
 
 
 def test_scenes_follow_the_rules_of_the_world():
@@ -48,6 +48,12 @@ def test_the_inventory_names_every_thing_in_reading_order():
     things = [{"shape": "square", "color": "blue", "position": "bottom right"}, {"shape": "circle", "color": "red", "position": "center"},
               {"shape": "triangle", "color": "green", "position": "top"}]
     assert inventory(things) == "a green triangle at the top; a red circle in the center; a blue square at the bottom right."
+
+
+def test_the_naming_order_is_by_colour_then_shape():
+    things = [{"shape": "square", "color": "yellow", "position": "top left"}, {"shape": "triangle", "color": "red", "position": "top"},
+              {"shape": "circle", "color": "red", "position": "center"}]
+    assert [f"{t['color']} {t['shape']}" for t in naming_order(things)] == ["red circle", "red triangle", "yellow square"]
 
 
 def test_a_split_is_seeded_and_reads_as_datagen_input(tmp_path):

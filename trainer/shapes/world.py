@@ -89,6 +89,13 @@ def reading_order(things: list[dict]) -> list[dict]:
     return sorted(things, key=lambda thing: GRID.index(thing["position"]))
 
 
+def naming_order(things: list[dict]) -> list[dict]:
+    """By colour, then shape (the orders of COLORS and SHAPES). A model that reads the image tokens alike, as a bag,
+    can list things in this order (the next colour present, then its shapes) but not in reading order, which needs
+    the places: trained on reading-order descriptions it names one thing twice and leaves another out."""
+    return sorted(things, key=lambda thing: (list(COLORS).index(thing["color"]), SHAPES.index(thing["shape"])))
+
+
 def inventory(things: list[dict]) -> str:
     """Every thing with its colour and place, in reading order: "a red circle at the top left; a blue square in the
     center." (things as dicts: shape, color, position)."""
