@@ -16,7 +16,7 @@ from transformers import (
 from .configuration_llava_plugin import LlavaPluginConfig, OpenClipVisionConfig
 from .image_processing_llava_plugin import ImageLoadError, LlavaPluginImageProcessor, load_image
 from .modeling_llava_plugin import LlavaPluginForConditionalGeneration, LlavaPluginProjector
-from .processing_llava_plugin import LLAVA_V1_CHAT_TEMPLATE, LlavaPluginProcessor
+from .processing_llava_plugin import LLAVA_V1_CHAT_TEMPLATE, LlavaPluginProcessor, llava_v1_chat_template
 
 AutoConfig.register(LlavaPluginConfig.model_type, LlavaPluginConfig, exist_ok=True)
 AutoConfig.register(OpenClipVisionConfig.model_type, OpenClipVisionConfig, exist_ok=True)
@@ -37,5 +37,6 @@ __all__ = [
     "LlavaPluginProcessor",
     "LlavaPluginProjector",
     "OpenClipVisionConfig",
+    "llava_v1_chat_template",
     "load_image",
 ]

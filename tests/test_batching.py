@@ -1,5 +1,6 @@
 import random
 
+import pytest
 import torch
 
 from trainer.batching import Collator, GroupedBatchSampler, padding_fraction
@@ -22,6 +23,26 @@ def test_grouping_cuts_padding_and_keeps_modalities_apart():
     assert all(len({has_image[i] for i in batch}) == 1 for batch in grouped[:-1])  # the last gathers the remainders
     assert all(len(batch) == 16 for batch in grouped[:-1])  # only the last may be short (per-process sharding needs it)
     assert sorted(i for batch in grouped for i in batch) == list(range(len(lengths)))  # every sample once
+
+
+def test_length_buckets_mix_kinds_of_nearly_equal_length_at_little_padding():
+    # Three kinds of short question whose samples differ by a few tokens, as the shapes world's do: exact sorting
+    # cuts batches of one kind; 16-token buckets mix them.
+    rng = random.Random(0)
+    kinds = [rng.randrange(3) for _ in range(3000)]
+    lengths = [48 + 4 * kind + rng.randrange(2) for kind in kinds]
+    has_image = [True] * len(lengths)
+
+    def dominant_share(batches):
+        return sum(max(sum(kinds[i] == k for i in batch) for k in range(3)) / len(batch) for batch in batches) / len(batches)
+
+    exact = GroupedBatchSampler(lengths, has_image, batch_size=32, seed=0).batches()
+    bucketed = GroupedBatchSampler(lengths, has_image, batch_size=32, seed=0, length_bucket=16).batches()
+    assert dominant_share(exact) > 0.9 and dominant_share(bucketed) < 0.5
+    assert padding_fraction(exact, lengths) < padding_fraction(bucketed, lengths) < 0.15
+    assert sorted(i for batch in bucketed for i in batch) == list(range(len(lengths)))
+    with pytest.raises(ValueError, match="length_bucket"):
+        GroupedBatchSampler(lengths, has_image, batch_size=32, seed=0, length_bucket=0)
 
 
 def test_order_is_seeded_per_epoch():

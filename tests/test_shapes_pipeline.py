@@ -51,7 +51,7 @@ def test_one_drafted_kind_per_image_in_turn():
 def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_and_export(tmp_path):
     settings = ShapesSettings(output=str(tmp_path / "run"), train_images=24, test_images=3, tower_steps=2, tower_scenes=8, lm_steps=10,
                               stage2_epochs=0.5, batch_size=8, ablations=True, report=str(tmp_path / "docs"),
-                              export=str(tmp_path / "export"))
+                              export=str(tmp_path / "export"), image_after_text=True, position_embedding_norm=13.0, length_bucket=16)
     result = run(settings)
     assert list(result["variants"]) == ["two stages, layer -2", "stage 2 only", "two stages, layer -1"]
     for variant in result["variants"].values():
@@ -63,8 +63,11 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     assert json.loads((tmp_path / "run" / "stage2-layer-1" / "config.json").read_text())["vision_feature_layer"] == -1
     report = (tmp_path / "docs" / "report.md").read_text()
     assert "| question | target | two stages, layer -2 | stage 2 only | two stages, layer -1 |" in report
-    assert report.count("Answers to \"Where is ...?\" named: right ") == 3  # one line per variant
+    assert report.count("Answers to \"Where is ...?\" named: right ") == 4  # one line per variant, one asked image first
+    assert "Asked with the image first instead" in report and "evaluation (full-image-first)" in result["timings"]
+    assert result["image_first"]["counts"] == result["variants"]["two stages, layer -2"]["counts"]
     assert "llava-shapes --train-images 24 " in report and "--ablations" in report and "stage 2 (full)" in report
+    assert "--image-after-text" in report and "--length-bucket 16" in report and "started at norm 13" in report
     assert Image.open(tmp_path / "docs" / "accuracy.png").size == (900, 420)
 
     from transformers import AutoModel, AutoProcessor
@@ -72,7 +75,8 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     assert exported.dtype == torch.float16 and (tmp_path / "export" / "README.md").exists()
     prompt = AutoProcessor.from_pretrained(tmp_path / "export").apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}], add_generation_prompt=True)
-    assert prompt == f"{SYSTEM_PROMPT} USER: <image>\nDescribe the image. ASSISTANT:"  # trained with the short system prompt
+    # trained with the short system prompt and the question before the image
+    assert prompt == f"{SYSTEM_PROMPT} USER: Describe the image.\n<image> ASSISTANT:"
 
     trained = {path: path.stat().st_mtime_ns for path in (tmp_path / "run").glob("*/*.safetensors")}
     again = run(settings)  # everything is there: nothing is trained or evaluated again

@@ -195,6 +195,28 @@ def test_a_model_assembled_from_parts_can_get_a_short_system_prompt(parts):
         parse_settings(["--model", "m", "--data", "d.json", "--system-prompt", "Shapes."])
 
 
+def test_a_model_assembled_from_parts_can_take_its_image_after_the_question(parts, tmp_path):
+    from transformers import AutoProcessor
+
+    from trainer.data import Record, to_messages
+    from trainer.loop import build_model
+    from trainer.settings import parse_settings
+
+    settings = parse_settings(["--vision", parts["clip"], "--llm", parts["llm"], "--data", "d.json", "--system-prompt", "Shapes.",
+                               "--image-after-text"])
+    _, processor = build_model(settings)
+    processor.save_pretrained(tmp_path)  # the order travels with the checkpoint
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    # Both orders a record can place its image in (the trainer draws one per record) render question first.
+    for text in ("<image>\nWhere?", "Where?\n<image>"):
+        record = Record("r", "a.png", (("user", text), ("assistant", "Here.")), "test")
+        assert processor.apply_chat_template(to_messages(record, 0)) == "Shapes. USER: Where?\n<image> ASSISTANT: Here.</s>"
+    asked = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    assert processor.apply_chat_template(asked, add_generation_prompt=True) == "Shapes. USER: Where?\n<image> ASSISTANT:"
+    with pytest.raises(ValueError, match="keeps the template it was trained with"):
+        parse_settings(["--model", "m", "--data", "d.json", "--image-after-text"])
+
+
 def test_two_processes_under_accelerate_launch(parts, world, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

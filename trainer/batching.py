@@ -11,7 +11,13 @@ class GroupedBatchSampler:
     `batch_size * megabatch` samples, batches are cut from the length-sorted order; batches are then shuffled."""
 
     def __init__(self, lengths: list[int], has_image: list[bool], batch_size: int, seed: int, group_by_length: bool = True,
-                 megabatch: int = 64, drop_last: bool = False):
+                 megabatch: int = 64, drop_last: bool = False, length_bucket: int = 1):
+        """`length_bucket`: lengths are compared in steps of this many tokens, and samples within one step stay in
+        their shuffled order. Exact sorting (1) cuts batches of one kind of sample where kinds differ in length (a
+        batch of only "Where is ...?" questions, then one of only counts), which a small model learnt worse from."""
+        if length_bucket < 1:
+            raise ValueError(f"length_bucket must be at least 1 token, got {length_bucket}")
+        self.length_bucket = length_bucket
         self.lengths, self.has_image, self.batch_size = lengths, has_image, batch_size
         self.seed, self.group_by_length, self.megabatch, self.drop_last = seed, group_by_length, megabatch, drop_last
         self.epoch = 0
@@ -31,7 +37,7 @@ class GroupedBatchSampler:
             rng.shuffle(order)
             size = self.batch_size * self.megabatch
             for start in range(0, len(order), size):
-                chunk = sorted(order[start:start + size], key=lambda index: -self.lengths[index])
+                chunk = sorted(order[start:start + size], key=lambda index: -(self.lengths[index] // self.length_bucket))
                 cut = self._cut(chunk)
                 if cut and len(cut[-1]) < self.batch_size:
                     leftovers += cut.pop()

@@ -36,7 +36,7 @@ def build_model(settings: TrainSettings):
     return LlavaPluginForConditionalGeneration.from_components(
         vision=settings.vision, llm=settings.llm, projector=settings.projector,
         vision_feature_layer=settings.vision_feature_layer, image_aspect=settings.image_aspect,
-        system_prompt=settings.system_prompt,
+        system_prompt=settings.system_prompt, image_after_text=settings.image_after_text,
     )
 
 
@@ -105,7 +105,8 @@ def train(settings: TrainSettings) -> Path:
     cache = prepare_feature_cache(settings, accelerator, model, processor, records) if settings.cache_vision_features else None
     dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache)
     lengths = estimate_lengths(records, processor)
-    sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length)
+    sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length,
+                                  length_bucket=settings.length_bucket)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
                         num_workers=settings.num_workers)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.projector_lr, settings.weight_decay))

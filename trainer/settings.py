@@ -23,6 +23,7 @@ class TrainSettings:
     vision_feature_layer: int = -2
     image_aspect: str = "pad"
     system_prompt: str | None = None
+    image_after_text: bool = False
     # Data
     data: list[str] = dataclasses.field(default_factory=list)
     image_folder: str = "."
@@ -44,6 +45,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     group_by_length: bool = True
+    length_bucket: int = 1
     num_workers: int = 0
     # LoRA (stage 2)
     lora: bool = False
@@ -66,9 +68,9 @@ class TrainSettings:
         if not self.model and not (self.vision and self.llm):
             raise ValueError(f"stage {self.stage} needs --model (a llava_plugin checkpoint: for stage 2 usually the stage 1 "
                              "output) or --vision and --llm (a fresh projector; for stage 2 that skips feature alignment)")
-        if self.system_prompt is not None and self.model:
-            raise ValueError("--system-prompt sets the chat template of a model assembled from --vision/--llm; "
-                             "a --model checkpoint keeps the template it was trained with")
+        if (self.system_prompt is not None or self.image_after_text) and self.model:
+            raise ValueError("--system-prompt and --image-after-text set the chat template of a model assembled from "
+                             "--vision/--llm; a --model checkpoint keeps the template it was trained with")
         if self.lora and self.stage != 2:
             raise ValueError("--lora trains the language model, which only stage 2 does")
         if not self.data:
@@ -89,6 +91,7 @@ HELP = {
     "vision_feature_layer": "tower hidden state fed to the projector (transformers' indexing)",
     "image_aspect": "pad, resize or crop",
     "system_prompt": "with --vision/--llm: the chat template's system prompt (default: LLaVA v1's)",
+    "image_after_text": "with --vision/--llm: the chat template puts each turn's image after its text, for training and use",
     "data": "LLaVA JSON/JSONL files",
     "image_folder": "folder the records' image paths are relative to",
     "max_length": "samples longer than this many tokens are skipped",
@@ -106,6 +109,7 @@ HELP = {
     "scheduler": "transformers scheduler name: cosine, linear, constant_with_warmup, ...",
     "seed": "seeds the model's new weights, data order and image placement",
     "group_by_length": "batch samples of similar length and the same modality (less padding)",
+    "length_bucket": "with --group-by-length: lengths within this many tokens count as equal, so their samples mix",
     "num_workers": "data loading processes",
     "lora": "stage 2: train LoRA adapters on the language model instead of all its weights",
     "merge_lora": "merge the adapters into the saved model (default); --no-merge-lora saves them apart",

@@ -8,27 +8,33 @@ from llava_plugin import load_image
 
 
 class Candidate:
-    def __init__(self, model_path: str, device: str | None = None, max_new_tokens: int = 512):
+    def __init__(self, model_path: str, device: str | None = None, max_new_tokens: int = 512, chat_template: str | None = None):
+        """`chat_template`: asks in another layout than the checkpoint's own template (None: its own)."""
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.model = AutoModel.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.max_new_tokens = max_new_tokens
+        self.chat_template = chat_template
         self.name = str(model_path)
 
     def answer(self, question: str, image=None, max_new_tokens: int | None = None) -> str:
         """`image`: a PIL image, a path, or None for a text-only question."""
         return self.answer_many([question], image, max_new_tokens)[0]
 
+    def prompt(self, question: str, with_image: bool = True) -> str:
+        """The text the model reads for one question: a new conversation, the image (if any) in its first turn."""
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  chat_template=self.chat_template)
+
     @torch.no_grad()
     def answer_many(self, questions: list[str], image=None, max_new_tokens: int | None = None) -> list[str]:
         """Several questions about one image (or none), each in its own conversation, generated as one left-padded
         batch: greedy answers equal one-at-a-time ones (tests/test_modeling.py checks the batching)."""
-        content = [{"type": "image"}] if image is not None else []
         if image is not None:
             image = load_image(image) if not hasattr(image, "convert") else image.convert("RGB")
-        prompts = [self.processor.apply_chat_template([{"role": "user", "content": content + [{"type": "text", "text": q}]}],
-                                                      add_generation_prompt=True) for q in questions]
+        prompts = [self.prompt(q, with_image=image is not None) for q in questions]
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:

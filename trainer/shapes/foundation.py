@@ -26,18 +26,27 @@ MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 HARD_NEGATIVES = 3  # shape-swapped copies beside each scene in a contrastive batch
 
 
-def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = HARD_NEGATIVES) -> Path:
+def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = HARD_NEGATIVES,
+                position_embedding_norm: float = 0.0) -> Path:
     """open_clip CLIP on (image, caption) pairs of freshly drawn scenes; saved as an open_clip local-dir model.
 
     Each batch holds groups of one scene and `negatives` copies of it with shapes swapped, captioned with every
     thing's colour, shape and place. Random batches can be told apart by colour and place alone, and a tower
     trained on them forgets shape (a per-patch probe read shape worse than from a random tower); the swapped copies
-    make shape the only way to match their captions."""
+    make shape the only way to match their captions.
+
+    open_clip starts the position embedding at a norm near 1, against about 13 for a patch's content, and the patch
+    tokens then lose where they are (a per-token probe read the cell 24% of the time). `position_embedding_norm`
+    (0: open_clip's start) rescales it before training: from 13, the probe reads the cell 100%, the shape 82% (92%)."""
     import open_clip
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(seed)
     model = open_clip.model.CLIP(**TOWER)
+    if position_embedding_norm:
+        with torch.no_grad():
+            embedding = model.visual.positional_embedding
+            embedding.mul_(position_embedding_norm / embedding.norm(dim=-1, keepdim=True).mean())
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=TOWER["text_cfg"]["context_length"])
     processor = LlavaPluginImageProcessor(image_aspect="pad", image_size=TOWER["vision_cfg"]["image_size"], image_mean=MEAN, image_std=STD)
     rng = random.Random(f"{seed}:tower")
