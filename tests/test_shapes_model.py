@@ -24,15 +24,16 @@ def test_the_committed_model_loads_in_half_precision_and_is_small():
     assert "shapes world" in (MODEL / "README.md").read_text().lower()
 
 
-def test_a_candidate_asks_in_the_checkpoint_layout_unless_given_another_template():
+def test_the_committed_model_is_asked_question_first_unless_a_candidate_is_given_another_template():
     from llava_plugin import llava_v1_chat_template
     from trainer.shapes.pipeline import SYSTEM_PROMPT
 
     question = "Where is the red circle?"
-    assert Candidate(str(MODEL), device="cpu").prompt(question) == f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
-    question_first = Candidate(str(MODEL), device="cpu", chat_template=llava_v1_chat_template(SYSTEM_PROMPT, image_after_text=True))
-    assert question_first.prompt(question) == f"{SYSTEM_PROMPT} USER: {question}\n<image> ASSISTANT:"
-    assert question_first.prompt(question, with_image=False) == f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
+    own = Candidate(str(MODEL), device="cpu")  # trained with --image-after-text: its template keeps that order
+    assert own.prompt(question) == f"{SYSTEM_PROMPT} USER: {question}\n<image> ASSISTANT:"
+    assert own.prompt(question, with_image=False) == f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
+    image_first = Candidate(str(MODEL), device="cpu", chat_template=llava_v1_chat_template(SYSTEM_PROMPT))
+    assert image_first.prompt(question) == f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
 
 
 @pytest.mark.timeout(600)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from trainer.shapes import judge, questions
-from trainer.shapes.pipeline import SYSTEM_PROMPT, ShapesSettings, drafted_subset, run, spoken, vqa_records
+from trainer.shapes.pipeline import SYSTEM_PROMPT, ShapesSettings, command_line, drafted_subset, run, spoken, vqa_records
 from trainer.shapes.world import KINDS, reading_order
 
 THINGS = [{"shape": "circle", "color": "red", "position": "top left"}, {"shape": "square", "color": "blue", "position": "center"},
@@ -41,6 +41,12 @@ def test_vqa_records_ask_one_question_each_and_describe_in_naming_order():
     assert described == "The image shows a blue square and a red triangle and a red circle."
 
 
+def test_the_command_line_names_what_differs_from_the_defaults_booleans_included():
+    assert command_line(ShapesSettings(ablations=True, report="docs/shapes")) == "llava-shapes --ablations --report docs/shapes"
+    assert command_line(ShapesSettings(image_after_text=False, position_embedding_norm=0.0, length_bucket=1)) == \
+        "llava-shapes --position-embedding-norm 0.0 --no-image-after-text --length-bucket 1"
+
+
 def test_one_drafted_kind_per_image_in_turn():
     drafted = [{"id": f"{image}_{kind}", "image": f"{image}.png"} for image in "abcd" for kind in ("conversation", "detail", "complex")]
     chosen = drafted_subset(drafted)
@@ -51,7 +57,7 @@ def test_one_drafted_kind_per_image_in_turn():
 def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_and_export(tmp_path):
     settings = ShapesSettings(output=str(tmp_path / "run"), train_images=24, test_images=3, tower_steps=2, tower_scenes=8, lm_steps=10,
                               stage2_epochs=0.5, batch_size=8, ablations=True, report=str(tmp_path / "docs"),
-                              export=str(tmp_path / "export"), image_after_text=True, position_embedding_norm=13.0, length_bucket=16)
+                              export=str(tmp_path / "export"))
     result = run(settings)
     assert list(result["variants"]) == ["two stages, layer -2", "stage 2 only", "two stages, layer -1"]
     for variant in result["variants"].values():
@@ -64,10 +70,10 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     report = (tmp_path / "docs" / "report.md").read_text()
     assert "| question | target | two stages, layer -2 | stage 2 only | two stages, layer -1 |" in report
     assert report.count("Answers to \"Where is ...?\" named: right ") == 4  # one line per variant, one asked image first
-    assert "Asked with the image first instead" in report and "evaluation (full-image-first)" in result["timings"]
+    assert "Asked in LLaVA's usual layout instead" in report and "evaluation (full-image-first)" in result["timings"]
     assert result["image_first"]["counts"] == result["variants"]["two stages, layer -2"]["counts"]
     assert "llava-shapes --train-images 24 " in report and "--ablations" in report and "stage 2 (full)" in report
-    assert "--image-after-text" in report and "--length-bucket 16" in report and "started at norm 13" in report
+    assert "started at norm 13" in report and "--image-after-text" not in report.split("```")[1]  # the default now
     assert Image.open(tmp_path / "docs" / "accuracy.png").size == (900, 420)
 
     from transformers import AutoModel, AutoProcessor

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 
 from .configuration_llava_plugin import LlavaPluginConfig, OpenClipVisionConfig
 from .image_processing_llava_plugin import LlavaPluginImageProcessor
-from .processing_llava_plugin import LlavaPluginProcessor, llava_v1_chat_template
+from .processing_llava_plugin import DEFAULT_SYSTEM, LlavaPluginProcessor, llava_v1_chat_template
 from .vision_tower import OpenClipVisionTower
 
 logger = logging.getLogger(__name__)
@@ -107,10 +107,12 @@ def assemble(
     image_token: str = "<image>",
     dtype: torch.dtype | None = None,
     system_prompt: str | None = None,
+    image_after_text: bool = False,
     **hub_kwargs,
 ):
     """Loads both towers, adds the image token, builds W fresh; returns (model, processor). `system_prompt` replaces
-    LLaVA v1's default system prompt in the processor's chat template."""
+    LLaVA v1's default system prompt in the processor's chat template; `image_after_text` makes that template render
+    each turn's image after its text (`llava_v1_chat_template`)."""
     if vision.startswith(OPEN_CLIP_PREFIX):
         tower, vision_config, mean, std = load_open_clip_tower(vision, dtype)
     else:
@@ -145,7 +147,9 @@ def assemble(
     image_processor = LlavaPluginImageProcessor(
         image_aspect=image_aspect, image_size=vision_config.image_size, image_mean=mean, image_std=std
     )
-    template = llava_v1_chat_template(system_prompt) if system_prompt is not None else None
+    template = None
+    if system_prompt is not None or image_after_text:
+        template = llava_v1_chat_template(DEFAULT_SYSTEM if system_prompt is None else system_prompt, image_after_text)
     processor = LlavaPluginProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length, image_token=image_token,
                                      chat_template=template)
     return model, processor

@@ -20,13 +20,19 @@ DEFAULT_SYSTEM = (
 # LLaVA v1 ("vicuna_v1"): SYSTEM USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT:
 # The space after "ASSISTANT:" sits inside the generation block: at inference the prompt ends with "ASSISTANT:" and
 # the model writes " {a}</s>", so training and inference see the same token boundaries.
-def llava_v1_chat_template(system: str = DEFAULT_SYSTEM) -> str:
+def llava_v1_chat_template(system: str = DEFAULT_SYSTEM, image_after_text: bool = False) -> str:
     """The v1 template with `system` as the default system prompt (a conversation may still bring its own). A model
-    trained from scratch may use a short one: every prompt token costs compute in every training sample."""
+    trained from scratch may use a short one: every prompt token costs compute in every training sample.
+
+    `image_after_text` renders a turn's image after its text, wherever the message puts it ("{q}\\n<image>"; LLaVA's
+    data has both orders). A small model may answer only in the order it was trained on; the template, saved with
+    its processor, then asks every caller's question that way."""
+    order = ("{%- set parts = (content | rejectattr('type', 'equalto', 'image') | list)"
+             " + (content | selectattr('type', 'equalto', 'image') | list) -%}") if image_after_text else "{%- set parts = content -%}"
     return (
         "{%- macro render(content) -%}"
         "{%- if content is string -%}{{ content }}"
-        "{%- else -%}{%- for part in content -%}"
+        "{%- else -%}" + order + "{%- for part in parts -%}"
         "{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}"
         "{%- if part['type'] == 'image' -%}{{ '<image>' }}{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"

@@ -78,14 +78,14 @@ class ShapesSettings:
     tower_scenes: int = 2000
     lm_steps: int = 300
     stage1_epochs: float = 12.0
-    stage2_epochs: float = 5.0
+    stage2_epochs: float = 4.5
     batch_size: int = 64
-    # Levers for "Where is ...?" (issue 5 notes; off in the committed model): the tower's position embedding norm at
-    # the start (0: open_clip's), the question before the image in the chat template, and batches that mix the
-    # question kinds (lengths compared in steps of this many tokens; 1: exact sorting).
-    position_embedding_norm: float = 0.0
-    image_after_text: bool = False
-    length_bucket: int = 1
+    # What "Where is ...?" needs (issue 5's notes): the tower's position embedding started at the norm of a patch's
+    # content (0: open_clip's start), the question before the image in the chat template, and stage 2 batches that
+    # mix the question kinds (lengths compared in steps of this many tokens; 1: exact sorting).
+    position_embedding_norm: float = 13.0
+    image_after_text: bool = True
+    length_bucket: int = 64
     ablations: bool = False
     report: str | None = None  # also copy report.md and accuracy.png here
     export: str | None = None  # save the trained model in fp16 here, with a model card
@@ -124,7 +124,7 @@ class Steps:
                     "--projector-lr", lr, "--epochs", epochs, "--vision-feature-layer", layer,
                     "--image-folder", self.out / "world" / "images", "--batch-size", s.batch_size, "--save-every", 0,
                     "--seed", s.seed, "--log-every", 50, "--cache-vision-features", self.out / "features",
-                    "--length-bucket", s.length_bucket)
+                    *(["--length-bucket", s.length_bucket] if stage == 2 else []))
 
     def evaluate(self, name: str, model: Path, chat_template: str | None = None) -> dict:
         from trainer.eval.candidate import Candidate
@@ -204,7 +204,7 @@ def run(settings: ShapesSettings) -> dict:
 
     model = two_stages("full", -2)
     variants = {"two stages, layer -2": steps.evaluate("full", model)}
-    # The same model asked in LLaVA's usual layout, the image first: where every follow-up question stands.
+    # The same model asked in LLaVA's usual layout, the image first, which its training never showed it.
     image_first = steps.evaluate("full-image-first", model, chat_template=llava_v1_chat_template(SYSTEM_PROMPT)) \
         if s.image_after_text else None
     if s.ablations:
@@ -224,9 +224,9 @@ def run(settings: ShapesSettings) -> dict:
 
 def command_line(settings: ShapesSettings) -> str:
     defaults = ShapesSettings()
-    flags = [f"--{key.replace('_', '-')}" + ("" if isinstance(value, bool) else f" {value}")
+    flags = [f"--{'' if value else 'no-'}{key.replace('_', '-')}" if isinstance(value, bool) else f"--{key.replace('_', '-')} {value}"
              for key, value in dataclasses.asdict(settings).items()
-             if value != getattr(defaults, key) and value and key != "output"]
+             if value != getattr(defaults, key) and value is not None and key != "output"]
     return " ".join(["llava-shapes", *flags])
 
 
@@ -239,9 +239,9 @@ def write_report(out: Path, result: dict):
                          for name, evaluation in variants.items() if "position_outcomes" in evaluation)
     tower_start = f", its position embedding started at norm {s['position_embedding_norm']:g}" if s.get("position_embedding_norm") else ""
     image_first = result.get("image_first")
-    layout = ("The model's chat template puts the question before the image (`llava-train --image-after-text`), so the "
-              "scores above, the app and `llava-eval` ask that way. Asked with the image first instead (LLaVA's usual "
-              "layout, and where any follow-up question stands), the full model answers: "
+    layout = ("The model is trained with the question before the image (`llava-train --image-after-text`), and its chat "
+              "template asks that way for the scores above, the app and `llava-eval`. Asked in LLaVA's usual layout instead, "
+              "the image first, which it never saw in training, the full model answers: "
               + ", ".join(f"{kind} {100 * image_first['accuracy'][kind]:.1f}%" for kind in KINDS) + ". "
               + position_outcomes_sentence(image_first["position_outcomes"]) + "\n\n" if image_first else "")
     timings = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["timings"].items()) or "not recorded"
@@ -305,8 +305,8 @@ def export(model: Path, target: Path, result: dict):
     (staging / "shapes_eval.json").write_text(json.dumps({key: full[key] for key in ("accuracy", "counts")}, indent=1))
     scores = "\n".join(f"| {kind} | {100 * accuracy:.1f}% |" for kind, accuracy in full["accuracy"].items())
     image_first = result.get("image_first")
-    layout = (f"\nIts chat template puts each turn's question before the image (trained so, `--image-after-text`). Asked "
-              f"after the image, as a follow-up question is, it answers \"Where is ...?\" "
+    layout = (f"\nIts chat template puts each turn's question before the image, as it was trained (`--image-after-text`). "
+              f"Asked with the image first, a layout it never saw, it answers \"Where is ...?\" "
               f"{100 * image_first['accuracy']['position']:.1f}% right.\n") if image_first else ""
     (staging / "README.md").write_text(f"""---
 library_name: transformers
@@ -354,7 +354,7 @@ def main(argv=None) -> int:
     for field in dataclasses.fields(ShapesSettings):
         flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
                                 help="(default: %(default)s)")

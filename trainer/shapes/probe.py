@@ -4,9 +4,10 @@ Two readings, each a probe trained on most of the images and scored on the rest:
 - token: from the image token of a thing's own cell, its colour, its shape and its cell;
 - bag: from the mean of all image tokens and the asked colour and shape, that thing's cell. A language model that
   attends to the image tokens alike (a bag) answers "Where is the {color} {shape}?" only if this reading can.
-The committed model's tower carries a thing's colour and shape in its own token, and its cell mostly in the token's
-index: its bag reading is at chance. That is why the question fails (issue 5); a tower recipe is worth a 20-minute
-pipeline run only when this probe (a minute) reads the place from the bag.
+A tower whose position embedding starts at open_clip's norm keeps a thing's cell mostly in which token it is (the
+token reading 24%, the bag at chance; the model made on such a tower answered "Where is ...?" 9% right); the committed
+tower, its position embedding started at the norm of a patch's content, gives the cell from the token 100% of the
+time. Check a tower recipe with this probe (a minute) before a 20-minute pipeline run.
 """
 
 import torch
