@@ -34,6 +34,26 @@ def test_the_committed_model_is_asked_question_first_unless_a_candidate_is_given
     assert own.prompt(question, with_image=False) == f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
     image_first = Candidate(str(MODEL), device="cpu", chat_template=llava_v1_chat_template(SYSTEM_PROMPT))
     assert image_first.prompt(question) == f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
+    # a follow-up: the image stays in the first turn, the earlier answer is the model's own
+    opener = ("How many shapes are in the image?", "There are two shapes in the image.")
+    assert own.prompt(question, history=(opener,)) == (
+        f"{SYSTEM_PROMPT} USER: {opener[0]}\n<image> ASSISTANT: {opener[1]}</s>USER: {question} ASSISTANT:")
+
+
+def test_follow_up_questions_are_asked_after_the_models_own_answer_to_the_opener(tmp_path):
+    split = write_split(tmp_path, "heldout", 3, seed=2026)
+    candidate = Candidate(str(MODEL), device="cpu")
+    opener = "How many shapes are in the image?"
+    result = evaluate_shapes(candidate, load_split(split), tmp_path / "images", tmp_path / "answers.jsonl",
+                             progress=False, opener=opener)
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert result["opener"] == opener and sum(result["counts"].values()) == len(answers)
+    first = answers[0]
+    own_answer = candidate.answer(opener, tmp_path / "images" / first["image"], max_new_tokens=48)
+    assert first["history"] == [[opener, own_answer]]
+    again = candidate.answer_many([first["question"]], tmp_path / "images" / first["image"], max_new_tokens=48,
+                                  history=((opener, own_answer),))
+    assert again == [first["answer"]]
 
 
 @pytest.mark.timeout(600)

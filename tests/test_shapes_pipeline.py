@@ -41,6 +41,27 @@ def test_vqa_records_ask_one_question_each_and_describe_in_naming_order():
     assert described == "The image shows a blue square and a red triangle and a red circle."
 
 
+def test_follow_ups_ask_each_question_once_some_as_a_second_turn_after_another_of_the_same_image():
+    scenes = [{"id": f"x{n}", "image": f"x{n}.png", "things": [
+        {"shape": "square", "color": "blue", "position": "top left"}, {"shape": "circle", "color": ("red", "green")[n % 2], "position": "center"}]}
+        for n in range(6)]
+    alone, chained = vqa_records(scenes, seed=0), vqa_records(scenes, seed=0, follow_ups=2)
+    asked = lambda records, image: sorted(turn["value"] for r in records if r["image"] == image for turn in r["conversations"])
+    for scene in scenes:  # the same questions and answers, only grouped otherwise
+        assert asked(alone, scene["image"]) == asked(chained, scene["image"])
+        two_turns = [r for r in chained if r["image"] == scene["image"] and len(r["conversations"]) == 4]
+        assert len(two_turns) == 2
+        for record in two_turns:
+            assert [t["from"] for t in record["conversations"]] == ["human", "gpt", "human", "gpt"]
+            assert record["conversations"][0]["value"] != record["conversations"][2]["value"]
+            assert not record["conversations"][2]["value"].startswith("Where is")  # never learnt as a follow-up
+    assert len({r["id"] for r in chained}) == len(chained) == len(alone) - 2 * len(scenes)
+    # which questions follow which is drawn, not fixed by the question order
+    seconds = {next(r["conversations"][2]["value"] for r in chained if r["image"] == s["image"] and len(r["conversations"]) == 4)
+               for s in scenes}
+    assert len(seconds) > 1
+
+
 def test_the_command_line_names_what_differs_from_the_defaults_booleans_included():
     assert command_line(ShapesSettings(ablations=True, report="docs/shapes")) == "llava-shapes --ablations --report docs/shapes"
     assert command_line(ShapesSettings(image_after_text=False, position_embedding_norm=0.0, length_bucket=1)) == \
@@ -69,9 +90,14 @@ def test_the_whole_pipeline_runs_end_to_end_in_miniature_with_ablations_report_a
     assert json.loads((tmp_path / "run" / "stage2-layer-1" / "config.json").read_text())["vision_feature_layer"] == -1
     report = (tmp_path / "docs" / "report.md").read_text()
     assert "| question | target | two stages, layer -2 | stage 2 only | two stages, layer -1 |" in report
-    assert report.count("Answers to \"Where is ...?\" named: right ") == 4  # one line per variant, one asked image first
-    assert "Asked in LLaVA's usual layout instead" in report and "evaluation (full-image-first)" in result["timings"]
-    assert result["image_first"]["counts"] == result["variants"]["two stages, layer -2"]["counts"]
+    # one line per variant, and one per diagnostic: the full model asked follow-ups, and with the image first
+    assert report.count("Answers to \"Where is ...?\" named: right ") == 5
+    assert "| question | target | first question | follow-up | image first |" in report
+    assert {"evaluation (full-follow-up)", "evaluation (full-image-first)"} <= result["timings"].keys()
+    for diagnostic in result["diagnostics"].values():
+        assert diagnostic["counts"] == result["variants"]["two stages, layer -2"]["counts"]
+    follow_ups = [json.loads(line) for line in (tmp_path / "run" / "eval-full-follow-up.answers.jsonl").read_text().splitlines()]
+    assert all(entry["history"][0][0] == "How many shapes are in the image?" for entry in follow_ups)
     assert "llava-shapes --train-images 24 " in report and "--ablations" in report and "stage 2 (full)" in report
     assert "started at norm 13" in report and "--image-after-text" not in report.split("```")[1]  # the default now
     assert Image.open(tmp_path / "docs" / "accuracy.png").size == (900, 420)

@@ -181,6 +181,8 @@ def test_yaml_config_holds_the_same_keys_as_the_flags(parts, world, tmp_path):
     config.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown settings"):
         parse_settings(["--config", str(config)])
+    with pytest.raises(ValueError, match="--length-bucket must be at least 1"):  # before any model is loaded
+        parse_settings(["--model", "m", "--data", "d.json", "--length-bucket", "0"])
 
 
 def test_a_model_assembled_from_parts_can_get_a_short_system_prompt(parts):

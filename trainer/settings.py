@@ -79,6 +79,8 @@ class TrainSettings:
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
             raise ValueError("--batch-size, --grad-accum and --log-every must be at least 1")
+        if self.length_bucket < 1:
+            raise ValueError(f"--length-bucket must be at least 1 (token), got {self.length_bucket}")
         return self
 
 

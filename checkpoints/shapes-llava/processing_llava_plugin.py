@@ -24,9 +24,9 @@ def llava_v1_chat_template(system: str = DEFAULT_SYSTEM, image_after_text: bool 
     """The v1 template with `system` as the default system prompt (a conversation may still bring its own). A model
     trained from scratch may use a short one: every prompt token costs compute in every training sample.
 
-    `image_after_text` renders a turn's image after its text, wherever the message puts it ("{q}\\n<image>"; LLaVA's
-    data has both orders). A small model may answer only in the order it was trained on; the template, saved with
-    its processor, then asks every caller's question that way."""
+    `image_after_text` renders a turn's image after its text, wherever the message puts it ("{q}\\n<image>"). A small
+    model may answer only in the order it was trained on; the template, saved with its processor, then asks every
+    caller's question that way."""
     order = ("{%- set parts = (content | rejectattr('type', 'equalto', 'image') | list)"
              " + (content | selectattr('type', 'equalto', 'image') | list) -%}") if image_after_text else "{%- set parts = content -%}"
     return (

@@ -22,19 +22,27 @@ class Candidate:
         """`image`: a PIL image, a path, or None for a text-only question."""
         return self.answer_many([question], image, max_new_tokens)[0]
 
-    def prompt(self, question: str, with_image: bool = True) -> str:
-        """The text the model reads for one question: a new conversation, the image (if any) in its first turn."""
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  chat_template=self.chat_template)
+    def prompt(self, question: str, with_image: bool = True, history: tuple[tuple[str, str], ...] = ()) -> str:
+        """The text the model reads for one question: a conversation of the `history` turns (question, answer) and
+        then `question`, the image (if any) in its first turn."""
+        turns = [*history, (question, None)]
+        messages = []
+        for number, (asked, answered) in enumerate(turns):
+            image = [{"type": "image"}] if with_image and number == 0 else []
+            messages.append({"role": "user", "content": image + [{"type": "text", "text": asked}]})
+            if answered is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answered}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, chat_template=self.chat_template)
 
     @torch.no_grad()
-    def answer_many(self, questions: list[str], image=None, max_new_tokens: int | None = None) -> list[str]:
-        """Several questions about one image (or none), each in its own conversation, generated as one left-padded
-        batch: greedy answers equal one-at-a-time ones (tests/test_modeling.py checks the batching)."""
+    def answer_many(self, questions: list[str], image=None, max_new_tokens: int | None = None,
+                    history: tuple[tuple[str, str], ...] = ()) -> list[str]:
+        """Several questions about one image (or none), each in its own conversation (after the same `history` turns),
+        generated as one left-padded batch: greedy answers equal one-at-a-time ones (tests/test_modeling.py checks
+        the batching)."""
         if image is not None:
             image = load_image(image) if not hasattr(image, "convert") else image.convert("RGB")
-        prompts = [self.prompt(q, with_image=image is not None) for q in questions]
+        prompts = [self.prompt(q, with_image=image is not None, history=history) for q in questions]
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
         try:

@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     shapes.add_argument("--split", help="a shapes-world JSONL (images beside it under images/); default: a fresh held-out split")
     shapes.add_argument("--images", type=int, default=200, help="held-out images to make when no --split (default: %(default)s)")
     shapes.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    shapes.add_argument("--opener", help="ask every question as a follow-up: second turn, after this question and the model's own answer")
 
     probe = commands.add_parser("shapes-probe", help="probes on the model's image tokens: colour, shape, place; place from their mean")
     probe.add_argument("--model", required=True, help="a llava_plugin checkpoint with a shapes-world tower (9 image tokens)")
@@ -99,7 +100,7 @@ def shapes_command(args, candidate) -> dict:
     output = Path(args.output)
     split = Path(args.split) if args.split else write_split(output / "world", "test", args.images, args.seed)
     result = evaluate_shapes(candidate, load_split(split), split.parent / "images", output / "answers.jsonl", args.seed,
-                             progress=not args.quiet)
+                             progress=not args.quiet, opener=args.opener)
     (output / "scores.json").write_text(json.dumps(result, indent=1))
     (output / "report.md").write_text(shapes_report(result, candidate.name))
     return {kind: round(100 * accuracy, 1) for kind, accuracy in result["accuracy"].items()}

@@ -15,8 +15,11 @@ from .results import ResultLog, read_jsonl_objects
 
 
 def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Path, answers_path: Path, seed: int = 0,
-                    progress: bool = True) -> dict:
-    """Scores per kind from `answers_path` (JSONL, one line per question; resumed when it exists)."""
+                    progress: bool = True, opener: str | None = None) -> dict:
+    """Scores per kind from `answers_path` (JSONL, one line per question; resumed when it exists).
+
+    `opener`: ask every question as the second turn, after this question and the model's own answer to it (as a chat
+    goes on); the image stays in the first turn."""
     rng = random.Random(seed)
     jobs = [(f"{record['id']}:{index}", record, kind, question, expected)
             for record in records for index, (kind, question, expected) in enumerate(questions(record["things"], rng))]
@@ -28,10 +31,12 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
             todo = [job for job in image_jobs if job[0] not in log]
             if not todo:
                 continue
-            answers = candidate.answer_many([job[3] for job in todo], image_folder / image, max_new_tokens=48)
+            history = ((opener, candidate.answer(opener, image_folder / image, max_new_tokens=48)),) if opener else ()
+            answers = candidate.answer_many([job[3] for job in todo], image_folder / image, max_new_tokens=48, history=history)
             for (item_id, record, kind, question, expected), answer in zip(todo, answers):
                 log.add({"id": item_id, "image": image, "kind": kind, "question": question, "expected": expected,
-                         "answer": answer, "right": judge(kind, answer, expected)})
+                         "answer": answer, "right": judge(kind, answer, expected),
+                         **({"history": [list(turn) for turn in history]} if history else {})})
         answered = [log[item_id] for item_id, *_ in jobs]
     scores, outcomes = {kind: [0, 0] for kind in KINDS}, dict.fromkeys(POSITION_OUTCOMES, 0)
     for entry, (_, record, *_) in zip(answered, jobs):
@@ -42,6 +47,7 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
     return {"accuracy": {kind: right / total if total else 0.0 for kind, (right, total) in scores.items()},
             "counts": {kind: total for kind, (_, total) in scores.items()},
             "position_outcomes": outcomes,
+            "opener": opener,
             "samples": [entry for entry in answered[:40]]}
 
 
@@ -56,5 +62,7 @@ def load_split(path: Path) -> list[dict]:
 
 def shapes_report(result: dict, model: str) -> str:
     rows = [[kind, f"{100 * result['accuracy'][kind]:.1f}%", result["counts"][kind]] for kind in KINDS]
-    return (f"# Shapes world: {model}\n\n" + table(["question", "accuracy", "questions"], rows) + "\n\n"
+    asked = (f"Every question asked as a follow-up, after \"{result['opener']}\" and the model's own answer.\n\n"
+             if result.get("opener") else "")
+    return (f"# Shapes world: {model}\n\n" + asked + table(["question", "accuracy", "questions"], rows) + "\n\n"
             + position_outcomes_sentence(result["position_outcomes"]) + "\n")

@@ -19,7 +19,8 @@ from .world import SIDES, as_dicts, inventory, make_scene, render, swap_shapes
 
 TOWER = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 96, "patch_size": 32, "width": 128, "layers": 4, "head_width": 32},
+    # width: 128 read a thing's shape off its own token 82-84% of the time (two seeds), 192 95% (same recipe)
+    "vision_cfg": {"image_size": 96, "patch_size": 32, "width": 192, "layers": 4, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -27,7 +28,7 @@ HARD_NEGATIVES = 3  # shape-swapped copies beside each scene in a contrastive ba
 
 
 def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = HARD_NEGATIVES,
-                position_embedding_norm: float = 0.0) -> Path:
+                position_embedding_norm: float = 0.0, width: int = TOWER["vision_cfg"]["width"]) -> Path:
     """open_clip CLIP on (image, caption) pairs of freshly drawn scenes; saved as an open_clip local-dir model.
 
     Each batch holds groups of one scene and `negatives` copies of it with shapes swapped, captioned with every
@@ -37,12 +38,14 @@ def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, 
 
     open_clip starts the position embedding at a norm near 1, against about 13 for a patch's content, and the patch
     tokens then lose where they are (a per-token probe read the cell 24% of the time). `position_embedding_norm`
-    (0: open_clip's start) rescales it before training: from 13, the probe reads the cell 100%, but the shape 82% against 92%."""
+    (0: open_clip's start) rescales it before training: from 13, the probe reads the cell 100%, but the shape 82% against 92%
+    at width 128; `width` 192 gives both back (shape 95%)."""
     import open_clip
     from open_clip.loss import ClipLoss
 
+    config = {**TOWER, "vision_cfg": {**TOWER["vision_cfg"], "width": width}}
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**TOWER)
+    model = open_clip.model.CLIP(**config)
     if position_embedding_norm:
         with torch.no_grad():
             embedding = model.visual.positional_embedding
@@ -75,7 +78,7 @@ def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, 
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TOWER, "preprocess_cfg": {"mean": MEAN, "std": STD}}))
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {"mean": MEAN, "std": STD}}))
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
     return out
 
