@@ -85,3 +85,44 @@ def test_caption_pairs_become_brief_description_turns():
 def test_unusable_records_are_data_errors_naming_the_record(raw, message):
     with pytest.raises(DataError, match=message):
         to_messages(parse_record(raw, "file.json#3", seed=0), seed=0)
+
+
+def test_dataset_renders_each_records_tokens_once_and_serves_them_unchanged(assembled, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    import trainer.dataset
+    from trainer.dataset import LlavaDataset
+    from trainer.feature_cache import FeatureCache
+
+    _, processor = assembled
+    cache = FeatureCache(str(tmp_path), "key")
+    cache.folder.mkdir(parents=True)
+    save_file({"features": torch.ones(1, 4, 8)}, str(cache.path("x.png")))
+    rng = random.Random(1)
+    records = [conversation(rng, index) for index in range(30)]
+    records = [record for record in records if record.image]
+    long_answer = " ".join(["circle"] * 400)
+    records.append(parse_record({"id": "long", "image": "x.png", "conversations": [
+        {"from": "human", "value": "Describe."}, {"from": "gpt", "value": long_answer}]}, "gen", seed=0))
+    calls = []
+    real_encode = trainer.dataset.encode
+    monkeypatch.setattr(trainer.dataset, "encode", lambda record, *args, **kwargs: calls.append(record.id) or real_encode(record, *args, **kwargs))
+    dataset = LlavaDataset(records, processor, seed=0, max_length=200, image_folder=".", feature_cache=cache)
+    first = [dataset[index] for index in range(len(records))]
+    second = [dataset[index] for index in range(len(records))]
+    assert sorted(calls) == sorted(record.id for record in records)  # once each, the unusable one included
+    assert first[-1]["skip"].startswith("gen (long): ") and second[-1] == first[-1]
+    served = 0
+    for record, a, b in zip(records[:-1], first, second):
+        try:
+            expected = real_encode(record, processor, 0, 200, ".", load_pixels=False)
+        except DataError as error:
+            assert a == b == {"id": record.id, "skip": str(error)}
+            continue
+        served += 1
+        for item in (a, b):
+            assert item["input_ids"].dtype == torch.long
+            assert torch.equal(item["input_ids"], expected.input_ids) and torch.equal(item["labels"], expected.labels)
+            assert item["vision_features"].shape == (1, 4, 8)
+    assert served >= 10

@@ -107,8 +107,9 @@ def train(settings: TrainSettings) -> Path:
     lengths = estimate_lengths(records, processor)
     sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length,
                                   length_bucket=settings.length_bucket)
+    # Persistent workers keep the tokens their dataset copy has rendered (see LlavaDataset) from epoch to epoch.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
-                        num_workers=settings.num_workers)
+                        num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0)
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.projector_lr, settings.weight_decay))
     steps_per_epoch = max(math.ceil(len(sampler) / accelerator.num_processes / settings.grad_accum), 1)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
