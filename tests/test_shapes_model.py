@@ -54,6 +54,12 @@ def test_follow_up_questions_are_asked_after_the_models_own_answer_to_the_opener
     again = candidate.answer_many([first["question"]], tmp_path / "images" / first["image"], max_new_tokens=48,
                                   history=((opener, own_answer),))
     assert again == [first["answer"]]
+    # the same file resumes only the same way of asking: mixed answers would score neither
+    for other in (None, "Describe the image."):
+        with pytest.raises(ValueError, match="answers.jsonl holds answers to questions asked after \"How many"):
+            evaluate_shapes(candidate, load_split(split), tmp_path / "images", tmp_path / "answers.jsonl", progress=False, opener=other)
+    resumed = evaluate_shapes(candidate, load_split(split), tmp_path / "images", tmp_path / "answers.jsonl", progress=False, opener=opener)
+    assert resumed["accuracy"] == result["accuracy"]
 
 
 @pytest.mark.timeout(600)

@@ -27,6 +27,11 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
     for job in jobs:
         by_image.setdefault(job[1]["image"], []).append(job)
     with ResultLog(answers_path) as log:
+        for entry in log.entries.values():
+            logged = entry["history"][0][0] if entry.get("history") else None
+            if logged != opener:
+                raise ValueError(f"{answers_path} holds answers to questions asked {asked(logged)}, this run asks them "
+                                 f"{asked(opener)}: give each opener its own output folder")
         for image, image_jobs in tqdm(by_image.items(), desc="shapes: answering", unit="image", disable=not progress):
             todo = [job for job in image_jobs if job[0] not in log]
             if not todo:
@@ -49,6 +54,10 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
             "position_outcomes": outcomes,
             "opener": opener,
             "samples": [entry for entry in answered[:40]]}
+
+
+def asked(opener: str | None) -> str:
+    return f"after \"{opener}\"" if opener else "first"
 
 
 def load_split(path: Path) -> list[dict]:
