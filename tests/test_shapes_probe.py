@@ -50,6 +50,18 @@ def test_a_place_coded_with_the_thing_reads_from_the_bag_and_an_added_one_only_f
     assert added["bag: cell of the asked thing"] < 0.65 and joined["bag: cell of the asked thing"] > 0.75
 
 
+def test_the_asked_things_token_is_matched_where_its_token_holds_it_not_where_every_token_holds_the_whole_scene():
+    scenes, content, place, _ = scenes_and_codes(600)
+    local = probe_features(features(scenes, lambda c, s, cell: content[c, s] + place[cell]), scenes, steps=300)
+    assert local["match: token of the asked thing"] > 0.95
+    everywhere = torch.zeros(len(scenes), len(GRID), 48)
+    for index, things in enumerate(scenes):
+        scene = sum(content[list(COLORS).index(t["color"]), SHAPES.index(t["shape"])] for t in things)
+        everywhere[index] = scene + place  # each token: the whole scene, and its own cell
+    smeared = probe_features(everywhere, scenes, steps=300)
+    assert smeared["match: token of the asked thing"] < 0.4
+
+
 def test_features_that_are_not_one_token_per_cell_are_refused():
     scenes, *_ = scenes_and_codes(10)
     with pytest.raises(ValueError, match="want \\(10 scenes, 9 tokens"):

@@ -26,6 +26,7 @@ TOWER = {
 }
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 HARD_NEGATIVES = 3  # shape-swapped copies beside each scene in a contrastive batch
+LM_PIECES = 4  # forward passes per language-model batch (see train_language_model)
 
 
 def train_tower(out: Path, steps: int, scenes: int, batch_size: int, seed: int, negatives: int = HARD_NEGATIVES,
@@ -104,19 +105,29 @@ def train_language_model(texts: list[str], out: Path, steps: int, batch_size: in
     model.train()
     bar = tqdm(range(steps), desc="language model")
     for _ in bar:
-        batch = [ids[rng.randrange(len(ids))][:256] for _ in range(batch_size)]
-        longest = max(map(len, batch))
-        input_ids = torch.full((len(batch), longest), tokenizer.eos_token_id)
-        labels = torch.full((len(batch), longest), -100)
-        for row, sample in enumerate(batch):
-            input_ids[row, :len(sample)] = torch.tensor(sample)
-            labels[row, :len(sample)] = torch.tensor(sample)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        batch = sorted((ids[rng.randrange(len(ids))][:256] for _ in range(batch_size)), key=len)
+        # The texts run from a few tokens to 140 (mean 21): padded to the batch's longest, 79% of the tokens computed
+        # were padding. The same batch in length-sorted pieces computes 45%, for the same loss: each piece's mean
+        # weighted by its share of the predicted tokens (a text of n tokens predicts n - 1).
+        predicted = sum(len(sample) - 1 for sample in batch)
         optimizer.zero_grad()
-        loss.backward()
+        loss = 0.0
+        size = -(-len(batch) // LM_PIECES)
+        for start in range(0, len(batch), size):
+            piece = batch[start:start + size]
+            longest = max(map(len, piece))
+            input_ids = torch.full((len(piece), longest), tokenizer.eos_token_id)
+            labels = torch.full((len(piece), longest), -100)
+            for row, sample in enumerate(piece):
+                input_ids[row, :len(sample)] = torch.tensor(sample)
+                labels[row, :len(sample)] = torch.tensor(sample)
+            share = sum(len(sample) - 1 for sample in piece) / predicted
+            piece_loss = model(input_ids=input_ids, labels=labels).loss * share
+            piece_loss.backward()
+            loss += piece_loss.item()
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
