@@ -33,8 +33,7 @@ def render(self, index):
 
 trainer.dataset.LlavaDataset._tokens = render
 from trainer.cli import main
-sys.argv[0] = "llava-train"
-main()
+sys.exit(main())
 """
 
 
