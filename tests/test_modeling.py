@@ -160,16 +160,20 @@ def test_feature_layer_selects_the_hidden_state_transformers_would(parts):
         assert torch.allclose(model.get_image_features(pixel_values), model.projector(reference), atol=1e-6)
 
 
-def test_open_clip_layer_matches_open_clip_own_forward(parts):
+@pytest.mark.parametrize("layer, blocks", [(-2, 2), (0, 0)])
+def test_open_clip_layer_matches_open_clip_own_forward(parts, layer, blocks):
     import open_clip
 
-    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["open_clip"], llm=parts["llm"], projector="linear")
+    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["open_clip"], llm=parts["llm"], projector="linear",
+                                                                           vision_feature_layer=layer)
     assert model.config.vision_config.model_name.startswith("local-dir:")
     pixel_values = prompt_inputs(processor)["pixel_values"]
     reference = open_clip.create_model(parts["open_clip"][len("open_clip:"):]).visual
-    # Layer -2 of a 3-block tower is the output of block 2: run the blocks by hand.
-    x = reference._embeds(pixel_values)
-    for block in reference.transformer.resblocks[:2]:
+    # Layer -2 of a 3-block tower is the output of block 2, layer 0 the embeddings after the pre-norm (as transformers
+    # indexes hidden states): run the blocks by hand.
+    x = reference.ln_pre(torch.cat([reference.class_embedding.expand(1, 1, -1), reference.conv1(pixel_values).flatten(2).transpose(1, 2)], 1)
+                         + reference.positional_embedding)
+    for block in reference.transformer.resblocks[:blocks]:
         x = block(x)
     with torch.no_grad():
         assert torch.allclose(model.get_image_features(pixel_values), model.projector(x[:, 1:]), atol=1e-5)
