@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from trainer.shapes import judge, questions
-from trainer.shapes.pipeline import SYSTEM_PROMPT, ShapesSettings, command_line, drafted_subset, run, spoken, vqa_records
+from trainer.shapes.pipeline import SYSTEM_PROMPT, ShapesSettings, command_line, drafted_subset, run, spoken, vqa_records, where_again
 from trainer.shapes.world import KINDS, reading_order
 
 THINGS = [{"shape": "circle", "color": "red", "position": "top left"}, {"shape": "square", "color": "blue", "position": "center"},
@@ -60,6 +60,20 @@ def test_follow_ups_ask_each_question_once_some_as_a_second_turn_after_another_o
     seconds = {next(r["conversations"][2]["value"] for r in chained if r["image"] == s["image"] and len(r["conversations"]) == 4)
                for s in scenes}
     assert len(seconds) > 1
+
+
+def test_where_again_repeats_only_the_one_question_where_samples():
+    scenes = [{"id": f"s{index}", "image": f"s{index}.png", "things": THINGS[:index % 3 + 1]} for index in range(30)]
+    records = vqa_records(scenes, seed=0, follow_ups=2)
+    where = [r for r in records if r["conversations"][0]["value"].startswith("Where is ")]
+    chained = [r for r in where if len(r["conversations"]) > 2]  # a "Where is ...?" opening a two-turn sample
+    assert chained and len(where) - len(chained) > 30
+    where = [r for r in where if r not in chained]
+    again = where_again(records, copies=3)
+    assert len(again) == 3 * len(where)
+    assert len({r["id"] for r in records + again}) == len(records) + len(again)
+    assert sorted(json.dumps(r["conversations"]) for r in again) == sorted(json.dumps(r["conversations"]) for r in where * 3)
+    assert where_again(records, copies=0) == []
 
 
 def test_the_command_line_names_what_differs_from_the_defaults_booleans_included():

@@ -31,7 +31,8 @@ class OpenClipVisionTower(nn.Module):
         num_layers = self.config.num_hidden_layers
         index = layer if layer >= 0 else num_layers + 1 + layer
         if index == 0:
-            raise ValueError("open_clip towers expose block outputs only: vision_feature_layer must not select the embeddings")
+            # The patch and position embeddings after the pre-norm, as transformers' CLIP gives hidden_states[0].
+            return self.visual._embeds(pixel_values)
         # stop_early: blocks after the selected one never run (LLaVA's layer -2 skips the last block).
         out = self.visual.forward_intermediates(
             pixel_values, indices=[index - 1], stop_early=True, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True

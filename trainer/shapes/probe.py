@@ -6,8 +6,8 @@ Three readings, each a probe trained on most of the images and scored on the res
   attends to the image tokens alike (a bag) answers "Where is the {color} {shape}?" only if this reading can;
 - match: which of the nine tokens is the asked thing's, picked by a bilinear score of the asked colour and shape
   against each token (what one attention head does), in scenes of two or three things. A language model that answers
-  "Where is ...?" by attending to the asked thing needs this reading high. The committed tower's tokens give 99%,
-  yet its model names another thing's place half the time: what fails is the language model's learning, not the tokens.
+  "Where is ...?" by attending to the asked thing needs this reading high. The committed tower's tokens give 99%; its
+  language model learns the lookup only from enough "Where is ...?" questions (`trainer.shapes.pipeline.where_again`).
 A tower whose position embedding starts at open_clip's norm keeps a thing's cell mostly in which token it is (the
 token reading 24%, the bag at chance; the model made on such a tower answered "Where is ...?" 9% right); the committed
 tower, its position embedding started at the norm of a patch's content, gives the cell from the token 100% of the
