@@ -171,7 +171,7 @@ def test_open_clip_layer_matches_open_clip_own_forward(parts, layer, blocks):
     reference = open_clip.create_model(parts["open_clip"][len("open_clip:"):]).visual
     # Layer -2 of a 3-block tower is the output of block 2, layer 0 the embeddings after the pre-norm (as transformers
     # indexes hidden states): run the blocks by hand.
-    x = reference.ln_pre(torch.cat([reference.class_embedding.expand(1, 1, -1), reference.conv1(pixel_values).flatten(2).transpose(1, 2)], 1)
+    x = reference.ln_pre(torch.cat([reference.class_embedding.expand(len(pixel_values), 1, -1), reference.conv1(pixel_values).flatten(2).transpose(1, 2)], 1)
                          + reference.positional_embedding)
     for block in reference.transformer.resblocks[:blocks]:
         x = block(x)

@@ -85,9 +85,9 @@ def where_again(records: list[dict], copies: int) -> list[dict]:
     "Where is ...?" questions alone, from the committed stage 1, 300 steps of 64 gave 45% held-out (chance among the
     image's things), 600 gave 58%, 1,000 gave 82%. In the mix, once over per epoch, the questions added up to about
     200 such steps, and the model stayed at chance (52%); with three more copies of each it answers 99.5%, and shape
-    falls from 97.5% to 94.3%, the other kinds within two points (stage 2 takes 44% more samples, short ones). Those
-    1,000 steps alone, then the mix, gave 82% too, but shape 78% and yes/no 78%; two copies, or three for 3 epochs,
-    lost yes/no or shape and descriptions (issue 5's notes)."""
+    falls from 97.5% to 94.3%, the other kinds within two points (56% more stage-2 samples, short ones: 44% more
+    time). Those 1,000 steps alone, then the mix, gave 82% too, but shape 78% and yes/no 78%; two copies, or three
+    for 3 epochs, lost yes/no or shape and descriptions (issue 5's notes)."""
     asked = [record for record in records
              if len(record["conversations"]) == 2 and record["conversations"][0]["value"].startswith("Where is ")]
     return [{**record, "id": f"{record['id']}_again{copy + 1}"} for copy in range(copies) for record in asked]
