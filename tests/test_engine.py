@@ -1,7 +1,10 @@
+import shutil
+
 import pytest
 from PIL import Image
 
 from engine import ChatEngine, ChatError
+from llava_plugin import llava_v1_chat_template
 from tiny_components import user_turn
 
 IMAGE = Image.new("RGB", (40, 30), (30, 200, 30))
@@ -55,23 +58,45 @@ def answer(engine, messages, image=IMAGE, session=None):
     return list(engine.stream(messages, image, temperature=0.0, max_new_tokens=6, session_id=session))[-1]
 
 
-def test_later_turns_prefill_only_the_new_tokens_and_match_a_full_recompute(saved_checkpoint):
-    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+def three_turns(engine, session: str) -> tuple[list[int], int, str]:
+    """A session's three turns, each checked against a full recompute: each turn's first prefill length, how often
+    the tower ran, and the last prompt."""
     prefills, tower, hooks = record_calls(engine)
     messages, first_prefills = [user_turn("What is in the picture?")], []
     try:
         for turn in range(3):
             prefills.clear()
-            reply = answer(engine, messages, session="alice")
+            reply = answer(engine, messages, session=session)
             first_prefills.append(prefills[0])
             assert reply == answer(engine, messages)  # no session: everything recomputed
             messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"And then {turn}?"}]
     finally:
         for hook in hooks:
             hook.remove()
-    full_prompt = engine.processor(images=IMAGE, text=engine.processor.apply_chat_template(messages[:-2], add_generation_prompt=True))
+    return first_prefills, len(tower), engine.processor.apply_chat_template(messages[:-2], add_generation_prompt=True)
+
+
+def test_later_turns_prefill_only_the_new_tokens_and_match_a_full_recompute(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    first_prefills, tower_runs, prompt = three_turns(engine, "alice")
+    full_prompt = engine.processor(images=IMAGE, text=prompt)
     assert first_prefills[0] > 16 and max(first_prefills[1:]) < len(full_prompt["input_ids"][0]) // 2
-    assert len(tower) == 1 + 3  # once for the session, once per recompute
+    assert tower_runs == 1 + 3  # once for the session, once per recompute
+
+
+def test_a_template_that_moves_the_image_to_the_newest_question_still_reuses_the_cache_and_the_features(saved_checkpoint, tmp_path):
+    """Each turn's prompt differs from the last one's from where the image was: the cache is cropped there, the
+    image's features come from the session, and answers still equal a full recompute."""
+    folder = tmp_path / "image-after-text"
+    shutil.copytree(saved_checkpoint, folder)
+    (folder / "chat_template.jinja").write_text(llava_v1_chat_template("Shapes.", image_after_text=True))
+    engine = ChatEngine(str(folder), device="cpu")
+    first_prefills, tower_runs, prompt = three_turns(engine, "dora")
+    assert prompt.endswith("And then 1?\n<image> ASSISTANT:")
+    full_prompt = engine.processor(images=IMAGE, text=prompt)
+    # the last turn recomputed from the end of the question before it: not the system prompt, nor the first turn
+    assert first_prefills[-1] < len(full_prompt["input_ids"][0]) - 16
+    assert tower_runs == 1 + 3
 
 
 def test_regenerate_and_undo_crop_the_cache(saved_checkpoint):

@@ -2,6 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llava_plugin import llava_v1_chat_template
 from llava_plugin.processing_llava_plugin import DEFAULT_SYSTEM
 from tiny_components import user_turn
 
@@ -99,3 +100,22 @@ def test_processor_round_trips(saved_checkpoint, assembled):
     text = loaded.apply_chat_template([user_turn("Hi")], add_generation_prompt=True)
     assert torch.equal(loaded(images=IMAGE, text=text, return_tensors="pt")["input_ids"],
                        processor(images=IMAGE, text=text, return_tensors="pt")["input_ids"])
+
+
+def test_with_the_image_after_the_text_a_prompt_moves_it_after_the_newest_question(assembled):
+    _, processor = assembled
+    template = llava_v1_chat_template("Shapes.", image_after_text=True)
+    first = [user_turn("What colour?")]
+    conversation = [*first, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "How many?"}]
+    # Rendered for training, the conversation keeps the image where the messages put it...
+    assert processor.apply_chat_template([*conversation, {"role": "assistant", "content": "One."}], chat_template=template) == \
+        "Shapes. USER: What colour?\n<image> ASSISTANT: Red.</s>USER: How many? ASSISTANT: One.</s>"
+    # ...a prompt for the next answer asks the newest question with the image after it; a first question is unchanged.
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, chat_template=template)
+    assert prompt == "Shapes. USER: What colour? ASSISTANT: Red.</s>USER: How many?\n<image> ASSISTANT:"
+    assert processor.apply_chat_template(first, add_generation_prompt=True, chat_template=template) == \
+        "Shapes. USER: What colour?\n<image> ASSISTANT:"
+    ids = processor(images=IMAGE, text=prompt)["input_ids"][0]
+    image = [index for index, token in enumerate(ids) if token == processor.image_token_id]
+    assert len(image) == processor.image_seq_length and image == list(range(image[0], image[0] + len(image)))
+    assert processor.tokenizer.decode(ids[:image[0]]).endswith("How many?\n")

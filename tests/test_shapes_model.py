@@ -34,10 +34,10 @@ def test_the_committed_model_is_asked_question_first_unless_a_candidate_is_given
     assert own.prompt(question, with_image=False) == f"{SYSTEM_PROMPT} USER: {question} ASSISTANT:"
     image_first = Candidate(str(MODEL), device="cpu", chat_template=llava_v1_chat_template(SYSTEM_PROMPT))
     assert image_first.prompt(question) == f"{SYSTEM_PROMPT} USER: <image>\n{question} ASSISTANT:"
-    # a follow-up: the image stays in the first turn, the earlier answer is the model's own
+    # a follow-up: the image goes after the newest question, the earlier answer is the model's own
     opener = ("How many shapes are in the image?", "There are two shapes in the image.")
     assert own.prompt(question, history=(opener,)) == (
-        f"{SYSTEM_PROMPT} USER: {opener[0]}\n<image> ASSISTANT: {opener[1]}</s>USER: {question} ASSISTANT:")
+        f"{SYSTEM_PROMPT} USER: {opener[0]} ASSISTANT: {opener[1]}</s>USER: {question}\n<image> ASSISTANT:")
 
 
 def test_follow_up_questions_are_asked_after_the_models_own_answer_to_the_opener(tmp_path):

@@ -93,7 +93,8 @@ HELP = {
     "vision_feature_layer": "tower hidden state fed to the projector (transformers' indexing)",
     "image_aspect": "pad, resize or crop",
     "system_prompt": "with --vision/--llm: the chat template's system prompt (default: LLaVA v1's)",
-    "image_after_text": "with --vision/--llm: the chat template puts each turn's image after its text, for training and use",
+    "image_after_text": "with --vision/--llm: the chat template puts each turn's image after its text, for training and use "
+                        "(in a prompt for the next answer, after the newest question)",
     "data": "LLaVA JSON/JSONL files",
     "image_folder": "folder the records' image paths are relative to",
     "max_length": "samples longer than this many tokens are skipped",

@@ -17,6 +17,23 @@ DEFAULT_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
+# With `add_generation_prompt`: every user turn's image parts, gathered for the newest user turn (`ns.last`, its index).
+MOVE_IMAGES_TO_NEWEST_QUESTION = (
+    "{%- set ns = namespace(images=[], last=-1) -%}"
+    "{%- if add_generation_prompt -%}{%- for message in turns -%}{%- if message['role'] == 'user' -%}"
+    "{%- set ns.last = loop.index0 -%}"
+    "{%- if message['content'] is not string -%}"
+    "{%- set ns.images = ns.images + (message['content'] | selectattr('type', 'equalto', 'image') | list) -%}"
+    "{%- endif -%}{%- endif -%}{%- endfor -%}{%- endif -%}"
+)
+RENDER_WITH_MOVED_IMAGES = (
+    "{%- if ns.last >= 0 -%}"
+    "{%- set content = [{'type': 'text', 'text': message['content']}] if message['content'] is string else message['content'] -%}"
+    "{{ render((content | rejectattr('type', 'equalto', 'image') | list) + (ns.images if loop.index0 == ns.last else [])) }}"
+    "{%- else -%}{{ render(message['content']) }}{%- endif -%}"
+)
+
+
 # LLaVA v1 ("vicuna_v1"): SYSTEM USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q} ASSISTANT:
 # The space after "ASSISTANT:" sits inside the generation block: at inference the prompt ends with "ASSISTANT:" and
 # the model writes " {a}</s>", so training and inference see the same token boundaries.
@@ -26,7 +43,10 @@ def llava_v1_chat_template(system: str = DEFAULT_SYSTEM, image_after_text: bool 
 
     `image_after_text` renders a turn's image after its text, wherever the message puts it ("{q}\\n<image>"). A small
     model may answer only in the order it was trained on; the template, saved with its processor, then asks every
-    caller's question that way."""
+    caller's question that way. In a prompt for the next answer (`add_generation_prompt`) the conversation's images
+    go after the newest question instead of the one they came with: a follow-up after the image is a layout that
+    image tokens cannot read (they come before the question), and the shapes model answered follow-ups far better
+    with the image moved (issue 5's notes). Conversations rendered for training keep the images where they are."""
     order = ("{%- set parts = (content | rejectattr('type', 'equalto', 'image') | list)"
              " + (content | selectattr('type', 'equalto', 'image') | list) -%}") if image_after_text else "{%- set parts = content -%}"
     return (
@@ -42,12 +62,14 @@ def llava_v1_chat_template(system: str = DEFAULT_SYSTEM, image_after_text: bool 
         "{%- else -%}"
         "{{ " + json.dumps(system) + " }}{%- set turns = messages -%}"  # a JSON string is a valid Jinja literal
         "{%- endif -%}"
+        + (MOVE_IMAGES_TO_NEWEST_QUESTION if image_after_text else "") +
         "{%- for message in turns -%}"
         "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
         "{{ raise_exception('conversation roles must alternate user/assistant/user/... after an optional system message') }}"
         "{%- endif -%}"
         "{%- if message['role'] == 'user' -%}"
-        "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' }}{{ render(message['content']) }}"
+        "{%- if loop.first -%}{{ ' ' }}{%- endif -%}{{ 'USER: ' }}"
+        + (RENDER_WITH_MOVED_IMAGES if image_after_text else "{{ render(message['content']) }}") +
         "{%- else -%}"
         "{{ ' ASSISTANT:' }}{% generation %}{{ ' ' }}{{ render(message['content']) }}{{ eos_token }}{% endgeneration %}"
         "{%- endif -%}"

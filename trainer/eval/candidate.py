@@ -24,7 +24,8 @@ class Candidate:
 
     def prompt(self, question: str, with_image: bool = True, history: tuple[tuple[str, str], ...] = ()) -> str:
         """The text the model reads for one question: a conversation of the `history` turns (question, answer) and
-        then `question`, the image (if any) in its first turn."""
+        then `question`, the image (if any) in its first turn (where the chat template renders it: a template made with
+        `image_after_text` puts it after the newest question)."""
         turns = [*history, (question, None)]
         messages = []
         for number, (asked, answered) in enumerate(turns):

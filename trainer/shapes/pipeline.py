@@ -285,7 +285,8 @@ def write_report(out: Path, result: dict):
     if diagnostics:
         full_model = {"first question": next(iter(variants.values())), **diagnostics}
         layouts = {"follow-up": f"\"follow-up\": every question asked as the second turn of a chat, after \"{FOLLOW_UP_OPENER}\" "
-                                "and the model's own answer (the image stays in the first turn)",
+                                "and the model's own answer; the chat template puts the image after that second question (trained "
+                                "with it after the first, the model answered follow-ups far worse with it left there)",
                    "image first": "\"image first\": LLaVA's usual layout, the image before the question, which this model "
                                   "never saw in training (it is trained with the question first, `llava-train --image-after-text`, "
                                   "and its chat template asks that way for the app and `llava-eval`)"}
@@ -354,8 +355,8 @@ def export(model: Path, target: Path, result: dict):
     (staging / "shapes_eval.json").write_text(json.dumps({key: full[key] for key in ("accuracy", "counts")}, indent=1))
     scores = "\n".join(f"| {kind} | {100 * accuracy:.1f}% |" for kind, accuracy in full["accuracy"].items())
     diagnostics = result.get("diagnostics") or {}
-    layout = ("\nIts chat template puts each turn's question before the image, as it was trained (`--image-after-text`)."
-              if result["settings"]["image_after_text"] else "")
+    layout = ("\nIts chat template puts each turn's question before the image, as it was trained (`--image-after-text`);"
+              " in a later turn it puts the image after the newest question." if result["settings"]["image_after_text"] else "")
     if "follow-up" in diagnostics:
         follow_up = diagnostics["follow-up"]["accuracy"]
         layout += (f" Asked as a chat's second question (after \"{FOLLOW_UP_OPENER}\"), it answers: "
