@@ -161,8 +161,8 @@ def test_data_tab_through_the_api(server):
 @pytest.mark.timeout(300)
 def test_without_arguments_the_app_answers_its_examples_with_the_embedded_model(tmp_path):
     """The quickstart path: `python app.py`, no --model, answers each example question with the embedded model, in
-    the form its question asks for. (Whether the answers are right is the shapes model's own test: the committed
-    model is still below its accuracy targets, see docs/shapes/report.md.)"""
+    the form its question asks for. (Whether the answers are right is the shapes model's own test,
+    tests/test_shapes_model.py; its scores are in docs/shapes/report.md.)"""
     from app import EXAMPLES
     from trainer.shapes.world import COLORS, GRID, SHAPES, judge
 

@@ -46,7 +46,8 @@ def test_follow_ups_ask_each_question_once_some_as_a_second_turn_after_another_o
         {"shape": "square", "color": "blue", "position": "top left"}, {"shape": "circle", "color": ("red", "green")[n % 2], "position": "center"}]}
         for n in range(6)]
     alone, chained = vqa_records(scenes, seed=0), vqa_records(scenes, seed=0, follow_ups=2)
-    asked = lambda records, image: sorted(turn["value"] for r in records if r["image"] == image for turn in r["conversations"])
+    asked = lambda records, image: sorted(turn["value"].removesuffix("\n<image>") for r in records if r["image"] == image
+                                          for turn in r["conversations"])
     for scene in scenes:  # the same questions and answers, only grouped otherwise
         assert asked(alone, scene["image"]) == asked(chained, scene["image"])
         two_turns = [r for r in chained if r["image"] == scene["image"] and len(r["conversations"]) == 4]
@@ -55,6 +56,9 @@ def test_follow_ups_ask_each_question_once_some_as_a_second_turn_after_another_o
             assert [t["from"] for t in record["conversations"]] == ["human", "gpt", "human", "gpt"]
             assert record["conversations"][0]["value"] != record["conversations"][2]["value"]
             assert not record["conversations"][2]["value"].startswith("Where is")  # never learnt as a follow-up
+            # the image after the second question, where the chat template puts it when a follow-up is asked
+            assert record["conversations"][2]["value"].endswith("?\n<image>")
+            assert all("<image>" not in turn["value"] for turn in record["conversations"][:2] + record["conversations"][3:])
     assert len({r["id"] for r in chained}) == len(chained) == len(alone) - 2 * len(scenes)
     # which questions follow which is drawn, not fixed by the question order
     seconds = {next(r["conversations"][2]["value"] for r in chained if r["image"] == s["image"] and len(r["conversations"]) == 4)
