@@ -292,8 +292,8 @@ def write_report(out: Path, result: dict):
     if diagnostics:
         full_model = {"first question": next(iter(variants.values())), **diagnostics}
         layouts = {"follow-up": f"\"follow-up\": every question asked as the second turn of a chat, after \"{FOLLOW_UP_OPENER}\" "
-                                "and the model's own answer; the chat template puts the image after that second question (trained "
-                                "with it after the first, the model answered follow-ups far worse with it left there)",
+                                "and the model's own answer; the chat template puts the image after that second question, as the "
+                                "two-turn training samples have it (`vqa_records`)",
                    "image first": "\"image first\": LLaVA's usual layout, the image before the question, which this model "
                                   "never saw in training (it is trained with the question first, `llava-train --image-after-text`, "
                                   "and its chat template asks that way for the app and `llava-eval`)"}
