@@ -53,6 +53,32 @@ def first_token_seconds(engine, messages, image, session):
     return time.perf_counter() - start
 
 
+def decode_rate(engine, messages, image, new_tokens: int) -> float:
+    stream = engine.stream(messages, image, temperature=0.0, max_new_tokens=new_tokens, session_id=None)
+    next(stream)
+    first = time.perf_counter()
+    count = 1 + sum(1 for _ in stream)
+    if count != new_tokens:
+        raise SystemExit(f"the engine stopped after {count} of {new_tokens} tokens: rates would not compare")
+    return (new_tokens - 1) / (time.perf_counter() - first)
+
+
+def turn5_ttft(engine, session: str, image, answer: str, repeats: int) -> tuple[float, float, int]:
+    """Medians of (reuse, full recompute) for turn 5 after four turns of history in `session`; one warm-up round
+    first (it captures the CUDA graphs of the steps it needs)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    for turn in range(4):  # four turns of history, each answered with a fixed sentence of about 40 tokens
+        list(engine.stream(messages, image, temperature=0.0, max_new_tokens=1, session_id=session))
+        messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"Tell me more about part {turn}."}]
+    reuse, full = [], []
+    for repeat in range(repeats + 1):  # turn 5 with a new question each time: the session's cache holds turns 1-4
+        turn5 = messages[:-1] + [{"role": "user", "content": f"Tell me more about part {repeat}, please."}]
+        full.append(first_token_seconds(engine, turn5, image, None))
+        reuse.append(first_token_seconds(engine, turn5, image, session))
+    prompt = engine.processor.apply_chat_template(turn5, add_generation_prompt=True)
+    return statistics.median(reuse[1:]), statistics.median(full[1:]), len(engine.processor(images=image, text=prompt)["input_ids"][0])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=SIZES, default="small")
@@ -66,50 +92,49 @@ def main():
     from engine import ChatEngine
     from llava_plugin.convert import convert
 
+    answer = ("There are two shapes in the image: a red circle at the top left and a blue square at the bottom "
+              "right, both on a white background, and the circle is the larger of the two.")
+    image = Image.effect_noise((500, 375), 50).convert("RGB")
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         build(folder, args.size, device)
         engine = ChatEngine(str(folder / "ours"), device=device)
-        image = Image.effect_noise((500, 375), 50).convert("RGB")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
-        answer = ("There are two shapes in the image: a red circle at the top left and a blue square at the bottom "
-                  "right, both on a white background, and the circle is the larger of the two.")
-        for turn in range(4):  # four turns of history, each answered with a fixed sentence of about 40 tokens
-            list(engine.stream(messages, image, temperature=0.0, max_new_tokens=1, session_id="warm"))
-            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": f"Tell me more about part {turn}."}]
-        prompt_tokens = len(engine.processor(images=image, text=engine.processor.apply_chat_template(messages, add_generation_prompt=True))["input_ids"][0])
-        reuse, full = [], []
-        for repeat in range(args.repeats):  # turn 5 with a new question each time: the session's cache holds turns 1-4
-            turn5 = messages[:-1] + [{"role": "user", "content": f"Tell me more about part {repeat}, please."}]
-            full.append(first_token_seconds(engine, turn5, image, None))
-            reuse.append(first_token_seconds(engine, turn5, image, "warm"))
-        ttft_reuse, ttft_full = statistics.median(reuse), statistics.median(full)
+        slots = engine.slots
+        rows = {}  # engine configuration -> (TTFT reuse, TTFT full, decode tokens/s)
+        for name in (["static slots + CUDA graphs" if device == "cuda" else "static slots"] if slots is not None else []) + ["dynamic cache, eager steps"]:
+            engine.slots = slots if name.startswith("static") else None
+            reuse, full, prompt_tokens = turn5_ttft(engine, name, image, answer, args.repeats)
+            decode_rate(engine, first, image, args.new_tokens)  # warm-up
+            rate = statistics.median(decode_rate(engine, first, image, args.new_tokens) for _ in range(args.repeats))
+            rows[name] = reuse, full, rate
+        engine.slots = slots
 
         convert(str(folder / "ours"), str(folder / "hf"), to="llava-hf")
         hf = LlavaForConditionalGeneration.from_pretrained(folder / "hf").to(device).eval()
         processor = AutoProcessor.from_pretrained(folder / "hf")
-        prompt = processor.apply_chat_template(messages[:1], add_generation_prompt=True)
-        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
-        ours_rates, hf_rates = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            stream = engine.stream(messages[:1], image, temperature=0.0, max_new_tokens=args.new_tokens, session_id=None)
-            next(stream)
-            first = time.perf_counter()
-            for _ in stream:
-                pass
-            ours_rates.append((args.new_tokens - 1) / (time.perf_counter() - first))
-            with torch.no_grad():
+        inputs = processor(images=image, text=processor.apply_chat_template(first, add_generation_prompt=True), return_tensors="pt").to(device)
+        hf_rates = []
+        with torch.no_grad():
+            for _ in range(args.repeats + 1):
                 start = time.perf_counter()
                 hf.generate(**inputs, max_new_tokens=1, do_sample=False)
-                first = time.perf_counter() - start
+                first_token = time.perf_counter() - start
                 start = time.perf_counter()
                 hf.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
-                hf_rates.append((args.new_tokens - 1) / (time.perf_counter() - start - first))
-    print(f"device {device}, size {args.size}, turn-5 prompt {prompt_tokens} tokens (576 image)")
-    print(f"TTFT turn 5: reuse {ttft_reuse * 1000:.1f} ms, full recompute {ttft_full * 1000:.1f} ms: ratio {ttft_reuse / ttft_full:.3f}")
-    print(f"decode tokens/s: engine {statistics.median(ours_rates):.1f}, transformers LlavaForConditionalGeneration "
-          f"{statistics.median(hf_rates):.1f}: ratio {statistics.median(ours_rates) / statistics.median(hf_rates):.2f}")
+                hf_rates.append((args.new_tokens - 1) / (time.perf_counter() - start - first_token))
+        hf_rate = statistics.median(hf_rates[1:])
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, size {args.size}, "
+          f"turn-5 prompt {prompt_tokens} tokens (576 image), medians of {args.repeats} after one warm-up")
+    fastest_full = min(full for _, full, _ in rows.values())
+    for name, (reuse, full, rate) in rows.items():
+        print(f"{name}: TTFT turn 5 reuse {reuse * 1000:.1f} ms, full recompute {full * 1000:.1f} ms (ratio {reuse / full:.3f}); "
+              f"decode {rate:.1f} tokens/s")
+    best = next(iter(rows))
+    print(f"TTFT ratio, engine default reuse / fastest full recompute: {rows[best][0] * 1000:.1f} / {fastest_full * 1000:.1f} ms = "
+          f"{rows[best][0] / fastest_full:.3f}")
+    print(f"decode tokens/s: engine default {rows[best][2]:.1f}, transformers LlavaForConditionalGeneration.generate {hf_rate:.1f}: "
+          f"ratio {rows[best][2] / hf_rate:.2f}")
 
 
 if __name__ == "__main__":

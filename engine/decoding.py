@@ -1,7 +1,7 @@
 """A lean decoding loop over a KV cache: one forward per token and nothing else per step, so the session's cache
 stays in our hands (no copy, no worker thread) and Python overhead stays below transformers' generate."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
@@ -19,14 +19,15 @@ def logits_processors(temperature: float, top_p: float, suppress: list[int], dev
 
 
 @torch.no_grad()
-def decode(model, ids: torch.Tensor, cache, keep: int, max_new_tokens: int, temperature: float, top_p: float,
-           stop_ids: set[int], suppress: list[int], lock, **image_inputs) -> Iterator[int]:
-    """Yields new token ids. `ids` (1, T) is the whole prompt; the first `keep` of it are already in `cache`."""
+def decode(step: Callable[[torch.Tensor, dict], torch.Tensor], ids: torch.Tensor, keep: int, max_new_tokens: int,
+           temperature: float, top_p: float, stop_ids: set[int], suppress: list[int], lock, **image_inputs) -> Iterator[int]:
+    """Yields new token ids. `ids` (1, T) is the whole prompt; the first `keep` of it are already in the cache that
+    `step(new_ids, image_inputs)` extends, returning the logits (1, vocab) of the last new token."""
     processors = logits_processors(temperature, top_p, suppress, ids.device)
     step_ids, sequence = ids[:, keep:], ids
     for _ in range(max_new_tokens):
         with lock:  # steps of different sessions interleave; each forward has the model to itself
-            logits = model(input_ids=step_ids, cache=cache, use_cache=True, logits_to_keep=1, **image_inputs).logits[:, -1]
+            logits = step(step_ids, image_inputs)
         image_inputs = {}  # the image entered the cache with the prompt
         scores = processors(sequence, logits.float())
         if temperature > 0:

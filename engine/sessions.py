@@ -54,9 +54,13 @@ class SessionStore:
             for session in list(self._sessions.values()):
                 if total <= self.max_cached_tokens:
                     break
-                if session is not keep and session.cache is not None:
+                if session is keep or session.cache is None or not session.lock.acquire(blocking=False):
+                    continue  # a session that is answering keeps its cache: its decoding loop is using it
+                try:
                     total -= session.cached_tokens
                     session.drop_cache()
+                finally:
+                    session.lock.release()
 
     def reset(self, session_id: str):
         with self._lock:

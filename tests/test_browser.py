@@ -30,6 +30,7 @@ def browser(tmp_path):
 
 
 def test_upload_ask_and_see_the_streamed_answer(server, browser, tmp_path):  # noqa: F811
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions
@@ -49,7 +50,12 @@ def test_upload_ask_and_see_the_streamed_answer(server, browser, tmp_path):  # n
         messages = driver.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")
         return messages[-1].text.strip() if messages else ""
 
-    wait.until(lambda driver: bot_text(driver))
+    try:
+        wait.until(lambda driver: bot_text(driver))
+    except TimeoutException:  # keep what the page showed: a failure here was seen once, and passed on a rerun
+        browser.save_screenshot(str(tmp_path / "timeout.png"))
+        pytest.fail(f"no answer within 60 s; the page read: {browser.find_element(By.TAG_NAME, 'body').text[-600:]!r} "
+                    f"(screenshot {tmp_path / 'timeout.png'})")
     time.sleep(1)  # let the stream finish
     answer = bot_text(browser)
     browser.save_screenshot(str(tmp_path / "chat.png"))

@@ -1,9 +1,14 @@
 import shutil
 
+import torch
+
 import pytest
 from PIL import Image
+from transformers import DynamicCache
 
 from engine import ChatEngine, ChatError
+from engine.sessions import Session
+from engine.static_slots import BUCKETS, StaticSlot
 from llava_plugin import llava_v1_chat_template
 from tiny_components import user_turn
 
@@ -146,3 +151,94 @@ def test_a_reader_that_stops_early_stops_decoding_and_keeps_the_cache(saved_chec
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def conversation(engine, session: str, turns: int = 3, max_new_tokens: int = 6) -> list[str]:
+    messages, replies = [user_turn("What is in the picture?")], []
+    for turn in range(turns):
+        replies.append(list(engine.stream(messages, IMAGE, temperature=0.0, max_new_tokens=max_new_tokens, session_id=session))[-1])
+        messages += [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": f"And then {turn}?"}]
+    return replies
+
+
+@pytest.fixture(scope="module")
+def dynamic_replies(engine):
+    return conversation(engine, "reference")
+
+
+def test_static_slots_answer_as_the_dynamic_cache_does_with_padded_steps(saved_checkpoint, dynamic_replies):
+    """Slots run eagerly on the CPU, so this checks their bookkeeping (write positions, masks, padding to the
+    buckets, logits of the last real token); test_engine_cuda checks the same replayed as CUDA graphs."""
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=2)
+    prefills, tower, hooks = record_calls(engine)
+    try:
+        assert conversation(engine, "alice") == dynamic_replies
+        assert conversation(engine, "alice") == dynamic_replies  # the same turns again: undo and regenerate over a slot
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert isinstance(engine.sessions.get("alice").cache, StaticSlot) and len(engine.slots) == 1
+    assert set(prefills[1:]) <= set(BUCKETS) and prefills.count(1) > 10  # every step after the image prefill is padded
+    assert len(tower) == 1
+    assert answer(engine, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # a one-off answer, own slot
+    assert len(engine.slots) == 2 and engine.slots.acquire(Session(), evict=False) is not None  # and freed it
+
+
+def test_more_sessions_than_slots_take_turns_and_still_answer_the_same(saved_checkpoint, dynamic_replies):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=1)
+    _, tower, hooks = record_calls(engine)
+    try:
+        messages = {name: [user_turn("What is in the picture?")] for name in ("a", "b")}
+        for turn in range(2):
+            for name in ("a", "b"):  # each turn takes the slot from the other, idle, session
+                reply = answer(engine, messages[name], session=name)
+                assert reply == dynamic_replies[turn]
+                messages[name] += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"And then {turn}?"}]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(engine.slots) == 1 and len(tower) == 2  # the evicted session recomputed from its kept vision features
+
+
+def test_a_conversation_that_outgrows_its_slot_goes_on_in_a_dynamic_cache(saved_checkpoint, dynamic_replies):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=1, slot_tokens=110)
+    first = [user_turn("What is in the picture?")]
+    assert answer(engine, first, session="eve") == dynamic_replies[0]
+    assert isinstance(engine.sessions.get("eve").cache, StaticSlot)
+    assert conversation(engine, "eve") == dynamic_replies
+    assert isinstance(engine.sessions.get("eve").cache, DynamicCache)
+
+
+def test_a_busy_session_keeps_its_slot(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=1)
+    owner, other = Session(), Session()
+    owner.cache = engine.slots.acquire(owner)
+    with owner.lock:  # answering
+        assert engine.slots.acquire(other) is None
+    assert engine.slots.acquire(other) is not None and owner.cache is None
+
+
+def test_slot_steps_give_the_logits_of_one_full_forward(engine):
+    """Chunks of every kind (padded to a bucket, exact at the slot's end), then a crop and other chunks over the
+    left-over scratch: each chunk's last logits equal those of the same position in one forward over everything."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, engine.model.config.image_token_id, (1, 40))
+    with torch.no_grad():
+        reference = engine.model(input_ids=ids).logits[0]
+        slot = StaticSlot(engine.model, capacity=42, graphs=False)
+        # first pass: the last chunk (16 tokens padded, from 30) would overrun the slot, so it runs exact
+        for kept, sizes in ((0, [17, 1, 3, 9, 10]), (5, [2, 30, 3])):
+            slot.crop(kept - slot.get_seq_length())
+            end = kept
+            for size in sizes:
+                logits = slot.forward(ids[:, end: end + size], {})
+                end += size
+                torch.testing.assert_close(logits[0], reference[end - 1], atol=1e-4, rtol=1e-4)
+            assert slot.get_seq_length() == end == 40
+
+
+def test_a_turn_with_computed_features_has_the_processors_tokens(engine):
+    messages = [user_turn("What is in the picture?"), {"role": "assistant", "content": "A square."}, {"role": "user", "content": "Why?"}]
+    prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids, pixels = engine._inputs(prompt, IMAGE, have_features=True)
+    assert pixels is None and ids.tolist() == engine.processor(images=IMAGE, text=prompt)["input_ids"]
