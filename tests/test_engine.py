@@ -1,4 +1,5 @@
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -242,3 +243,26 @@ def test_a_turn_with_computed_features_has_the_processors_tokens(engine):
     prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
     ids, pixels = engine._inputs(prompt, IMAGE, have_features=True)
     assert pixels is None and ids.tolist() == engine.processor(images=IMAGE, text=prompt)["input_ids"]
+
+
+def concurrent_users_answer_as_alone(engine, users: int = 6):
+    """`users` threads chat two turns each, with their own image and question, at once; then each conversation again
+    alone: the same answers, so no session saw another's image, text or cache."""
+    images = [Image.new("RGB", (40, 30), (40 * user, 220 - 35 * user, 90)) for user in range(users)]
+
+    def talk(user: int, session: str) -> list[str]:
+        messages, replies = [user_turn(f"What is in picture {user}?")], []
+        for turn in range(2):
+            replies.append(list(engine.stream(messages, images[user], temperature=0.0, max_new_tokens=6, session_id=session))[-1])
+            messages += [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": f"And then {turn}?"}]
+        return replies
+
+    with ThreadPoolExecutor(users) as pool:
+        together = list(pool.map(lambda user: talk(user, f"together-{user}"), range(users)))
+    assert together == [talk(user, f"alone-{user}") for user in range(users)]
+
+
+def test_concurrent_users_with_fewer_slots_than_users_answer_as_alone(saved_checkpoint):
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=2)
+    concurrent_users_answer_as_alone(engine)
+    assert len(engine.slots) == 2

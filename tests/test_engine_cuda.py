@@ -6,6 +6,7 @@ from PIL import Image
 
 from engine import ChatEngine
 from engine.static_slots import StaticSlot
+from test_engine import concurrent_users_answer_as_alone
 from tiny_components import user_turn
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -47,3 +48,10 @@ def test_graph_replays_give_the_logits_of_one_full_forward(saved_checkpoint):
                 end += size
                 torch.testing.assert_close(logits[0], reference[end - 1], atol=2e-4, rtol=2e-4)
     assert sorted(slot._steps) == [1, 4, 16]  # the 17 tokens at 0 would overrun the slot padded to 64: exact
+
+
+def test_concurrent_users_over_graphed_slots_answer_as_alone(saved_checkpoint):
+    """Captures, replays and eager steps of six threads interleave over two slots (the rest in DynamicCaches)."""
+    engine = ChatEngine(str(saved_checkpoint), device="cuda", static_slots=2)
+    concurrent_users_answer_as_alone(engine)
+    assert len(engine.slots) == 2
