@@ -6,7 +6,8 @@ launch cost and nothing else. A CUDA graph launches the whole step at once, but 
 shapes: each slot holds one session's keys and values in a transformers StaticCache, and each step is padded to one
 of a few token counts (BUCKETS), with one graph per slot and count, captured the first time it is needed.
 Padding is harmless: the padding tokens sit after the real ones, no real token attends to them, and the next step
-overwrites them. Steps with an image, or longer than the largest bucket, run eagerly over the same cache.
+overwrites them. Steps with an image, or longer than the largest bucket, run eagerly over the same cache (a whole
+prompt through a DynamicCache, whose keys and values are then copied in).
 """
 
 import threading
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
 BUCKETS = (1, 4, 16, 64, 256)  # token counts of a step; a 7B step costs about the same for any of these on a GPU
@@ -76,6 +77,15 @@ class StaticSlot:
         return logits
 
     def _exact(self, ids: torch.Tensor, start: int, image_inputs: dict) -> torch.Tensor:
+        if start == 0:
+            # A whole prompt (a new conversation): SDPA's causal kernel over its own length beats an explicit mask
+            # over the slot's every position (5 ms of 55 at 7B on an H200); its keys and values are copied in after.
+            prompt = DynamicCache(config=self.model.config.get_text_config())
+            logits = self.model(input_ids=ids, cache=prompt, use_cache=True, logits_to_keep=1, **image_inputs).logits[:, -1]
+            for layer, computed in zip(self.cache.layers, prompt.layers):
+                layer.keys[:, :, : ids.shape[1]].copy_(computed.keys)
+                layer.values[:, :, : ids.shape[1]].copy_(computed.values)
+            return logits
         self.start.fill_(start)
         self._seek()
         positions = (start + torch.arange(ids.shape[1], device=ids.device)).unsqueeze(0)
