@@ -177,8 +177,8 @@ class ChatEngine:
         if isinstance(session.cache, StaticSlot) and not fits_a_slot:
             session.drop_cache()  # the conversation outgrew its slot: recompute it once into a DynamicCache
         if session.cache is None or keep == 0:
-            slot = self.slots.acquire(session, evict) if fits_a_slot else None
-            session.cache = slot or DynamicCache(config=self.model.config.get_text_config())
+            if not (fits_a_slot and self.slots.acquire(session, evict)):
+                session.cache = DynamicCache(config=self.model.config.get_text_config())
             keep = 0
         elif keep < session.cached_tokens:
             session.cache.crop(keep - session.cached_tokens)

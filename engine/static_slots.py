@@ -12,6 +12,7 @@ prompt through a DynamicCache, whose keys and values are then copied in).
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,13 @@ class _Step:
 
 
 def supports_static_slots(model) -> bool:
-    """Only plain causal attention: sliding-window and hybrid layers keep their own, differently indexed, caches."""
-    cache = StaticCache(config=model.config.get_text_config(), max_cache_len=1)
+    """Only plain causal attention through SDPA: sliding-window and hybrid layers keep their own, differently indexed,
+    caches, and other attention kernels read a boolean mask otherwise (eager adds it to the scores; FlashAttention
+    ignores a 4D mask)."""
+    config = model.config.get_text_config()
+    if model.language_model.config._attn_implementation != "sdpa":
+        return False
+    cache = StaticCache(config=config, max_cache_len=1)
     return all(type(layer) is StaticLayer for layer in cache.layers)
 
 
@@ -43,7 +49,8 @@ class StaticSlot:
     def __init__(self, model, capacity: int, graphs: bool, pool=None):
         config = model.config.get_text_config()
         embeddings = model.get_input_embeddings().weight
-        self.model, self.capacity, self.graphs, self.pool = model, capacity, graphs, pool
+        self.model, self.capacity, self.pool = model, capacity, pool
+        self.graphs = graphs and embeddings.device.type == "cuda"  # a graph of CPU work would replay nothing
         self.cache = StaticCache(config=config, max_cache_len=capacity)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -103,7 +110,12 @@ class StaticSlot:
         if not self.graphs:
             return self._run(step)[:, -1]
         if step.graph is None:
-            self._capture(step)
+            try:
+                self._capture(step)
+            except Exception as error:  # graphs only save time: a step that cannot be captured runs eagerly
+                warnings.warn(f"CUDA graph capture failed ({error}); this slot's steps run eagerly from now on")
+                self.graphs = False
+                return self._run(step)[:, -1]
         step.graph.replay()
         return step.logits[:, -1].clone()  # the graphs share one memory pool: the next replay may reuse this memory
 
@@ -143,13 +155,17 @@ class SlotPool:
     one of an idle session (which loses its cache and recomputes next turn, as when the session store trims it)."""
 
     def __init__(self, model, slots: int, capacity: int, graphs: bool):
+        # padded steps write up to the slot's last position: keep it within the positions the model knows
+        capacity = min(capacity, getattr(model.config.get_text_config(), "max_position_embeddings", None) or capacity)
         self.model, self.size, self.capacity, self.graphs = model, slots, capacity, graphs
         self.pool = torch.cuda.graph_pool_handle() if graphs else None
         self._slots: list[StaticSlot] = []
         self._lock = threading.Lock()
 
     def acquire(self, session, evict: bool = True) -> StaticSlot | None:
-        """A slot for `session` (whose lock the caller holds), emptied; None when every slot is busy."""
+        """Gives `session` (whose lock the caller holds) an empty slot as its cache, and returns it; None when every
+        slot is busy. The session takes the slot under the pool's lock: a slot counts as free once its owner's cache
+        is something else, so another thread must never see the owner set before the cache."""
         with self._lock:
             slot = session.cache if isinstance(session.cache, StaticSlot) else self._free()
             if slot is None and len(self._slots) < self.size:
@@ -159,6 +175,7 @@ class SlotPool:
                 slot = self._evict()
             if slot is not None:
                 slot.owner, slot.length = session, 0
+                session.cache, session.tokens = slot, None
             return slot
 
     def _free(self) -> StaticSlot | None:

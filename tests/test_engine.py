@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from engine import ChatEngine, ChatError
 from engine.sessions import Session
-from engine.static_slots import BUCKETS, StaticSlot
+from engine.static_slots import BUCKETS, StaticSlot, supports_static_slots
 from llava_plugin import llava_v1_chat_template
 from tiny_components import user_turn
 
@@ -90,13 +90,15 @@ def test_later_turns_prefill_only_the_new_tokens_and_match_a_full_recompute(save
     assert tower_runs == 1 + 3  # once for the session, once per recompute
 
 
-def test_a_template_that_moves_the_image_to_the_newest_question_still_reuses_the_cache_and_the_features(saved_checkpoint, tmp_path):
+@pytest.mark.parametrize("static_slots", [0, 2])
+def test_a_template_that_moves_the_image_to_the_newest_question_still_reuses_the_cache_and_the_features(saved_checkpoint, tmp_path, static_slots):
     """Each turn's prompt differs from the last one's from where the image was: the cache is cropped there, the
-    image's features come from the session, and answers still equal a full recompute."""
+    image's features come from the session, and answers still equal a full recompute. With slots, the image's
+    span is an eager step in the middle of a slot."""
     folder = tmp_path / "image-after-text"
     shutil.copytree(saved_checkpoint, folder)
     (folder / "chat_template.jinja").write_text(llava_v1_chat_template("Shapes.", image_after_text=True))
-    engine = ChatEngine(str(folder), device="cpu")
+    engine = ChatEngine(str(folder), device="cpu", static_slots=static_slots)
     first_prefills, tower_runs, prompt = three_turns(engine, "dora")
     assert prompt.endswith("And then 1?\n<image> ASSISTANT:")
     full_prompt = engine.processor(images=IMAGE, text=prompt)
@@ -210,13 +212,43 @@ def test_a_conversation_that_outgrows_its_slot_goes_on_in_a_dynamic_cache(saved_
     assert isinstance(engine.sessions.get("eve").cache, DynamicCache)
 
 
-def test_a_busy_session_keeps_its_slot(saved_checkpoint):
+def test_a_slot_has_one_session_and_a_busy_session_keeps_its_slot(saved_checkpoint):
     engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=1)
     owner, other = Session(), Session()
-    owner.cache = engine.slots.acquire(owner)
-    with owner.lock:  # answering
-        assert engine.slots.acquire(other) is None
-    assert engine.slots.acquire(other) is not None and owner.cache is None
+    with owner.lock:  # answering: the slot became its cache inside acquire, so no other thread can take it
+        slot = engine.slots.acquire(owner)
+        assert owner.cache is slot and engine.slots.acquire(other) is None
+    assert engine.slots.acquire(other) is slot and other.cache is slot and owner.cache is None
+
+
+def test_slots_need_sdpa_attention(engine):
+    """Eager attention adds the boolean mask to the scores instead of masking with it: no slots then."""
+    assert supports_static_slots(engine.model)
+    engine.model.set_attn_implementation("eager")
+    try:
+        assert not supports_static_slots(engine.model)
+    finally:
+        engine.model.set_attn_implementation("sdpa")
+
+
+def test_a_slot_whose_graph_cannot_be_captured_steps_eagerly(engine, monkeypatch):
+    """A capture that fails (here: made to fail) leaves a warning and eager steps with the same logits."""
+    def fail(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    ids = torch.randint(0, engine.model.config.image_token_id, (1, 12))
+    with torch.no_grad():
+        reference = engine.model(input_ids=ids).logits[0]
+        slot = StaticSlot(engine.model, capacity=32, graphs=True)
+        assert not slot.graphs  # a CPU model: nothing to capture
+        slot.graphs = True  # as on CUDA
+        monkeypatch.setattr(slot, "_capture", fail)
+        with pytest.warns(UserWarning, match="capture failed"):
+            first = slot.forward(ids[:, :9], {})  # padded to 16: the graph's capture fails
+        assert not slot.graphs
+        second = slot.forward(ids[:, 9:], {})
+    torch.testing.assert_close(first[0], reference[8], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second[0], reference[11], atol=1e-4, rtol=1e-4)
 
 
 def test_slot_steps_give_the_logits_of_one_full_forward(engine):
