@@ -1,7 +1,8 @@
 """The chat engine: time to first token at turn 5 with KV reuse vs full recompute, and decode tokens/s vs
 transformers' LlavaForConditionalGeneration.generate on the same weights, side by side in one run.
 
-A 336px/14 tower (576 image tokens) and a LLaMA-style LM, random weights, made on the spot; greedy decoding.
+A 336px/14 tower (576 image tokens) and a LLaMA-style LM, random weights, made on the spot; greedy decoding. Each
+engine configuration in turn: the default (on CUDA: static slots with CUDA graphs) and the eager DynamicCache path.
 python bench/bench_engine.py [--size small|7b] [--repeats 5]
 """
 
