@@ -2,32 +2,20 @@
 
 import pytest
 import torch
-from PIL import Image
 
 from engine import ChatEngine
 from engine.static_slots import StaticSlot
-from test_engine import concurrent_users_answer_as_alone
-from tiny_components import user_turn
+from test_engine import concurrent_users_answer_as_alone, conversation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-
-IMAGE = Image.new("RGB", (40, 30), (30, 200, 30))
-
-
-def conversation(engine, session: str) -> list[str]:
-    messages, replies = [user_turn("What is in the picture?")], []
-    for turn in range(3):
-        replies.append(list(engine.stream(messages, IMAGE, temperature=0.0, max_new_tokens=8, session_id=session))[-1])
-        messages += [{"role": "assistant", "content": replies[-1]}, {"role": "user", "content": f"And then {turn}?"}]
-    return replies
 
 
 def test_graph_replays_answer_as_eager_steps_do(saved_checkpoint):
     graphed = ChatEngine(str(saved_checkpoint), device="cuda")
     eager = ChatEngine(str(saved_checkpoint), device="cuda", static_slots=0)
-    replies = conversation(graphed, "alice")
-    assert replies == conversation(eager, "alice")
-    assert conversation(graphed, "alice") == replies  # again over the captured graphs: undo and regenerate
+    replies = conversation(graphed, "alice", max_new_tokens=8)
+    assert replies == conversation(eager, "alice", max_new_tokens=8)
+    assert conversation(graphed, "alice", max_new_tokens=8) == replies  # again over the captured graphs: undo and regenerate
     slot = graphed.sessions.get("alice").cache
     assert isinstance(slot, StaticSlot) and slot.graphs and all(step.graph is not None for step in slot._steps.values())
     assert 1 in slot._steps and len(slot._steps) >= 2
