@@ -16,6 +16,7 @@ from llava_plugin.convert import convert, detect_format, local_folder
 from .decoding import decode
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
+from .untrusted import MAX_CONVERSATION_CHARS, UntrustedInputError, check_text, open_image, plain_messages
 
 CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
 MAX_IMAGE_SIDE = 2048
@@ -46,6 +47,11 @@ def common_prefix(cached: torch.Tensor | None, ids: torch.Tensor) -> int:
     length = min(len(cached), len(ids))
     differ = (cached[:length] != ids[:length]).nonzero()
     return int(differ[0]) if len(differ) else length
+
+
+def conversation_text(messages: list[dict]) -> str:
+    return "".join(message["content"] if isinstance(message["content"], str)
+                   else "".join(part.get("text", "") for part in message["content"]) for message in messages)
 
 
 def fingerprint(image) -> str:
@@ -103,17 +109,24 @@ class ChatEngine:
 
     def _stream(self, session: Session, messages, image, temperature, top_p, max_new_tokens, evict: bool) -> Iterator[str]:
         try:
-            image = load_image(image)
-            if max(image.size) > MAX_IMAGE_SIDE:  # a huge photo: the tower sees 336 px anyway, keep memory and time flat
-                image = image.copy()
-                image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+            # A huge photo: the tower sees 336 px anyway, keep memory and time flat. A file is measured from its
+            # header before decoding (untrusted); an image object in memory was the caller's to decode.
+            if isinstance(image, (str, os.PathLike, bytes)):
+                image = open_image(image, max_side=MAX_IMAGE_SIDE)
+            else:
+                image = load_image(image)
+                if max(image.size) > MAX_IMAGE_SIDE:
+                    image = image.copy()
+                    image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+            check_text(conversation_text(messages), MAX_CONVERSATION_CHARS, "the conversation")
+            messages = plain_messages(messages, self.processor.tokenizer.all_special_tokens)
             key = fingerprint(image)  # hashes every pixel: once per turn
             if key != session.image_key:
                 session.forget_image()
                 session.image_key = key
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             ids, pixel_values = self._inputs(prompt, image, session.vision_features is not None)
-        except (ImageLoadError, ValueError) as error:  # unreadable image, too long for the context, bad markers
+        except (ImageLoadError, UntrustedInputError, ValueError) as error:  # unreadable or huge image, too long
             raise ChatError(str(error)) from error
         ids = ids.to(self.device)
         extra = self._reuse(session, ids[0], pixel_values, max_new_tokens, evict)
