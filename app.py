@@ -1,22 +1,30 @@
-"""The Gradio app: multi-turn image chat. Thin: it wires the UI to `engine`.
+"""The Gradio app: multi-turn image chat and a data-drafting tab. Thin: it wires the UI to `engine` (and, for the
+Data tab, to `trainer.datagen`'s drafting API).
 
-python app.py --model PATH_OR_ID [--host H] [--port N] [--share]
+python app.py [--model PATH_OR_ID | --backend-url URL] [--host H] [--port N] [--share] [--remote-drafting ...]
+
+Everything a visitor sends is hostile: images are measured from their header (engine.untrusted), questions are
+capped before tokenizing, the prompt holds only the conversation on screen, and the Data tab sends requests only
+where the operator allowed, with the key the visitor typed (never the operator's, unless the operator says so).
 """
 
 import argparse
 import json
 import os
+import re
 import tempfile
+from dataclasses import dataclass, field
 
 import gradio as gr
 import openai
 
 from engine import ChatEngine, ChatError
+from engine.untrusted import MAX_QUESTION_CHARS, UntrustedInputError, check_text, open_image
 from trainer.datagen import KINDS, AnnotationError, draft_records
 from trainer.datagen.openai_backend import DEFAULT_MODEL as DEFAULT_DRAFT_MODEL
 from trainer.datagen.preview import annotation_from_text, as_chat, draw_boxes
 
-MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio with a message; huge images are downscaled by the engine
+MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio with a message
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_FOLDER = os.path.join(HERE, "examples")
 EXAMPLES = [
@@ -31,97 +39,161 @@ EXAMPLES = [
 # left; one yellow triangle in the center.
 
 # The embedded default: a miniature LLaVA trained on the shapes world (`llava-shapes`), committed with the code.
-DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", os.path.join(HERE, "checkpoints", "shapes-llava"))
+EMBEDDED_MODEL = os.path.join(HERE, "checkpoints", "shapes-llava")
+DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", EMBEDDED_MODEL)
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+EMBEDDED_MODEL_NOTE = (
+    "The demo model is a miniature LLaVA trained only on the *shapes world*: red, green, blue and yellow circles, "
+    "squares and triangles on a plain background. It answers what colour, which shape, how many, where, yes/no and "
+    "\"describe\" questions about such images; about photos it has nothing sensible to say. Try an example below.")
+GENERATION_DEFAULTS = {"temperature": 0.2, "top_p": 0.7, "max_new_tokens": 512}  # LLaVA's demo settings
+
+# The app's own replies (not the model's): they and the question they answer are left out of the next prompt.
+ASK_FOR_IMAGE = "Please attach an image to your first message."
+ASK_FOR_QUESTION = "Please type a question about the image."
+REFUSAL = "Sorry, I could not use that input: "
+NOTICES = (ASK_FOR_IMAGE, ASK_FOR_QUESTION, REFUSAL)
+
+
+def _parts(content) -> tuple[list[str], list[str]]:
+    """Gradio message content (a string, a file dict, or a list of them, in the API's or the browser's form) ->
+    (texts, file paths)."""
+    texts, files = [], []
+    for part in content if isinstance(content, (list, tuple)) else [content]:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            path = part.get("path") or (part.get("file") or {}).get("path")
+            if path:
+                files.append(path)
+            elif isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return texts, files
 
 
 def conversation_from(message: dict, history: list[dict]) -> tuple[list[dict], str | None]:
-    """Gradio's history + new message -> (chat-template messages with the image in the first user turn, image path)."""
-    turns, image = [], None
-    files = [{"path": file} if isinstance(file, str) else file for file in message.get("files", [])]
-    if files:
-        history = []  # a new image starts a new conversation, as in LLaVA
-    for item in [*history, {"role": "user", "content": [*files, message.get("text", "")]}]:
-        contents = item["content"] if isinstance(item["content"], (list, tuple)) else [item["content"]]
-        for part in contents:
-            path = part.get("path") or (part.get("file") or {}).get("path") if isinstance(part, dict) else None
-            text = part if isinstance(part, str) else (part.get("text") if isinstance(part, dict) else None)
-            if path and image is None:
-                image = path
-            elif text:
-                if turns and turns[-1]["role"] == item["role"]:
-                    turns[-1]["text"] += "\n" + text
-                else:
-                    turns.append({"role": item["role"], "text": text})
-    messages = [{"role": turn["role"], "content": turn["text"]} for turn in turns]
-    if image is not None and messages and messages[0]["role"] == "user":
-        messages[0]["content"] = [{"type": "image"}, {"type": "text", "text": messages[0]["content"]}]
-    return messages, image
+    """Gradio's history + the new message -> (chat-template messages of the current conversation, its image path).
+
+    The current conversation starts at the newest user message that brought an image (a new image starts a new
+    conversation, as in LLaVA); what came before it is not in the prompt. The app's own notices, and the question
+    each one answered, are left out too. The image goes in the conversation's first user turn."""
+    files = [{"path": file} if isinstance(file, str) else file for file in message.get("files") or []]
+    new = {"role": "user", "content": [*files, message.get("text") or ""]}
+    items = [(item.get("role"), *_parts(item.get("content"))) for item in [*history, new]]
+    starts = [index for index, (role, _, files) in enumerate(items) if role == "user" and files]
+    if not starts:
+        return [], None
+    items = items[starts[-1]:]
+    image = items[0][2][-1]
+    turns: list[dict] = []
+    for index, (role, texts, _) in enumerate(items):
+        text = "\n".join(text for text in texts if text.strip())
+        answered_by_notice = role == "user" and index + 1 < len(items) and items[index + 1][0] == "assistant" and \
+            "\n".join(items[index + 1][1]).startswith(NOTICES)
+        if role not in ("user", "assistant") or not text or answered_by_notice or text.startswith(NOTICES):
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += "\n" + text
+        else:
+            turns.append({"role": role, "content": text})
+    if turns and turns[0]["role"] == "user":
+        turns[0]["content"] = [{"type": "image"}, {"type": "text", "text": turns[0]["content"]}]
+    return turns, image
 
 
-def build_demo(engine: ChatEngine | None, notice: str = "") -> gr.Blocks:
-    def respond(message, history, temperature, top_p, max_new_tokens, request: gr.Request):
+def respond_with(engine, notice: str = "", max_question_chars: int = MAX_QUESTION_CHARS):
+    """The chat function: checks the visitor's input, then streams the engine's answer."""
+    def respond(message, history, temperature, top_p, max_new_tokens, request: gr.Request = None):
         if engine is None:
             yield notice
             return
-        session = request.session_hash if request else None
-        messages, image = conversation_from(message, history)
-        if not message.get("text", "").strip():
-            yield "Please type a question about the image."
-            return
-        if image is None and session:  # an API client sends one turn at a time: continue its conversation
-            earlier, image = engine.conversation(session)
-            messages = earlier + messages
-        if image is None:
-            yield "Please attach an image to your first message."
-            return
+        text = message.get("text") or ""
         try:
-            yield from engine.stream(messages, image, temperature, top_p, int(max_new_tokens), session_id=session)
+            check_text(text, max_question_chars)
+        except UntrustedInputError as error:
+            yield REFUSAL + str(error)
+            return
+        if not text.strip():
+            yield ASK_FOR_QUESTION
+            return
+        messages, image = conversation_from(message, history)
+        if image is None:
+            yield ASK_FOR_IMAGE
+            return
+        session = request.session_hash if request else None
+        try:
+            yield from engine.stream(messages, image, float(temperature), float(top_p), int(max_new_tokens), session_id=session)
         except ChatError as error:
-            yield f"Sorry, I could not use that input: {error}"
+            yield REFUSAL + str(error)
 
-    with gr.Blocks(title="llava-plugin") as demo:
-        gr.Markdown("# llava-plugin\nVisual instruction tuning: chat about an image, or draft instruction data.")
-        with gr.Tab("Chat"):
-            if notice:
-                gr.Markdown(notice)
-            gr.ChatInterface(
-                respond,
-                multimodal=True,
-                api_name="chat",
-                examples=[[example, 0.2, 0.7, 512] for example in EXAMPLES if os.path.exists(example["files"][0])] or None,
-                additional_inputs_accordion=gr.Accordion("Generation settings", open=False),
-                additional_inputs=[
-                    gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="Temperature"),
-                    gr.Slider(0.0, 1.0, value=0.7, step=0.05, label="Top-p"),
-                    gr.Slider(1, 1024, value=512, step=1, label="Max new tokens"),
-                ],
-            )
-        with gr.Tab("Data"):
-            data_tab()
-    return demo
+    return respond
 
 
-def draft(record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed):
-    """The data tab's action: the same drafting API as llava-datagen. The key is used for this call only."""
-    try:
-        size = image.size if image is not None else (width, height)
-        annotation = annotation_from_text(record_json, captions, boxes, *size)
-        options = {"model": model, "base_url": base_url or None, "api_key": api_key or None} if backend == "openai" else {}
-        records, rejects = draft_records(annotation, kinds=kinds or KINDS, backend=backend, seed=int(seed or 0), **options)
-    except (AnnotationError, ValueError) as error:
-        raise gr.Error(str(error)) from error
-    except openai.OpenAIError as error:
-        raise gr.Error(f"the OpenAI request failed: {type(error).__name__}: {error}") from error
-    text = json.dumps(records, indent=1, ensure_ascii=False)
-    path = os.path.join(tempfile.mkdtemp(prefix="llava-data-"), "instruct.json")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    notes = [f"rejected {reject['id']}: {reject['reason']}" for reject in rejects]
-    boxed = draw_boxes(image, annotation) if image is not None else None
-    return boxed, as_chat(records), text + ("\n// " + "\n// ".join(notes) if notes else ""), path
+def must_have_text(message: dict):
+    """Gradio's validator: an empty message never reaches the chat (no empty bubble)."""
+    has_text = bool((message or {}).get("text", "").strip()) or bool((message or {}).get("files"))
+    return gr.validate(has_text, "Type a question (and attach an image to start a conversation).")
 
 
-def data_tab():
+@dataclass
+class DraftPolicy:
+    """What the Data tab may do with a visitor's request. The remote (OpenAI-compatible) backend is off unless the
+    operator turns it on; then only the listed base URLs are reachable, with the visitor's own key, unless the
+    operator lends theirs (`operator_key`)."""
+    remote: bool = False
+    base_urls: list[str] = field(default_factory=lambda: ["https://api.openai.com/v1"])
+    operator_key: str | None = None
+    timeout: float = 30.0  # per request; with retries a slow server costs one visitor at most about a minute a kind
+    max_retries: int = 1
+    concurrency: int = 16  # drafting requests at once, apart from the chat's queue
+
+    def options(self, backend: str, api_key: str, base_url: str) -> dict:
+        """The drafting options for one request, or a ValueError to show the visitor."""
+        if backend == "offline":
+            return {}
+        if backend != "openai":
+            raise ValueError(f"unknown backend {backend!r}")
+        if not self.remote:
+            raise ValueError("the remote backend is off on this server (its operator can turn it on with "
+                             "--remote-drafting); the offline backend works without it")
+        base_url = (base_url or self.base_urls[0]).strip()
+        if base_url not in self.base_urls:
+            raise ValueError(f"this server drafts only through {', '.join(self.base_urls)}")
+        key = (api_key or "").strip() or self.operator_key
+        if not key:
+            raise ValueError("type your API key: it is used for this request only and kept nowhere")
+        return {"api_key": key, "base_url": base_url, "credentials_from_environment": False,
+                "timeout": self.timeout, "max_retries": self.max_retries}
+
+
+def make_draft(policy: DraftPolicy):
+    def draft(record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed):
+        """The data tab's action: the same drafting API as llava-datagen. The key is used for this call only."""
+        try:
+            picture = open_image(image) if image else None  # a file path: measured before it is decoded
+            size = picture.size if picture is not None else (width, height)
+            annotation = annotation_from_text(record_json, captions, boxes, *size)
+            options = policy.options(backend, api_key, base_url)
+            records, rejects = draft_records(annotation, kinds=kinds or KINDS, backend=backend, seed=int(seed or 0),
+                                             model=model or DEFAULT_DRAFT_MODEL, **options)
+        except (AnnotationError, UntrustedInputError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        except openai.APIStatusError as error:  # the remote body is not shown: it is the remote's, not ours to echo
+            raise gr.Error(f"the drafting server answered HTTP {error.status_code} ({type(error).__name__})") from None
+        except openai.OpenAIError as error:
+            raise gr.Error(f"the drafting request failed: {type(error).__name__}") from None
+        text = json.dumps(records, indent=1, ensure_ascii=False)
+        path = os.path.join(tempfile.mkdtemp(prefix="llava-data-"), "instruct.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        notes = [f"rejected {reject['id']}: {reject['reason']}" for reject in rejects]
+        boxed = draw_boxes(picture, annotation) if picture is not None else None
+        return boxed, as_chat(records), text + ("\n// " + "\n// ".join(notes) if notes else ""), path
+
+    return draft
+
+
+def data_tab(policy: DraftPolicy):
     gr.Markdown("Captions and boxes in, LLaVA instruction data out (conversation, detailed description, complex "
                 "reasoning), as `llava-datagen` drafts it.")
     with gr.Row():
@@ -130,15 +202,18 @@ def data_tab():
             captions = gr.Textbox(label="Captions, one per line", lines=3, value="A red circle and a blue square on a white background.")
             boxes = gr.Textbox(label="Boxes, one per line: label: [x1, y1, x2, y2] in pixels", lines=3,
                                value="red circle: [20, 20, 120, 120]\nblue square: [200, 150, 300, 250]")
-            image = gr.Image(type="pil", label="Image (optional: sets the size and shows the boxes)")
+            image = gr.Image(type="filepath", label="Image (optional: sets the size and shows the boxes)")
             with gr.Row():
                 width = gr.Number(value=336, label="Width (without an image)", precision=0)
                 height = gr.Number(value=336, label="Height", precision=0)
             kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
-            backend = gr.Radio(["offline", "openai"], value="offline", label="Backend")
-            api_key = gr.Textbox(type="password", label="OpenAI API key (openai backend; used for this request only)")
-            base_url = gr.Textbox(label="Base URL (any OpenAI-compatible server; optional)")
-            model = gr.Textbox(value=DEFAULT_DRAFT_MODEL, label="Model")
+            backend = gr.Radio(["offline", "openai"] if policy.remote else ["offline"], value="offline", label="Backend")
+            api_key = gr.Textbox(type="password", visible=policy.remote,
+                                 label="API key (openai backend; used for this request only, kept nowhere)")
+            # Custom values pass the component so that DraftPolicy refuses them with its own message.
+            base_url = gr.Dropdown(policy.base_urls, value=policy.base_urls[0], visible=policy.remote, allow_custom_value=True,
+                                   label="Server (the ones this app's operator allows)")
+            model = gr.Textbox(value=DEFAULT_DRAFT_MODEL, label="Model", visible=policy.remote)
             seed = gr.Number(value=0, label="Seed", precision=0)
             button = gr.Button("Draft", variant="primary")
         with gr.Column():
@@ -146,36 +221,123 @@ def data_tab():
             preview = gr.Chatbot(label="Preview")
             output = gr.Code(label="LLaVA JSON", language="json")
             download = gr.File(label="Download")
-    button.click(draft, [record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed],
-                 [boxed, preview, output, download], api_name="draft")
+    button.click(make_draft(policy), [record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url,
+                                      model, seed], [boxed, preview, output, download], api_name="draft",
+                 concurrency_limit=policy.concurrency, concurrency_id="draft")
 
 
-def load_engine(model: str) -> tuple[ChatEngine | None, str]:
-    """An engine for a local folder or hub id, or None and a notice the page shows instead of answers."""
-    if model == DEFAULT_MODEL and not os.path.isdir(model):
-        return None, (
-            f"**No model loaded.** The embedded default `{model}` is missing: rebuild it with "
-            "`llava-shapes --export checkpoints/shapes-llava`, or start the app with `python app.py --model PATH`."
-        )
+def build_demo(engine, notice: str = "", policy: DraftPolicy | None = None, about: str = "") -> gr.Blocks:
+    """The page. `engine` is a ChatEngine (or anything with its `stream`), or None with a `notice` to show instead."""
+    policy = policy or DraftPolicy()
+    with gr.Blocks(title="llava-plugin") as demo:
+        gr.Markdown("# llava-plugin\nVisual instruction tuning: chat about an image, or draft instruction data.")
+        with gr.Tab("Chat"):
+            for text in (notice, about):
+                if text:
+                    gr.Markdown(text)
+            settings = [  # render=False: the chat renders them inside its accordion, not above it
+                gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["temperature"], step=0.05, label="Temperature", render=False),
+                gr.Slider(0.0, 1.0, value=GENERATION_DEFAULTS["top_p"], step=0.05, label="Top-p", render=False),
+                gr.Slider(1, 1024, value=GENERATION_DEFAULTS["max_new_tokens"], step=1, label="Max new tokens", render=False),
+            ]
+            chat = gr.ChatInterface(
+                respond_with(engine, notice),
+                multimodal=True,
+                api_name="chat",
+                textbox=gr.MultimodalTextbox(file_types=["image"], file_count="single", render=False,
+                                             placeholder="Ask about an image (attach one to start a conversation)"),
+                # The message alone (no settings): clicking runs it with the sliders as they are, and the table
+                # shows only questions and images. Copies: Gradio rewrites the files of what it is given.
+                examples=[[{**example, "files": list(example["files"])}] for example in EXAMPLES
+                          if os.path.exists(example["files"][0])] or None,
+                run_examples_on_click=True,
+                additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
+                additional_inputs=settings,
+                validator=must_have_text,
+                concurrency_limit=8,  # the engine serialises model steps itself; queued visitors still stream
+            )
+            if engine is not None and hasattr(engine, "reset"):
+                def forget(request: gr.Request):  # Clear also drops what the server holds for this visitor
+                    engine.reset(request.session_hash)
+
+                chat.chatbot.clear(forget, api_visibility="undocumented", queue=False)
+        with gr.Tab("Data"):
+            data_tab(policy)
+    demo.run_history = False  # Gradio's run history keeps inputs (the key box too) in the browser; keep nothing
+    return demo
+
+
+def load_engine(model: str):
+    """A ChatEngine for a local folder or hub id; SystemExit with a clear message when there is none to load."""
+    folder = os.path.expanduser(model)
+    if os.path.abspath(folder) == EMBEDDED_MODEL and not os.path.isdir(folder):
+        raise SystemExit(f"app.py: the embedded model {model} is missing: rebuild it with "
+                         "`llava-shapes --export checkpoints/shapes-llava`, or pass --model PATH_OR_ID")
+    if not os.path.isdir(folder) and not HUB_ID.fullmatch(model):
+        raise SystemExit(f"app.py: --model {model}: no such folder (and not a hub id, which reads NAME or OWNER/NAME)")
     try:
-        return ChatEngine(model), ""
-    except (OSError, ValueError) as error:
-        return None, f"**Could not load model `{model}`:** {error}"
+        return ChatEngine(folder if os.path.isdir(folder) else model)
+    except Exception as error:  # noqa: BLE001 (the command line's edge: whatever failed, say it in one line)
+        where = "the folder" if os.path.isdir(folder) else "no such folder, and the hub model"
+        raise SystemExit(f"app.py: cannot load --model {model} ({where}): {type(error).__name__}: {error}") from None
+
+
+def load_backend(args: argparse.Namespace):
+    """What answers the chat: our engine on --model, or any OpenAI-compatible server at --backend-url."""
+    if args.backend_url:
+        from engine.remote import RemoteChat  # noqa: PLC0415 (only a front end needs the client)
+
+        return RemoteChat(args.backend_url, model=args.backend_model, api_key=os.environ.get("LLAVA_BACKEND_API_KEY"))
+    return load_engine(args.model)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Chat with a llava_plugin model about an image.")
+    parser = argparse.ArgumentParser(description="Chat with a llava_plugin model about an image, and draft instruction data.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id (default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    parser.add_argument("--backend-url", help="answer through this OpenAI-compatible server (llava-serve, vLLM, SGLang) "
+                                              "instead of loading a model; its key from LLAVA_BACKEND_API_KEY")
+    parser.add_argument("--backend-model", help="the model name to ask the --backend-url server for (default: its first)")
+    # Spaces and containers set GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; an explicit flag wins.
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
+                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
-    return parser.parse_args(argv)
+    drafting = parser.add_argument_group("the Data tab's remote backend (off by default)")
+    drafting.add_argument("--remote-drafting", action="store_true",
+                          help="let visitors draft through an OpenAI-compatible server with their own key")
+    drafting.add_argument("--draft-base-url", action="append", metavar="URL",
+                          help="a server visitors may draft through (repeatable; default: https://api.openai.com/v1)")
+    drafting.add_argument("--draft-with-operator-key", action="store_true",
+                          help="a visitor who types no key drafts on this server's OPENAI_API_KEY (only through the "
+                               "allowed servers); mind the bill")
+    drafting.add_argument("--draft-timeout", type=float, default=30.0, help="seconds per drafting request (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.draft_with_operator_key and not os.environ.get("OPENAI_API_KEY"):
+        parser.error("--draft-with-operator-key needs OPENAI_API_KEY in the environment")
+    if (args.draft_base_url or args.draft_with_operator_key) and not args.remote_drafting:
+        parser.error("--draft-base-url and --draft-with-operator-key need --remote-drafting")
+    return args
 
 
-demo = build_demo(*load_engine(DEFAULT_MODEL))
+def policy_from(args: argparse.Namespace) -> DraftPolicy:
+    policy = DraftPolicy(remote=args.remote_drafting, timeout=args.draft_timeout,
+                         operator_key=os.environ.get("OPENAI_API_KEY") if args.draft_with_operator_key else None)
+    if args.draft_base_url:
+        policy.base_urls = [url.strip() for url in args.draft_base_url]
+    return policy
+
+
+def about_model(args: argparse.Namespace) -> str:
+    embedded = not args.backend_url and os.path.abspath(os.path.expanduser(args.model)) == EMBEDDED_MODEL
+    return EMBEDDED_MODEL_NOTE if embedded else ""
+
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.model != DEFAULT_MODEL:
-        demo = build_demo(*load_engine(args.model))
-    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD)
+    demo = build_demo(load_backend(args), policy=policy_from(args), about=about_model(args))
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
+                        run_history=False)
+else:  # imported (`gradio app.py`, a notebook, the tests): the model of $LLAVA_MODEL or the embedded one
+    _args = parse_args([])
+    demo = build_demo(load_backend(_args), about=about_model(_args))

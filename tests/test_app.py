@@ -1,10 +1,8 @@
 """The app end to end: a real server on loopback, driven through gradio_client as a user's script would."""
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +10,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app import conversation_from
-
-APP = Path(__file__).resolve().parent.parent / "app.py"
-
+from app_process import free_port, running_app
 
 def test_conversation_keeps_the_image_in_the_first_user_turn():
     history = [
@@ -31,36 +27,30 @@ def test_conversation_keeps_the_image_in_the_first_user_turn():
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def test_a_new_image_starts_a_new_conversation_and_notices_stay_out_of_the_prompt():
+    history = [
+        {"role": "user", "content": [{"path": "/tmp/a.png"}, "What is it?"]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": [{"file": {"path": "/tmp/b.png"}}]},  # the browser's form: file, then text
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}]},
+        {"role": "assistant", "content": "A dog."},
+        {"role": "user", "content": "x" * 10},
+        {"role": "assistant", "content": "Sorry, I could not use that input: the conversation is too long"},
+    ]
+    messages, image = conversation_from({"text": "What colour?", "files": []}, history)
+    assert image == "/tmp/b.png"
+    assert messages == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+        {"role": "assistant", "content": "A dog."},
+        {"role": "user", "content": "What colour?"},
+    ]
+    assert conversation_from({"text": "Hi", "files": []}, []) == ([], None)  # after Clear: nothing of before
 
 
 @pytest.fixture(scope="module")
 def server(saved_checkpoint, tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("app") / "app.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, str(APP), "--model", str(saved_checkpoint), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"app exited with {process.returncode}: {Path(log.name).read_text()[-2000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app did not start within 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    with running_app(["--model", str(saved_checkpoint)], tmp_path_factory.mktemp("app") / "app.log") as (url, _):
+        yield url
 
 
 def test_chat_answers_a_question_about_an_image(server, tmp_path):
@@ -71,12 +61,12 @@ def test_chat_answers_a_question_about_an_image(server, tmp_path):
     assert isinstance(first, str) and first and not first.startswith(("Please", "Sorry"))
 
 
-def direct_answer(saved_checkpoint, turns, image):
+def direct_answer(saved_checkpoint, turns, image, max_new_tokens=8):
     """What the engine answers for the whole conversation at once, without any cache (greedy)."""
     from engine import ChatEngine
 
     engine = direct_answer.engine = getattr(direct_answer, "engine", None) or ChatEngine(str(saved_checkpoint), device="cpu")
-    return list(engine.stream(turns, image, temperature=0.0, max_new_tokens=8))[-1]
+    return list(engine.stream(turns, image, temperature=0.0, max_new_tokens=max_new_tokens))[-1]
 
 
 def test_two_turns_through_the_api_continue_one_conversation(server, saved_checkpoint, tmp_path):
@@ -92,6 +82,35 @@ def test_two_turns_through_the_api_continue_one_conversation(server, saved_check
     assert second == direct_answer(saved_checkpoint, turns, image)  # the second turn saw the first
     other = Client(server, verbose=False).predict({"text": "Are you sure?", "files": []}, 0.0, 0.7, 8, api_name="/chat")
     assert other == "Please attach an image to your first message."  # another client has no conversation yet
+
+
+def test_a_follow_up_after_a_new_image_is_about_the_new_image(server, saved_checkpoint, tmp_path):
+    first, second = tmp_path / "first.png", tmp_path / "second.png"
+    Image.new("RGB", (64, 48), (250, 10, 10)).save(first)
+    Image.new("RGB", (30, 70), (10, 10, 250)).save(second)
+    client = Client(server, verbose=False)
+    answer_a = client.predict({"text": "What is it?", "files": [handle_file(str(first))]}, 0.0, 0.7, 16, api_name="/chat")
+    answer_b = client.predict({"text": "And now?", "files": [handle_file(str(second))]}, 0.0, 0.7, 16, api_name="/chat")
+    follow_up = client.predict({"text": "Are you sure?", "files": []}, 0.0, 0.7, 16, api_name="/chat")
+    about_b = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And now?"}]},
+               {"role": "assistant", "content": answer_b}, {"role": "user", "content": "Are you sure?"}]
+    # What the app asked before (f14f242): both conversations merged, about the first image.
+    merged = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+              {"role": "assistant", "content": answer_a}, {"role": "user", "content": "And now?"},
+              {"role": "assistant", "content": answer_b}, {"role": "user", "content": "Are you sure?"}]
+    expected = direct_answer(saved_checkpoint, about_b, Image.open(second).convert("RGB"), 16)
+    assert expected != direct_answer(saved_checkpoint, merged, Image.open(first).convert("RGB"), 16)  # the test can tell
+    assert follow_up == expected
+
+
+def test_a_typed_image_marker_is_text(server, saved_checkpoint, tmp_path):
+    picture = tmp_path / "green.png"
+    Image.new("RGB", (40, 40), (0, 200, 0)).save(picture)
+    client = Client(server, verbose=False)
+    first = client.predict({"text": "Is <image> or </s> here?", "files": [handle_file(str(picture))]}, 0.0, 0.7, 8,
+                           api_name="/chat")
+    second = client.predict({"text": "And <image>?", "files": []}, 0.0, 0.7, 8, api_name="/chat")
+    assert not first.startswith(("Sorry", "Please")) and not second.startswith(("Sorry", "Please")), (first, second)
 
 
 def test_eight_concurrent_clients_get_their_own_answers(server, saved_checkpoint, tmp_path):
@@ -128,15 +147,16 @@ def test_a_file_that_is_not_an_image_gets_a_clear_message(server, tmp_path):
     assert answer.startswith("Sorry, I could not use that input: cannot read image") and "notes.png" in answer
 
 
-def test_data_tab_drafts_shows_boxes_and_offers_a_download():
+def test_data_tab_drafts_shows_boxes_and_offers_a_download(tmp_path):
     import json as json_module
 
-    from app import draft
+    from app import DraftPolicy, make_draft
 
-    picture = Image.new("RGB", (336, 336), "white")
-    boxed, chat, text, path = draft("", "A red circle.", "red circle: [20, 20, 120, 120]", picture, None, None,
-                                    ["conversation", "detail"], "offline", "", "", "gpt-4.1", 0)
-    assert boxed.getpixel((20, 70)) == (255, 0, 255) and picture.getpixel((20, 70)) == (255, 255, 255)
+    picture = tmp_path / "white.png"
+    Image.new("RGB", (336, 336), "white").save(picture)
+    boxed, chat, text, path = make_draft(DraftPolicy())("", "A red circle.", "red circle: [20, 20, 120, 120]", str(picture),
+                                                        None, None, ["conversation", "detail"], "offline", "", "", "gpt-4.1", 0)
+    assert boxed.getpixel((20, 70)) == (255, 0, 255) and Image.open(picture).getpixel((20, 70)) == (255, 255, 255)
     records = json_module.loads(open(path).read())
     assert [record["id"] for record in records] == ["pasted_conversation", "pasted_detail"]
     assert json_module.loads(text) == records and chat[0]["content"] == "**pasted_conversation**"
@@ -145,10 +165,10 @@ def test_data_tab_drafts_shows_boxes_and_offers_a_download():
 def test_data_tab_reports_bad_boxes_clearly():
     import gradio
 
-    from app import draft
+    from app import DraftPolicy, make_draft
 
     with pytest.raises(gradio.Error, match="box line 1 should read"):
-        draft("", "A cat.", "cat: [1, 2]", None, 100, 100, ["detail"], "offline", "", "", "gpt-4.1", 0)
+        make_draft(DraftPolicy())("", "A cat.", "cat: [1, 2]", None, 100, 100, ["detail"], "offline", "", "", "gpt-4.1", 0)
 
 
 def test_data_tab_through_the_api(server):
@@ -170,23 +190,10 @@ def test_without_arguments_the_app_answers_its_examples_with_the_embedded_model(
              "Where is the yellow triangle?": ("position", GRID),
              "Describe the image.": ("describe", [[f"{c} {s}"] for c in COLORS for s in SHAPES]),
              "Is there a blue square in the image?": ("yes/no", ["yes", "no"])}
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if key != "LLAVA_MODEL"}
-    log = (tmp_path / "app.log").open("w")
-    process = subprocess.Popen([sys.executable, str(APP), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        client, deadline = None, time.monotonic() + 120
-        while client is None:
-            assert process.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-2000:]
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:  # not listening yet
-                time.sleep(0.5)
+    with running_app([], tmp_path / "app.log") as (url, _):
+        client = Client(url, verbose=False)
         for example in EXAMPLES:
             answer = client.predict({"text": example["text"], "files": [handle_file(example["files"][0])]}, 0.0, 0.7, 64,
                                     api_name="/chat")
             kind, values = kinds[example["text"]]
             assert any(judge(kind, answer, value) for value in values), (example["text"], answer)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

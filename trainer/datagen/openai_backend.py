@@ -44,20 +44,29 @@ def estimated_cost(model: str, usage: Usage, batch: bool = False) -> float | Non
     return cost / 2 if batch else cost  # the Batch API bills half
 
 
-def make_client(api_key: str | None, base_url: str | None, max_retries: int, timeout: float, usage: Usage) -> openai.AsyncOpenAI:
+def make_client(api_key: str | None, base_url: str | None, max_retries: int, timeout: float, usage: Usage,
+                from_environment: bool = True) -> openai.AsyncOpenAI:
+    """With `from_environment=False` the client carries only what it is given: the openai client otherwise fills a
+    missing key, organization, project and base URL from OPENAI_* variables, which on a server are the operator's."""
     async def count(request):
         usage.requests += 1
 
+    if not from_environment and not (api_key and base_url):
+        raise ValueError("a request that may not use the environment needs its own API key and base URL")
     http_client = openai.DefaultAsyncHttpxClient(event_hooks={"request": [count]})
-    return openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout, http_client=http_client)
+    client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout, http_client=http_client)
+    if not from_environment:
+        client.organization = client.project = client.admin_api_key = client.webhook_secret = None
+        client._custom_headers = {}  # OPENAI_CUSTOM_HEADERS may hold the operator's Authorization; no public setter
+    return client
 
 
 class OpenAIDrafter:
     def __init__(self, model: str = DEFAULT_MODEL, api_key: str | None = None, base_url: str | None = None,
-                 max_retries: int = 8, timeout: float = 120.0, temperature: float = 0.7):
+                 max_retries: int = 8, timeout: float = 120.0, temperature: float = 0.7, from_environment: bool = True):
         self.model, self.temperature = model, temperature
         self.usage = Usage()
-        self.client = make_client(api_key, base_url, max_retries, timeout, self.usage)
+        self.client = make_client(api_key, base_url, max_retries, timeout, self.usage, from_environment)
 
     def request_body(self, kind: str, symbolic: str) -> dict:
         return {"model": self.model, "messages": chat_messages(kind, symbolic), "temperature": self.temperature}

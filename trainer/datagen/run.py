@@ -31,6 +31,9 @@ class DatagenConfig:
     model: str = DEFAULT_MODEL
     base_url: str | None = None
     api_key: str | None = None  # None: the openai client reads OPENAI_API_KEY
+    # False for a visitor's request (the app's data tab): nothing of the server's environment (OPENAI_API_KEY,
+    # OPENAI_ORG_ID, OPENAI_PROJECT_ID, OPENAI_BASE_URL) goes into it; the key and base URL must be given.
+    credentials_from_environment: bool = True
     concurrency: int = 16
     limit: int | None = None
     seed: int = 0
@@ -88,7 +91,8 @@ class OfflineDrafter:
 def make_drafter(config: DatagenConfig):
     if config.backend == "offline":
         return OfflineDrafter(config.seed)
-    return OpenAIDrafter(config.model, config.api_key, config.base_url, config.max_retries, config.timeout, config.temperature)
+    return OpenAIDrafter(config.model, config.api_key, config.base_url, config.max_retries, config.timeout, config.temperature,
+                         config.credentials_from_environment)
 
 
 async def draft_job(drafter, annotation: ImageAnnotation, kind: str, config: DatagenConfig, log: ProgressLog, summary: Summary):
