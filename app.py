@@ -202,7 +202,8 @@ def data_tab(policy: DraftPolicy):
             captions = gr.Textbox(label="Captions, one per line", lines=3, value="A red circle and a blue square on a white background.")
             boxes = gr.Textbox(label="Boxes, one per line: label: [x1, y1, x2, y2] in pixels", lines=3,
                                value="red circle: [20, 20, 120, 120]\nblue square: [200, 150, 300, 250]")
-            image = gr.Image(type="filepath", label="Image (optional: sets the size and shows the boxes)")
+            # image_mode=None: Gradio hands over the path without decoding (its default, RGB, decodes to convert)
+            image = gr.Image(type="filepath", image_mode=None, label="Image (optional: sets the size and shows the boxes)")
             with gr.Row():
                 width = gr.Number(value=336, label="Width (without an image)", precision=0)
                 height = gr.Number(value=336, label="Height", precision=0)
@@ -278,8 +279,11 @@ def load_engine(model: str):
     try:
         return ChatEngine(folder if os.path.isdir(folder) else model)
     except Exception as error:  # noqa: BLE001 (the command line's edge: whatever failed, say it in one line)
-        where = "the folder" if os.path.isdir(folder) else "no such folder, and the hub model"
-        raise SystemExit(f"app.py: cannot load --model {model} ({where}): {type(error).__name__}: {error}") from None
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        if os.path.isdir(folder):
+            raise SystemExit(f"app.py: cannot load --model {model}: {reason}") from None
+        raise SystemExit(f"app.py: --model {model}: no such folder, and no such model on the hub, or the hub is "
+                         f"unreachable ({reason})") from None
 
 
 def load_backend(args: argparse.Namespace):

@@ -197,3 +197,40 @@ def test_without_arguments_the_app_answers_its_examples_with_the_embedded_model(
                                     api_name="/chat")
             kind, values = kinds[example["text"]]
             assert any(judge(kind, answer, value) for value in values), (example["text"], answer)
+
+
+def test_a_wrong_model_path_exits_with_one_clear_line(tmp_path):
+    for model, says in ((tmp_path / "no-such-checkpoint", "no such folder"), ("checkpoints/typo", "no such folder")):
+        result = subprocess.run([sys.executable, "app.py", "--model", str(model)], cwd=Path(__file__).parent.parent,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and says in result.stderr and "Traceback" not in result.stderr, result.stderr[-800:]
+
+
+def test_the_address_comes_from_gradios_environment_variables_unless_a_flag_says_otherwise(monkeypatch):
+    from app import parse_args
+
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    assert (parse_args([]).host, parse_args([]).port) == ("0.0.0.0", 7999)
+    assert (parse_args(["--host", "127.0.0.1", "--port", "8001"]).host, parse_args(["--port", "8001"]).port) == ("127.0.0.1", 8001)
+
+
+def test_running_with_a_model_loads_only_that_model(saved_checkpoint):
+    """`python app.py --model X` builds one engine, on X (importing app.py used to load the default first)."""
+    script = f"""
+import runpy, sys
+import gradio, engine
+loaded = []
+class Counting(engine.ChatEngine):
+    def __init__(self, path, *args, **kwargs):
+        loaded.append(path)
+        super().__init__(path, *args, **kwargs)
+engine.ChatEngine = Counting
+gradio.Blocks.launch = lambda *args, **kwargs: None
+sys.argv = ["app.py", "--model", {str(saved_checkpoint)!r}]
+runpy.run_path("app.py", run_name="__main__")
+print("LOADED", loaded)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                            timeout=180)
+    assert f"LOADED [{str(saved_checkpoint)!r}]" in result.stdout, result.stderr[-1500:]
