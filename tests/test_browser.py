@@ -1,16 +1,31 @@
-"""A real browser (Debian's chromium, headless, through Selenium and chromedriver) uploads an image, asks, and sees
-the streamed answer; the screenshot is kept in the test's temporary folder."""
+"""A real browser (Debian's chromium, headless, through Selenium and chromedriver) on the app as a visitor meets it:
+the embedded model, its examples, a multi-turn chat, Clear, and the Data tab. Screenshots of each are kept in the
+test's temporary folder (and were looked at when these tests were written)."""
 
 import shutil
 import time
 
 import pytest
-from PIL import Image
-
-from test_app import server  # noqa: F401  (the app on 127.0.0.1 with the tiny checkpoint)
+from app_process import running_app
+from fake_openai import FakeOpenAI
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+VISITOR_KEY = "sk-typed-in-the-browser-5150"
+
+
+@pytest.fixture(scope="module")
+def drafting_server():
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def page_url(drafting_server, tmp_path_factory):
+    """`python app.py` as the quickstart runs it (the embedded model), with remote drafting on for one server."""
+    args = ["--remote-drafting", "--draft-base-url", drafting_server.base_url]
+    with running_app(args, tmp_path_factory.mktemp("browser") / "app.log") as (url, _):
+        yield url
 
 
 @pytest.fixture
@@ -29,35 +44,120 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_upload_ask_and_see_the_streamed_answer(server, browser, tmp_path):  # noqa: F811
-    from selenium.common.exceptions import TimeoutException
+def css(driver, selector):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def texts(driver, role: str) -> list[str]:
+    return [element.text.strip() for element in css(driver, f"[data-testid='{role}']")]
+
+
+def wait_for(driver, condition, what: str, tmp_path, timeout: float = 60):
+    """Waits for `condition(driver)`; on a timeout, fails with what the page read and a screenshot."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    picture = tmp_path / "shapes.png"
-    Image.new("RGB", (64, 48), (0, 160, 0)).save(picture)
-    browser.get(server)
-    wait = WebDriverWait(browser, 60)
-    box = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "textarea")))
-    browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(picture))
-    wait.until(lambda driver: driver.find_elements(By.CSS_SELECTOR, ".thumbnail-item, .thumbnail-image, img"))
-    box.send_keys("What is in the picture?")
+    try:
+        return WebDriverWait(driver, timeout).until(condition)
+    except TimeoutException:
+        driver.save_screenshot(str(tmp_path / "timeout.png"))
+        body = css(driver, "body")[0].text[-800:]
+        pytest.fail(f"{what}: not within {timeout} s; the page read {body!r} (screenshot {tmp_path / 'timeout.png'})")
+
+
+def settled_answer(driver, count: int, tmp_path) -> str:
+    """The text of the count-th bot message once it has stopped growing."""
+    wait_for(driver, lambda d: len([text for text in texts(d, "bot") if text]) >= count, f"bot message {count}", tmp_path)
+    last = None
+    while last != texts(driver, "bot")[count - 1]:
+        last = texts(driver, "bot")[count - 1]
+        time.sleep(0.7)
+    return last
+
+
+def ask(driver, question: str, image=None):
+    from selenium.webdriver.common.keys import Keys
+
+    if image is not None:
+        css(driver, "input[type=file]")[0].send_keys(str(image))
+        time.sleep(1.0)  # the upload lands before the message goes
+    box = css(driver, "textarea")[0]
+    box.send_keys(question)
     box.send_keys(Keys.ENTER)
 
-    def bot_text(driver):
-        messages = driver.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")
-        return messages[-1].text.strip() if messages else ""
 
-    try:
-        wait.until(lambda driver: bot_text(driver))
-    except TimeoutException:  # keep what the page showed: a failure here was seen once, and passed on a rerun
-        browser.save_screenshot(str(tmp_path / "timeout.png"))
-        pytest.fail(f"no answer within 60 s; the page read: {browser.find_element(By.TAG_NAME, 'body').text[-600:]!r} "
-                    f"(screenshot {tmp_path / 'timeout.png'})")
-    time.sleep(1)  # let the stream finish
-    answer = bot_text(browser)
-    browser.save_screenshot(str(tmp_path / "chat.png"))
-    assert answer and not answer.startswith(("Please", "Sorry", "**No model")), answer
-    assert (tmp_path / "chat.png").stat().st_size > 10_000
+def test_the_page_says_what_the_model_knows_keeps_settings_folded_and_runs_an_example(page_url, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    wait_for(browser, lambda d: css(d, "button[aria-label^='Select example 1']"), "the examples", tmp_path)
+    page = css(browser, "body")[0].text
+    assert "shapes world" in page and "circles, squares and triangles" in page
+    assert not [slider for slider in css(browser, "input[type=range]") if slider.is_displayed()]  # folded away
+    accordion = browser.find_element(By.XPATH, "//button[contains(., 'Generation settings')]")
+    assert accordion.location["y"] < 1000  # the chat and its settings fit the first screen
+    examples = " ".join(button.text for button in css(browser, "button[aria-label^='Select example']"))
+    assert "0.7" not in examples and "512" not in examples
+    browser.save_screenshot(str(tmp_path / "page.png"))
+
+    css(browser, "button[aria-label^='Select example 1']")[0].click()  # "What color is the circle?": red
+    answer = settled_answer(browser, 1, tmp_path)
+    browser.save_screenshot(str(tmp_path / "example.png"))
+    assert "red" in answer.lower(), answer
+
+    accordion.click()
+    wait_for(browser, lambda d: [slider for slider in css(d, "input[type=range]") if slider.is_displayed()], "the sliders", tmp_path)
+    assert accordion.location["y"] < min(slider.location["y"] for slider in css(browser, "input[type=range]"))
+
+
+def test_a_multi_turn_chat_then_clear_forgets_the_image(page_url, browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    from app import EXAMPLES_FOLDER
+
+    picture = tmp_path / "scene.png"  # a red circle at the top left, a blue square at the bottom right
+    shutil.copyfile(f"{EXAMPLES_FOLDER}/red_circle_blue_square.png", picture)
+    browser.get(page_url)
+    wait_for(browser, lambda d: css(d, "textarea"), "the message box", tmp_path)
+    assert "image" in css(browser, "input[type=file]")[0].get_attribute("accept")  # other files are not offered
+
+    ask(browser, "What color is the circle?", picture)
+    first = settled_answer(browser, 1, tmp_path)
+    ask(browser, "How many shapes are in the image?")
+    second = settled_answer(browser, 2, tmp_path)
+    browser.save_screenshot(str(tmp_path / "multi_turn.png"))
+    assert "red" in first.lower() and ("two" in second.lower() or "2" in second), (first, second)
+
+    users = len(texts(browser, "user"))
+    css(browser, "textarea")[0].send_keys(Keys.ENTER)  # an empty message
+    time.sleep(1.5)
+    assert len(texts(browser, "user")) == users  # no empty bubble
+
+    clear = wait_for(browser, lambda d: [b for b in css(d, "button[aria-label='Clear']") if b.is_displayed()], "Clear", tmp_path)
+    clear[0].click()
+    wait_for(browser, lambda d: not texts(d, "bot"), "the cleared chat", tmp_path, timeout=10)
+    ask(browser, "What color is the circle?")
+    assert settled_answer(browser, 1, tmp_path) == "Please attach an image to your first message."
+
+
+def test_the_data_tab_keeps_no_typed_key_in_the_browser(page_url, browser, drafting_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_url)
+    tab = wait_for(browser, lambda d: [b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Data']") if b.is_displayed()],
+                   "the Data tab", tmp_path)
+    tab[0].click()
+    wait_for(browser, lambda d: [b for b in d.find_elements(By.XPATH, "//button[normalize-space()='Draft']") if b.is_displayed()],
+             "the Draft button", tmp_path)
+    browser.find_element(By.XPATH, "//label[contains(., 'openai')]").click()
+    css(browser, "input[type=password]")[0].send_keys(VISITOR_KEY)
+    browser.find_element(By.XPATH, "//button[normalize-space()='Draft']").click()
+    wait_for(browser, lambda d: drafting_server.requests, "the drafting request", tmp_path)
+    wait_for(browser, lambda d: "pasted_" in css(d, "body")[0].text, "the drafted records", tmp_path)
+    browser.save_screenshot(str(tmp_path / "data_tab.png"))
+    assert drafting_server.requests[-1]["headers"]["authorization"] == f"Bearer {VISITOR_KEY}"
+    stored = browser.execute_script(
+        "return JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage), document.cookie])")
+    assert VISITOR_KEY not in stored
