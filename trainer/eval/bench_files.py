@@ -13,6 +13,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.datagen.annotations import check_caps_boxes
+
 from .results import read_jsonl_objects
 
 CATEGORIES = ("conv", "detail", "complex")
@@ -33,18 +35,9 @@ class Question:
 
 
 def render_caps_boxes(row: dict, where: str) -> str:
-    captions, instances = row.get("captions"), row.get("instances", [])
-    if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
-        raise ValueError(f"{where}: 'captions' must be a list of strings")
-    if not isinstance(instances, list):
-        raise ValueError(f"{where}: 'instances' must be a list")
-    boxes = []
-    for index, instance in enumerate(instances):
-        bbox = instance.get("bbox") if isinstance(instance, dict) else None
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-                and isinstance(instance.get("category"), str)):
-            raise ValueError(f"{where}: instances[{index}] must be {{'category': str, 'bbox': [x1, y1, x2, y2]}}, got {instance!r}")
-        boxes.append(f"{instance['category']}: {bbox}")  # Python's list repr, as the original's f-string prints it
+    captions, instances = check_caps_boxes(row, where)
+    # each box as the original's f-string prints the list it read from JSON (Python's repr: 0 stays 0, 0.5 stays 0.5)
+    boxes = [f"{instance['category']}: {instance['bbox']}" for instance in instances]
     return "\n".join(captions) + "\n\n" + "\n".join(boxes)
 
 
