@@ -317,3 +317,30 @@ def test_a_bad_key_stops_the_judge_with_a_clear_message(saved_checkpoint, tmp_pa
                           "--base-url", server.base_url, "--quiet"])
         assert len(chat_requests(server)) == 1  # not retried: a bad key stays bad
     assert code == 2 and "Incorrect API key" in capsys.readouterr().err
+
+
+def test_an_unreadable_shapes_image_counts_its_questions_failed_and_the_run_goes_on(tmp_path):
+    from llava_plugin import load_image
+    from trainer.eval.shapes import evaluate_shapes, load_split, shapes_report
+    from trainer.shapes.world import write_split
+
+    class Looking:  # a candidate that opens the image as the real one does, and always says "red"
+        def answer(self, question, image, max_new_tokens=None):
+            return self.answer_many([question], image)[0]
+
+        def answer_many(self, questions, image, max_new_tokens=None, history=()):
+            load_image(image)
+            return ["red"] * len(questions)
+
+    split = write_split(tmp_path / "world", "test", 3, 0)
+    records = load_split(split)
+    (split.parent / "images" / records[1]["image"]).write_bytes(b"truncated")
+    result = evaluate_shapes(Looking(), records, split.parent / "images", tmp_path / "answers.jsonl", progress=False,
+                             opener="How many shapes?")
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    per_image = sum(answer["image"] == records[1]["image"] for answer in answers)
+    assert per_image > 0 and result["failed"] == per_image and all(a.get("failed") for a in answers if a["image"] == records[1]["image"])
+    assert result["failed"] < len(answers) and "could not be read" in shapes_report(result, "tiny")
+    again = evaluate_shapes(Looking(), records, split.parent / "images", tmp_path / "answers.jsonl", progress=False,
+                            opener="How many shapes?")
+    assert again["failed"] == per_image  # a rerun tries it again and does not stop there either
