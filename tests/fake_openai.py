@@ -1,5 +1,5 @@
-"""A real HTTP server on 127.0.0.1 that speaks enough of the OpenAI API for data generation: chat completions,
-file upload and batches. It records what it is sent and injects faults on request.
+"""A real HTTP server on 127.0.0.1 that speaks enough of the OpenAI API for data generation and evaluation: chat
+completions, the model list, file upload and batches. It records what it is sent and injects faults on request.
 
 Used by the tests and by bench/bench_datagen.py; nothing here talks to the network beyond loopback.
 """
@@ -31,6 +31,7 @@ class FakeOpenAI:
     def __init__(self, fault_rate: float = 0.0, faults=FAULTS, latency: float = 0.0, script: list[str] | None = None,
                  timeout_sleep: float = 3.0, retry_after: str = "0.2", seed: int = 0, responder=None):
         self.responder = responder or answer_for  # messages -> the assistant's content
+        self.models = ["fake-llava"]  # what GET /models lists
         self.fault_rate, self.faults, self.latency, self.timeout_sleep = fault_rate, faults, latency, timeout_sleep
         self.retry_after = retry_after
         self.script = list(script or [])  # faults for the first requests, in order ("ok" for none)
@@ -131,6 +132,9 @@ class FakeOpenAI:
                 self.reply(404, {"error": {"message": f"no route {self.path}"}})
 
             def do_GET(self):
+                if self.path.endswith("/models"):
+                    return self.reply(200, {"object": "list", "data": [{"id": id_, "object": "model", "created": 0, "owned_by": "fake"}
+                                                                        for id_ in fake.models]})
                 if "/batches/" in self.path:
                     batch = fake.batches.get(self.path.rsplit("/", 1)[1])
                     return self.reply(200, batch) if batch else self.reply(404, {"error": {"message": "no batch"}})

@@ -1,7 +1,9 @@
 """The symbolic view of an image that the drafter sees: its captions and labelled pixel boxes.
 
-Two input formats: COCO (a captions file and an instances file) and a simple JSONL, one image per line:
-{"id", "image", "width", "height", "captions": [...], "boxes": [{"label", "bbox": [x1, y1, x2, y2]}]}.
+Input formats: COCO (a captions file and an instances file), and JSONL, one image per line, either ours, in pixels:
+{"id", "image", "width", "height", "captions": [...], "boxes": [{"label", "bbox": [x1, y1, x2, y2]}]}, or the
+original LLaVA's caps_boxes form (caps_boxes_coco2014_val_80.jsonl), already normalized to 0..1:
+{"id", "image", "captions": [...], "instances": [{"category", "bbox": [x1, y1, x2, y2]}]}.
 Every problem is an error naming the file and the line (or COCO id): nothing is skipped silently.
 """
 
@@ -17,21 +19,21 @@ class AnnotationError(ValueError):
 @dataclass(frozen=True)
 class Box:
     label: str
-    bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels, or in 0..1 when the image has no size
 
 
 @dataclass(frozen=True)
 class ImageAnnotation:
     id: str
     image: str
-    width: int
-    height: int
+    width: int | None  # None: the boxes are already normalized (caps_boxes records)
+    height: int | None
     captions: tuple[str, ...] = ()
     boxes: tuple[Box, ...] = field(default_factory=tuple)
 
     def normalized_boxes(self) -> list[tuple[str, tuple[float, float, float, float]]]:
         """(label, [x1, y1, x2, y2] in [0, 1]) per box, clamped to the image."""
-        scale = (self.width, self.height, self.width, self.height)
+        scale = (self.width, self.height, self.width, self.height) if self.width else (1, 1, 1, 1)
         return [
             (box.label, tuple(min(max(value / side, 0.0), 1.0) for value, side in zip(box.bbox, scale)))
             for box in self.boxes
@@ -42,6 +44,8 @@ def parse_record(record: dict, where: str) -> ImageAnnotation:
     """One JSONL record -> ImageAnnotation; `where` ('file.jsonl:12') goes into every error."""
     if not isinstance(record, dict):
         raise AnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "instances" in record and "boxes" not in record:
+        return parse_caps_boxes(record, where)
     missing = [key for key in ("id", "image", "width", "height") if key not in record]
     if missing:
         raise AnnotationError(f"{where}: missing {', '.join(missing)}")
@@ -64,6 +68,40 @@ def parse_record(record: dict, where: str) -> ImageAnnotation:
     if not captions and not boxes:
         raise AnnotationError(f"{where}: no captions and no boxes: nothing to draft from")
     return ImageAnnotation(str(record["id"]), str(record["image"]), width, height, captions, tuple(boxes))
+
+
+def check_caps_boxes(record: dict, where: str) -> tuple[list[str], list[dict]]:
+    """A caps_boxes record's captions and instances as given, once checked: boxes are normalized x1, y1, x2, y2."""
+    missing = [key for key in ("id", "image") if key not in record]
+    if missing:
+        raise AnnotationError(f"{where}: missing {', '.join(missing)}")
+    captions, instances = record.get("captions", []), record.get("instances", [])
+    if not isinstance(captions, list) or not all(isinstance(caption, str) for caption in captions):
+        raise AnnotationError(f"{where}: captions must be a list of strings")
+    if not isinstance(instances, list):
+        raise AnnotationError(f"{where}: instances must be a list")
+    for index, instance in enumerate(instances):
+        bbox = instance.get("bbox") if isinstance(instance, dict) else None
+        if not (isinstance(instance, dict) and isinstance(instance.get("category"), str) and instance["category"].strip()
+                and isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise AnnotationError(f"{where}: instances[{index}] must be {{'category': str, 'bbox': [x1, y1, x2, y2]}}, "
+                                  f"got {instance!r}")
+        if not all(-0.01 <= value <= 1.01 for value in bbox) or bbox[2] < bbox[0] or bbox[3] < bbox[1]:
+            # Rounding to 3 decimals can make a tiny box zero-wide, and COCO boxes can overhang the image by a pixel:
+            # both allowed (drafting clamps to the image); a reversed box, or pixels, are not.
+            raise AnnotationError(f"{where}: instances[{index}] ({instance['category']}) is not a normalized "
+                                  f"x1 <= x2, y1 <= y2 box in 0..1: {bbox}")
+    return captions, instances
+
+
+def parse_caps_boxes(record: dict, where: str) -> ImageAnnotation:
+    """A caps_boxes record: captions and `instances` whose boxes are already normalized (no image size)."""
+    captions, instances = check_caps_boxes(record, where)
+    boxes = tuple(Box(item["category"].strip(), tuple(float(v) for v in item["bbox"])) for item in instances)
+    captions = tuple(caption.strip() for caption in captions if caption.strip())
+    if not captions and not boxes:
+        raise AnnotationError(f"{where}: no captions and no instances: nothing to draft from")
+    return ImageAnnotation(str(record["id"]), str(record["image"]), None, None, captions, boxes)
 
 
 def load_jsonl(path: Path) -> list[ImageAnnotation]:

@@ -13,7 +13,6 @@ from .openai_backend import OpenAIDrafter, estimated_cost
 from .progress import ProgressLog
 from .records import record_id, to_record
 from .responses import ResponseError, parse_response
-from .symbolic import symbolic_text
 
 ENDPOINT = "/v1/chat/completions"
 FINISHED = ("completed", "failed", "expired", "cancelled")  # the Batch API's terminal statuses
@@ -26,7 +25,7 @@ def state_path(output: str) -> Path:
 async def submit(drafter: OpenAIDrafter, jobs: list[tuple[ImageAnnotation, str]], output: str) -> dict:
     lines = [
         json.dumps({"custom_id": record_id(annotation.id, kind), "method": "POST", "url": ENDPOINT,
-                    "body": drafter.request_body(kind, symbolic_text(annotation))})
+                    "body": drafter.request_body(kind, annotation)})
         for annotation, kind in jobs
     ]
     upload = await drafter.client.files.create(file=("requests.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")

@@ -14,7 +14,7 @@ from .run import BACKENDS, DatagenConfig, generate, run_batch
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llava-datagen", description=__doc__)
     parser.add_argument("--input", nargs="+", required=True, metavar="ANN",
-                        help="one JSONL file, or two COCO files: captions then instances")
+                        help="one JSONL file (ours, or caps_boxes records with normalized 'instances'), or two COCO files: captions then instances")
     parser.add_argument("--output", required=True, help="LLaVA JSON to write (progress and rejects go beside it)")
     parser.add_argument("--types", default=",".join(KINDS), help="comma-separated kinds (default: %(default)s)")
     parser.add_argument("--backend", choices=BACKENDS, default="offline", help="(default: %(default)s)")
@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.7, help="(default: %(default)s)")
     parser.add_argument("--retry-rejects", action="store_true", help="draft again the jobs in the rejects file")
+    parser.add_argument("--prompts", metavar="DIR",
+                        help="the original LLaVA's prompt folder (conversation/, detail_description/, complex_reasoning/)")
     parser.add_argument("--batch-api", action="store_true", help="submit through the OpenAI Batch API; run again to collect")
     return parser.parse_args(argv)
 
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
             inputs=args.input, output=args.output, kinds=tuple(kind.strip() for kind in args.types.split(",") if kind.strip()),
             backend="openai" if args.batch_api else args.backend, model=args.model, base_url=args.base_url,
             concurrency=args.concurrency, limit=args.limit, seed=args.seed, parse_retries=args.parse_retries,
-            max_retries=args.max_retries, timeout=args.timeout, temperature=args.temperature, retry_rejects=args.retry_rejects,
+            max_retries=args.max_retries, timeout=args.timeout, temperature=args.temperature, retry_rejects=args.retry_rejects, prompts=args.prompts,
         )
         if args.batch_api:
             status, summary = asyncio.run(run_batch(config))

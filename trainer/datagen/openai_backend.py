@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import openai
 
-from .prompts import chat_messages
+from .prompt_sets import BUILTIN, PromptSet
 
 DEFAULT_MODEL = "gpt-4.1"
 # USD per million tokens (input, output), standard tier, as published when this was written: an estimate only.
@@ -63,17 +63,18 @@ def make_client(api_key: str | None, base_url: str | None, max_retries: int, tim
 
 class OpenAIDrafter:
     def __init__(self, model: str = DEFAULT_MODEL, api_key: str | None = None, base_url: str | None = None,
-                 max_retries: int = 8, timeout: float = 120.0, temperature: float = 0.7, from_environment: bool = True):
-        self.model, self.temperature = model, temperature
+                 max_retries: int = 8, timeout: float = 120.0, temperature: float = 0.7, prompts: PromptSet = BUILTIN,
+                 from_environment: bool = True):
+        self.model, self.temperature, self.prompts = model, temperature, prompts
         self.usage = Usage()
         self.client = make_client(api_key, base_url, max_retries, timeout, self.usage, from_environment)
 
-    def request_body(self, kind: str, symbolic: str) -> dict:
-        return {"model": self.model, "messages": chat_messages(kind, symbolic), "temperature": self.temperature}
+    def request_body(self, kind: str, annotation) -> dict:
+        return {"model": self.model, "messages": self.prompts.messages(kind, annotation), "temperature": self.temperature}
 
-    async def draft(self, kind: str, symbolic: str, annotation, attempt: int) -> str:
+    async def draft(self, kind: str, annotation, attempt: int) -> str:
         self.usage.calls += 1
-        response = await self.client.chat.completions.create(**self.request_body(kind, symbolic))
+        response = await self.client.chat.completions.create(**self.request_body(kind, annotation))
         if response.usage is not None:
             self.usage.prompt_tokens += response.usage.prompt_tokens or 0
             self.usage.completion_tokens += response.usage.completion_tokens or 0

@@ -40,7 +40,10 @@ def draw_boxes(image: Image.Image, annotation: ImageAnnotation) -> Image.Image:
     """The image with each box outlined and labelled, scaled from the annotation's size to the image's."""
     canvas = image.convert("RGB").copy()
     draw = ImageDraw.Draw(canvas)
-    scale_x, scale_y = canvas.width / annotation.width, canvas.height / annotation.height
+    if annotation.width:
+        scale_x, scale_y = canvas.width / annotation.width, canvas.height / annotation.height
+    else:  # normalized boxes (caps_boxes records)
+        scale_x, scale_y = canvas.width, canvas.height
     for box in annotation.boxes:
         x1, y1, x2, y2 = box.bbox
         corners = (x1 * scale_x, y1 * scale_y, x2 * scale_x, y2 * scale_y)

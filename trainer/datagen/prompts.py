@@ -110,11 +110,3 @@ DETAIL_INSTRUCTIONS = (
     "Write an exhaustive depiction of the given image.",
 )
 
-
-def chat_messages(kind: str, symbolic: str) -> list[dict]:
-    """The chat-completions messages for one draft: system, few-shots as user/assistant turns, then the image."""
-    messages = [{"role": "system", "content": SYSTEM_MESSAGES[kind]}]
-    for example, answer in FEW_SHOTS[kind]:
-        messages += [{"role": "user", "content": example}, {"role": "assistant", "content": answer}]
-    messages.append({"role": "user", "content": symbolic})
-    return messages

@@ -16,7 +16,7 @@ from .progress import ProgressLog, write_json_atomic
 from .prompts import KINDS
 from .records import job_random, record_id, to_record
 from .responses import ResponseError, parse_response
-from .symbolic import symbolic_text
+from .prompt_sets import BUILTIN, load_prompt_folder
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("offline", "openai")
@@ -43,6 +43,7 @@ class DatagenConfig:
     temperature: float = 0.7
     retry_rejects: bool = False
     progress_bar: bool = True
+    prompts: str | None = None  # the original's prompt folder (prompt_sets.py); None: the built-in prompts
 
     def __post_init__(self):
         unknown = [kind for kind in self.kinds if kind not in KINDS]
@@ -50,6 +51,8 @@ class DatagenConfig:
             raise ValueError(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose from {', '.join(BACKENDS)}")
+        if self.prompts and self.backend != "openai":
+            raise ValueError("--prompts is for the openai backend: the offline drafter uses no prompts")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
 
@@ -81,7 +84,7 @@ class OfflineDrafter:
     def __init__(self, seed: int):
         self.seed, self.usage = seed, Usage()
 
-    async def draft(self, kind: str, symbolic: str, annotation: ImageAnnotation, attempt: int) -> str:
+    async def draft(self, kind: str, annotation: ImageAnnotation, attempt: int) -> str:
         return draft_offline(annotation, kind, job_random(self.seed, annotation.id, kind, f"draft{attempt}"))
 
     async def close(self):
@@ -91,15 +94,20 @@ class OfflineDrafter:
 def make_drafter(config: DatagenConfig):
     if config.backend == "offline":
         return OfflineDrafter(config.seed)
+    return openai_drafter(config)
+
+
+def openai_drafter(config: DatagenConfig) -> OpenAIDrafter:
+    prompts = load_prompt_folder(config.prompts, config.kinds) if config.prompts else BUILTIN
     return OpenAIDrafter(config.model, config.api_key, config.base_url, config.max_retries, config.timeout, config.temperature,
-                         config.credentials_from_environment)
+                         prompts, config.credentials_from_environment)
 
 
 async def draft_job(drafter, annotation: ImageAnnotation, kind: str, config: DatagenConfig, log: ProgressLog, summary: Summary):
-    symbolic, reason, text = symbolic_text(annotation), "", ""
+    reason, text = "", ""
     for attempt in range(config.parse_retries + 1):
         summary.parse_retries += attempt > 0
-        text = await drafter.draft(kind, symbolic, annotation, attempt)
+        text = await drafter.draft(kind, annotation, attempt)
         try:
             turns = parse_response(kind, text)
         except ResponseError as error:
@@ -215,7 +223,7 @@ async def run_batch(config: DatagenConfig) -> tuple[str, Summary]:
     annotations = load_annotations(config.inputs)
     Path(config.output).parent.mkdir(parents=True, exist_ok=True)
     log, summary = ProgressLog(Path(config.output)), Summary()
-    drafter = OpenAIDrafter(config.model, config.api_key, config.base_url, config.max_retries, config.timeout, config.temperature)
+    drafter = openai_drafter(config)
     try:
         jobs = pending_jobs(annotations, config, log, summary)
         if not batch_api.state_path(config.output).exists():

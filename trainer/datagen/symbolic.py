@@ -8,8 +8,16 @@ def format_number(value: float) -> str:
     return f"{round(value, 3):.3f}".rstrip("0").rstrip(".") if value not in (0, 1) else f"{value:.1f}"
 
 
+def box_lines(annotation: ImageAnnotation) -> list[str]:
+    return [f"{label}: [{', '.join(format_number(value) for value in box)}]" for label, box in annotation.normalized_boxes()]
+
+
 def symbolic_text(annotation: ImageAnnotation) -> str:
-    lines = list(annotation.captions)
-    for label, box in annotation.normalized_boxes():
-        lines.append(f"{label}: [{', '.join(format_number(value) for value in box)}]")
-    return "\n".join(lines)
+    return "\n".join([*annotation.captions, *box_lines(annotation)])
+
+
+def original_context(annotation: ImageAnnotation, with_boxes: bool) -> str:
+    """The context as the original's prompt folder shows it: the captions one per line; for detailed descriptions and
+    complex reasoning also a blank line and then the boxes."""
+    captions = "\n".join(annotation.captions)
+    return f"{captions}\n\n" + "\n".join(box_lines(annotation)) if with_boxes else captions

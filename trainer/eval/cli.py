@@ -1,7 +1,7 @@
 """llava-eval: evaluate a llava_plugin checkpoint.
 
-  judge   LLaVA-Bench style: a judge model scores reference and candidate answers; relative score per category
-  mc      multiple-choice accuracy (ScienceQA style) per subject
+  judge   LLaVA-Bench: a judge model scores reference and candidate answers; relative score per category
+  mc      multiple-choice accuracy (ScienceQA), per subject, context modality and grade
   shapes  the shapes world's accuracy per question type on held-out images
   shapes-probe  what the model's image tokens tell about the shapes world (trainer/shapes/probe.py)
 """
@@ -14,8 +14,12 @@ from pathlib import Path
 
 import openai
 
-from .judge import DEFAULT_JUDGE, JudgeSettings, load_questions, run_judge
-from .multiple_choice import DEFAULT_FORMAT, evaluate_multiple_choice, load_problems, multiple_choice_report
+from .judge import DEFAULT_JUDGE, ORDERS, JudgeSettings, load_questions, run_judge
+from .multiple_choice import (DEFAULT_FORMAT, PRESETS, evaluate_multiple_choice, load_jsonl_problems, multiple_choice_report,
+                              parse_choice, prompt_builder, read_choice)
+from .remote import KEY_VARIABLE
+from .review import Wording, load_rules
+from .scienceqa import COLUMNS, load_scienceqa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
-        sub.add_argument("--model", required=True, help="the llava_plugin checkpoint to evaluate (folder or hub id)")
+        which = sub.add_mutually_exclusive_group(required=True)
+        which.add_argument("--model", help="the llava_plugin checkpoint to evaluate (folder or hub id)")
+        which.add_argument("--model-url", help="or a model behind any OpenAI-compatible server, e.g. http://host:8000/v1")
+        sub.add_argument("--model-name", help="the served model's name (default: the server's only model)")
+        sub.add_argument("--api-key", help=f"key for the --model-url server only (default: ${KEY_VARIABLE}; never OPENAI_API_KEY)")
         sub.add_argument("--output", required=True, help="folder for answers, scores and report.md (reruns resume)")
         sub.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
         sub.add_argument("--max-new-tokens", type=int, default=512, help="(default: %(default)s)")
@@ -31,9 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     judge = commands.add_parser("judge", help="GPT-judged relative score (LLaVA-Bench)")
     common(judge)
-    judge.add_argument("--questions", required=True, help="JSONL: question_id, image, text, category[, context, reference]")
-    judge.add_argument("--context", help="JSONL: image, caption (LLaVA-Bench context.jsonl)")
-    judge.add_argument("--references", help="JSONL: question_id, text (e.g. answers_gpt4.jsonl); missing ones are generated")
+    judge.add_argument("--questions", required=True, help="JSONL: question_id, image, text, category (conv, detail, complex)")
+    judge.add_argument("--context", help="caps_boxes_coco2014_val_80.jsonl (captions, instances) or context.jsonl (caption)")
+    judge.add_argument("--references", help="JSONL: question_id, text (qa90_gpt4_answer.jsonl, answers_gpt4.jsonl); missing ones are generated")
+    judge.add_argument("--order", choices=ORDERS, default="reference-first",
+                       help="which answer the judge sees first; both: ask twice and average (default: %(default)s, the original's)")
+    judge.add_argument("--rules", help="the original's rule.json: judge with its prompts, composed as its review script does")
+    judge.add_argument("--judge-system", help="the judge's system message (default: this project's own sentence)")
     judge.add_argument("--image-folder", default=".", help="(default: %(default)s)")
     judge.add_argument("--judge-model", default=DEFAULT_JUDGE, help="(default: %(default)s)")
     judge.add_argument("--reference-model", default=DEFAULT_JUDGE, help="text-only model for missing references (default: %(default)s)")
@@ -43,14 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     judge.add_argument("--max-retries", type=int, default=8, help="client retries on 429, 5xx, timeouts (default: %(default)s)")
     judge.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
     judge.add_argument("--temperature", type=float, default=0.2, help="judge and reference temperature (default: %(default)s)")
-    judge.add_argument("--seed", type=int, default=0, help="seeds the answer order shown to the judge")
 
     mc = commands.add_parser("mc", help="multiple-choice accuracy (ScienceQA style)")
     common(mc)
     mc.add_argument("--problems", required=True, help="JSONL (id, question, options, answer[, context, image, subject]) or ScienceQA problems.json")
-    mc.add_argument("--split", help="ScienceQA split to use (e.g. test)")
+    mc.add_argument("--split", help="ScienceQA split from pid_splits.json beside problems.json (train, val, test, minival, minitest)")
     mc.add_argument("--image-folder", default=".", help="(default: %(default)s)")
-    mc.add_argument("--prompt-format", default=DEFAULT_FORMAT, help="with {context}, {question}, {options} (default: %(default)r)")
+    mc.add_argument("--prompt-format", default=DEFAULT_FORMAT,
+                    help=f"a preset ({', '.join(PRESETS)}) or a template with {{context}}, {{question}}, {{options}} (default: %(default)s)")
+    mc.add_argument("--lenient", action="store_true",
+                    help="also read a leading letter or an option's exact text (default: only what eval_science_qa.py reads)")
 
     shapes = commands.add_parser("shapes", help="shapes-world accuracy per question type")
     common(shapes)
@@ -71,12 +85,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 def judge_command(args, candidate) -> dict:
     questions = load_questions(Path(args.questions), args.context and Path(args.context), args.references and Path(args.references))
     folder = Path(args.image_folder)
+    wording = Wording(load_rules(Path(args.rules)) if args.rules else None, args.judge_system)
     settings = JudgeSettings(judge_model=args.judge_model, reference_model=args.reference_model, base_url=args.base_url,
                              concurrency=args.concurrency, parse_retries=args.parse_retries, max_retries=args.max_retries,
-                             timeout=args.timeout, temperature=args.temperature, seed=args.seed, progress_bar=not args.quiet)
+                             timeout=args.timeout, temperature=args.temperature, order=args.order, wording=wording,
+                             progress_bar=not args.quiet)
     scores = run_judge(questions, lambda q: candidate.answer(q.text, q.image and folder / q.image), Path(args.output),
                        settings, candidate.name)
-    return {name: round(s["relative"], 1) if s["relative"] is not None else None for name, s in scores.items()}
+    return {name: s["relative"] for name, s in scores.items()}
+
+
+def load_problems(path: Path, split: str | None) -> list:
+    if path.suffix == ".json":
+        return load_scienceqa(path, split)
+    if split:
+        raise ValueError(f"{path}: --split is for ScienceQA's problems.json; a JSONL file is one set")
+    return load_jsonl_problems(path)
 
 
 def mc_command(args, candidate) -> dict:
@@ -85,11 +109,13 @@ def mc_command(args, candidate) -> dict:
         raise ValueError(f"{args.problems}: no problems{' in split ' + args.split if args.split else ''}")
     folder, output = Path(args.image_folder), Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    reader, how = (parse_choice, "leniently") if args.lenient else (read_choice, "as eval_science_qa.py reads them")
     scores = evaluate_multiple_choice(problems, lambda p, text: candidate.answer(text, p.image and folder / p.image),
-                                      output / "answers.jsonl", args.prompt_format, progress=not args.quiet)
+                                      output / "answers.jsonl", prompt_builder(args.prompt_format), reader,
+                                      progress=not args.quiet, order=COLUMNS)
     (output / "scores.json").write_text(json.dumps(scores, indent=1))
-    (output / "report.md").write_text(multiple_choice_report(scores, candidate.name, args.prompt_format))
-    return {subject: round(100 * s["accuracy"], 2) for subject, s in scores.items()}
+    (output / "report.md").write_text(multiple_choice_report(scores, candidate.name, args.prompt_format, how))
+    return {group: round(100 * s["accuracy"], 2) for group, s in scores.items()}
 
 
 def shapes_command(args, candidate) -> dict:
@@ -128,16 +154,26 @@ def shapes_probe_command(args) -> dict:
     return result
 
 
+def make_candidate(args):
+    if not args.model_url and (args.model_name or args.api_key):
+        raise ValueError("--model-name and --api-key are for a model behind --model-url")
+    if args.model_url:
+        from .remote import RemoteCandidate
+
+        return RemoteCandidate(args.model_url, args.model_name, args.api_key, args.max_new_tokens)
+    from .candidate import Candidate
+
+    return Candidate(args.model, args.device, args.max_new_tokens)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from .candidate import Candidate
-
     try:
         if args.command == "shapes-probe":
             print(json.dumps(shapes_probe_command(args), indent=1))
             return 0
-        candidate = Candidate(args.model, args.device, args.max_new_tokens)
+        candidate = make_candidate(args)
         command = {"judge": judge_command, "mc": mc_command, "shapes": shapes_command}[args.command]
         summary = command(args, candidate)
     except (ValueError, RuntimeError, OSError, openai.OpenAIError) as error:  # FATAL_ERRORS are OpenAIErrors

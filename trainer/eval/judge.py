@@ -1,65 +1,38 @@
 """LLaVA-Bench style evaluation: a text-only model writes reference answers from the image's description, the
-candidate answers from the image, and a judge model scores both 1-10. The relative score is
-mean(candidate) / mean(reference) x 100, per category and overall.
+candidate answers from the image, and a judge model scores both 1-10. Scores are summarised as the original's
+`summarize_gpt_review.py` does: per category and overall, the mean reference and candidate scores (3 decimals) and
+the relative score, mean(candidate) / mean(reference) x 100 (1 decimal).
 
-The two answers are shown in a random order per question (seeded by the question id), and the scores are mapped
-back, so a judge that favours the first (or second) answer cannot move the result. A judgement whose first line is
-not two scores is asked for again (`parse_retries`), then counted as a failure and left out of the means."""
+Answer order (`order`): the original always shows the reference as Assistant 1 (`reference-first`, the default: scores
+comparable with published ones); `candidate-first` the other way; `both` asks once each way and averages, which gives
+each side any first-position bias once. A judgement whose first line is not two scores is asked for again
+(`parse_retries`), then counted as a failure and left out of the means. A question whose image cannot be read is
+recorded as unanswered, counted, and left out; a rerun tries it again."""
 
 import asyncio
 import json
 import logging
-import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
 from tqdm.auto import tqdm
 
+from llava_plugin import ImageLoadError
 from trainer.datagen.openai_backend import FATAL_ERRORS, Usage, make_client
 
+from .bench_files import CATEGORIES, Question, load_questions
 from .report import table
-from .results import ResultLog, read_jsonl_objects
+from .results import ResultLog
+from .review import JudgeParseError, Wording, parse_scores
 
 logger = logging.getLogger(__name__)
-CATEGORIES = ("conversation", "detail", "complex")
 DEFAULT_JUDGE = "gpt-4.1"
+ORDERS = ("reference-first", "candidate-first", "both")
 
 REFERENCE_SYSTEM = ("You are an AI visual assistant. You cannot see the image, but you are given a description of it "
                     "(captions, object boxes or a human's account). Answer the user's question about the image as if you "
                     "were looking at it: confidently, without mentioning the description.")
-JUDGE_SYSTEM = "You are a careful and impartial judge of answers to questions about images."
-JUDGE_INSTRUCTIONS = (
-    "Two AI assistants answered the question above, which a user asked while looking at an image. You cannot see the "
-    "image; the context above describes it. Rate how helpful, relevant, accurate and detailed each answer is, as one "
-    "overall score from 1 to 10 per assistant, higher being better.\n"
-    "On the first line write only the two scores, Assistant 1's and then Assistant 2's, separated by a space. From the "
-    "second line on, explain your rating. Judge the content alone: the order in which the answers appear must not "
-    "matter.")
-SCORE_LINE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[,;/ ]\s*(\d+(?:\.\d+)?)\s*$")
-
-
-class JudgeParseError(ValueError):
-    pass
-
-
-def parse_scores(text: str) -> tuple[float, float]:
-    """The two scores on the judgement's first non-empty line, each within 1-10."""
-    first = next((line for line in (text or "").splitlines() if line.strip()), "")
-    match = SCORE_LINE.match(first.replace("**", ""))
-    if not match:
-        raise JudgeParseError(f"the first line is not two scores: {first[:80]!r}")
-    scores = float(match.group(1)), float(match.group(2))
-    if not all(1 <= score <= 10 for score in scores):
-        raise JudgeParseError(f"scores outside 1-10: {scores}")
-    return scores
-
-
-def judge_messages(context: str, question: str, first: str, second: str) -> list[dict]:
-    content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n[Assistant 1]\n{first}\n[End of Assistant 1]\n\n"
-               f"[Assistant 2]\n{second}\n[End of Assistant 2]\n\n[Instructions]\n{JUDGE_INSTRUCTIONS}")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
 def reference_messages(context: str, question: str) -> list[dict]:
@@ -67,45 +40,12 @@ def reference_messages(context: str, question: str) -> list[dict]:
             {"role": "user", "content": f"Image description:\n{context}\n\nQuestion: {question}"}]
 
 
-def reference_first(question_id, seed: int) -> bool:
-    return random.Random(f"{seed}:{question_id}").random() < 0.5
+def orders_asked(order: str) -> tuple[str, ...]:
+    return ("reference-first", "candidate-first") if order == "both" else (order,)
 
 
-@dataclass
-class Question:
-    question_id: str
-    image: str | None
-    text: str
-    category: str
-    context: str
-    reference: str | None = None
-
-
-def load_questions(path: Path, contexts: Path | None = None, references: Path | None = None) -> list[Question]:
-    """LLaVA-Bench files: questions (question_id, image, text, category; optional context, reference), with context
-    ({image, caption}) and reference answers ({question_id, text}) inline or in their own JSONL files."""
-
-    context_by_image = {row.get("image"): row.get("caption") or row.get("context") for _, row in read_jsonl_objects(contexts)} if contexts else {}
-    reference_by_id = {str(row["question_id"]): row["text"] for _, row in read_jsonl_objects(references)} if references else {}
-    questions, seen = [], set()
-    for where, row in read_jsonl_objects(path):
-        missing = [key for key in ("question_id", "text", "category") if key not in row]
-        if missing:
-            raise ValueError(f"{where}: missing {', '.join(missing)}")
-        question_id = str(row["question_id"])
-        if question_id in seen:
-            raise ValueError(f"{where}: question_id {question_id} appears twice")
-        seen.add(question_id)
-        if row["category"] not in CATEGORIES:
-            raise ValueError(f"{where}: category {row['category']!r} is not one of {', '.join(CATEGORIES)}")
-        context = row.get("context") or context_by_image.get(row.get("image"))
-        if not context:
-            raise ValueError(f"{where}: no context for image {row.get('image')!r} (give 'context' or a --context file)")
-        if isinstance(context, list):
-            context = "\n".join(map(str, context))
-        questions.append(Question(question_id, row.get("image"), row["text"], row["category"], context,
-                                  row.get("reference") or reference_by_id.get(question_id)))
-    return questions
+def review_id(question_id: str, order: str) -> str:
+    return f"{question_id}|{order}"
 
 
 @dataclass
@@ -119,14 +59,21 @@ class JudgeSettings:
     max_retries: int = 8
     timeout: float = 120.0
     temperature: float = 0.2  # the paper's judge temperature
-    seed: int = 0
+    judge_max_tokens: int = 1024  # the original's review scripts' limit
+    order: str = "reference-first"
+    wording: Wording = field(default_factory=Wording)
     progress_bar: bool = True
     usage: Usage = field(default_factory=Usage)
 
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
 
-async def _ask(client, model: str, messages: list[dict], temperature: float, usage: Usage) -> str:
+
+async def _ask(client, model: str, messages: list[dict], temperature: float, usage: Usage, max_tokens: int | None = None) -> str:
     usage.calls += 1
-    response = await client.chat.completions.create(model=model, messages=messages, temperature=temperature)
+    options = {"max_tokens": max_tokens} if max_tokens else {}
+    response = await client.chat.completions.create(model=model, messages=messages, temperature=temperature, **options)
     if response.usage is not None:
         usage.prompt_tokens += response.usage.prompt_tokens or 0
         usage.completion_tokens += response.usage.completion_tokens or 0
@@ -172,60 +119,95 @@ async def write_references(questions: list[Question], log: ResultLog, settings: 
 
 async def write_reviews(questions: list[Question], references: dict, answers: dict, log: ResultLog,
                         settings: JudgeSettings, client) -> None:
-    def job(question):
+    """One judgement per (answered question, order asked), each a line of the log keyed by `review_id`."""
+
+    def job(question, order):
         async def run():
             reference, candidate = references[question.question_id], answers[question.question_id]
-            flipped = not reference_first(question.question_id, settings.seed)
+            flipped = order == "candidate-first"
             first, second = (candidate, reference) if flipped else (reference, candidate)
-            messages = judge_messages(question.context, question.text, first, second)
+            messages = settings.wording.messages(question.category, question.context_kind, question.context,
+                                                 question.text, first, second)
+            entry = {"review_id": review_id(question.question_id, order), "question_id": question.question_id,
+                     "category": question.category, "order": order}
             errors = []
             for _ in range(settings.parse_retries + 1):
-                text = await _ask(client, settings.judge_model, messages, settings.temperature, settings.usage)
+                text = await _ask(client, settings.judge_model, messages, settings.temperature, settings.usage,
+                                  settings.judge_max_tokens)
                 try:
                     scores = parse_scores(text)
                 except JudgeParseError as error:
                     errors.append(str(error))
                     continue
                 reference_score, candidate_score = (scores[1], scores[0]) if flipped else scores
-                log.add({"question_id": question.question_id, "category": question.category,
-                         "order": "candidate first" if flipped else "reference first",
-                         "reference_score": reference_score, "candidate_score": candidate_score, "judgement": text,
-                         "attempts": len(errors) + 1})
+                log.add(entry | {"reference_score": reference_score, "candidate_score": candidate_score,
+                                 "judgement": text, "attempts": len(errors) + 1})
                 return
-            log.add({"question_id": question.question_id, "category": question.category, "failed": True,
-                     "errors": errors, "attempts": len(errors)})
+            log.add(entry | {"failed": True, "errors": errors, "attempts": len(errors)})
         return run
 
-    todo = [question for question in questions if question.question_id not in log]
-    await _gather([job(question) for question in todo], settings.concurrency, "judging", settings.progress_bar)
+    todo = [(question, order) for question in questions if question.question_id in answers
+            for order in orders_asked(settings.order) if review_id(question.question_id, order) not in log]
+    await _gather([job(*item) for item in todo], settings.concurrency, "judging", settings.progress_bar)
 
 
-def relative_scores(reviews: list[dict]) -> dict:
-    """Per category and overall: both means, the relative score, the number scored and the parse failures."""
+def question_scores(question: Question, reviews: dict, order: str) -> dict:
+    """A question's (reference, candidate) scores: its judgement, or the mean of both orders' under `both`."""
+    entries = [reviews[review_id(question.question_id, asked)] for asked in orders_asked(order)]
+    if any(entry.get("failed") for entry in entries):
+        return {"category": question.category, "failed": True}
+    return {"category": question.category,
+            "reference_score": sum(entry["reference_score"] for entry in entries) / len(entries),
+            "candidate_score": sum(entry["candidate_score"] for entry in entries) / len(entries)}
+
+
+def relative_scores(scored: list[dict]) -> dict:
+    """Per category and overall, as summarize_gpt_review.py reports them: both means rounded to 3 decimals, and the
+    relative score from those means, rounded to 1 decimal; with the number scored, failed and unanswered."""
     out = {}
     for name in (*CATEGORIES, "overall"):
-        chosen = [review for review in reviews if name in ("overall", review["category"])]
-        scored = [review for review in chosen if not review.get("failed")]
+        chosen = [item for item in scored if name in ("overall", item["category"])]
         if not chosen:
             continue
-        reference = sum(r["reference_score"] for r in scored) / len(scored) if scored else None
-        candidate = sum(r["candidate_score"] for r in scored) / len(scored) if scored else None
-        out[name] = {"relative": 100 * candidate / reference if scored and reference else None,
-                     "reference_mean": reference, "candidate_mean": candidate, "scored": len(scored),
-                     "failed": len(chosen) - len(scored)}
+        judged = [item for item in chosen if not item.get("failed") and not item.get("unanswered")]
+        reference = round(sum(i["reference_score"] for i in judged) / len(judged), 3) if judged else None
+        candidate = round(sum(i["candidate_score"] for i in judged) / len(judged), 3) if judged else None
+        out[name] = {"relative": round(candidate / reference * 100, 1) if judged and reference else None,
+                     "reference_mean": reference, "candidate_mean": candidate, "scored": len(judged),
+                     "failed": sum(bool(item.get("failed")) for item in chosen),
+                     "unanswered": sum(bool(item.get("unanswered")) for item in chosen)}
     return out
 
 
 def judge_report(scores: dict, candidate: str, settings: JudgeSettings) -> str:
-    def number(value, digits=2):
+    def number(value, digits=3):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    rows = [[name, number(s["relative"], 1), number(s["candidate_mean"]), number(s["reference_mean"]), s["scored"], s["failed"]]
-            for name, s in scores.items()]
+    rows = [[name, number(s["relative"], 1), number(s["candidate_mean"]), number(s["reference_mean"]), s["scored"],
+             s["failed"], s["unanswered"]] for name, s in scores.items()]
     return (f"# LLaVA-Bench style judged evaluation: {candidate}\n\n"
-            f"Judge `{settings.judge_model}` (temperature {settings.temperature}); references by `{settings.reference_model}` "
-            f"where the questions had none. Relative score = candidate mean / reference mean x 100.\n\n"
-            + table(["category", "relative score", "candidate mean", "reference mean", "scored", "parse failures"], rows) + "\n")
+            f"Judge `{settings.judge_model}` (temperature {settings.temperature}), {settings.wording.describe()}; answer "
+            f"order {settings.order}; references by `{settings.reference_model}` where the questions had none. Relative "
+            f"score = candidate mean / reference mean x 100, as summarize_gpt_review.py computes it.\n\n"
+            + table(["category", "relative score", "candidate mean", "reference mean", "scored", "parse failures",
+                     "unanswered (image unreadable)"], rows) + "\n")
+
+
+def write_answers(questions: list[Question], answer, path: Path, candidate_name: str, progress: bool) -> dict:
+    """question_id -> the candidate's answer; a question whose image cannot be read is logged as failed (and tried
+    again by the next run) instead of stopping the run."""
+    with ResultLog(path, key="question_id") as log:
+        for question in tqdm(questions, desc="candidate answers", disable=not progress):
+            if question.question_id in log and not log[question.question_id].get("failed"):
+                continue
+            try:
+                text = answer(question)
+            except ImageLoadError as error:
+                logger.warning("question %s: %s; recorded as unanswered", question.question_id, error)
+                log.add({"question_id": question.question_id, "failed": True, "error": str(error), "model": candidate_name})
+                continue
+            log.add({"question_id": question.question_id, "text": text, "model": candidate_name})
+        return {q.question_id: log[q.question_id]["text"] for q in questions if not log[q.question_id].get("failed")}
 
 
 def run_judge(questions: list[Question], answer, output: Path, settings: JudgeSettings, candidate_name: str) -> dict:
@@ -249,23 +231,23 @@ def run_judge(questions: list[Question], answer, output: Path, settings: JudgeSe
     if missing:
         raise RuntimeError(f"no reference answer for {len(missing)} questions (e.g. {missing[:3]}); run again to retry")
 
-    with ResultLog(output / "answers.jsonl", key="question_id") as log:
-        for question in tqdm(questions, desc="candidate answers", disable=not settings.progress_bar):
-            if question.question_id not in log:
-                log.add({"question_id": question.question_id, "text": answer(question), "model": candidate_name})
-        answers = {question.question_id: log[question.question_id]["text"] for question in questions}
+    answers = write_answers(questions, answer, output / "answers.jsonl", candidate_name, settings.progress_bar)
 
-    with ResultLog(output / "reviews.jsonl", key="question_id") as log:
+    with ResultLog(output / "reviews.jsonl", key="review_id") as log:
         asyncio.run(online(lambda client: write_reviews(questions, references, answers, log, settings, client)))
-        reviews = [log[question.question_id] for question in questions if question.question_id in log]
-    if len(reviews) < len(questions):
-        raise RuntimeError(f"{len(questions) - len(reviews)} questions could not be judged (server errors after retries); "
+        reviews = dict(log.entries)
+    answered = [question for question in questions if question.question_id in answers]
+    undone = [q for q in answered if any(review_id(q.question_id, o) not in reviews for o in orders_asked(settings.order))]
+    if undone:
+        raise RuntimeError(f"{len(undone)} questions could not be judged (server errors after retries); "
                            "run again to judge only those")
-    scores = relative_scores(reviews)
+    scored = [question_scores(q, reviews, settings.order) if q.question_id in answers
+              else {"category": q.category, "unanswered": True} for q in questions]
+    scores = relative_scores(scored)
     (output / "scores.json").write_text(json.dumps(scores, indent=1))
     (output / "report.md").write_text(judge_report(scores, candidate_name, settings))
     return scores
 
 
-__all__ = ["CATEGORIES", "JudgeSettings", "Question", "load_questions", "parse_scores", "relative_scores",
+__all__ = ["CATEGORIES", "ORDERS", "JudgeSettings", "Question", "load_questions", "parse_scores", "relative_scores",
            "run_judge"]

@@ -26,7 +26,8 @@ class ResultLog:
     def __init__(self, path: Path, key: str = "id"):
         self.path, self.key = Path(path), key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.entries = {entry[key]: entry for entry in read_jsonl_tolerant(self.path)}
+        # Lines without the key are from another layout of the file (an older version): they are not results of this one.
+        self.entries = {entry[key]: entry for entry in read_jsonl_tolerant(self.path) if key in entry}
         self._handle = None
 
     def __contains__(self, item_id) -> bool:

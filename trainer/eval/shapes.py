@@ -1,10 +1,13 @@
 """The shapes world's held-out accuracy per question type: every canonical question of every held-out image, answered
 greedily and judged by its key word (`trainer.shapes.world.judge`)."""
 
+import logging
 import random
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from llava_plugin import ImageLoadError
 
 from trainer.shapes.report import position_outcomes_sentence
 from trainer.shapes.world import KINDS, POSITION_OUTCOMES, judge, position_outcome, questions
@@ -12,6 +15,8 @@ from trainer.shapes.world import KINDS, POSITION_OUTCOMES, judge, position_outco
 from .candidate import Candidate
 from .report import table
 from .results import ResultLog, read_jsonl_objects
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Path, answers_path: Path, seed: int = 0,
@@ -33,11 +38,20 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
                 raise ValueError(f"{answers_path} holds answers to questions asked {asked(logged)}, this run asks them "
                                  f"{asked(opener)}: give each opener its own output folder")
         for image, image_jobs in tqdm(by_image.items(), desc="shapes: answering", unit="image", disable=not progress):
-            todo = [job for job in image_jobs if job[0] not in log]
+            todo = [job for job in image_jobs if job[0] not in log or log[job[0]].get("failed")]
             if not todo:
                 continue
-            history = ((opener, candidate.answer(opener, image_folder / image, max_new_tokens=48)),) if opener else ()
-            answers = candidate.answer_many([job[3] for job in todo], image_folder / image, max_new_tokens=48, history=history)
+            try:
+                history = ((opener, candidate.answer(opener, image_folder / image, max_new_tokens=48)),) if opener else ()
+                answers = candidate.answer_many([job[3] for job in todo], image_folder / image, max_new_tokens=48,
+                                                history=history)
+            except ImageLoadError as error:  # counted wrong, tried again by the next run; the others go on
+                logger.warning("%s: %s; its questions count as failed", image, error)
+                for item_id, record, kind, question, expected in todo:
+                    log.add({"id": item_id, "image": image, "kind": kind, "question": question, "expected": expected,
+                             "answer": None, "right": False, "failed": True, "error": str(error),
+                             **({"history": [[opener, None]]} if opener else {})})
+                continue
             for (item_id, record, kind, question, expected), answer in zip(todo, answers):
                 log.add({"id": item_id, "image": image, "kind": kind, "question": question, "expected": expected,
                          "answer": answer, "right": judge(kind, answer, expected),
@@ -47,11 +61,12 @@ def evaluate_shapes(candidate: Candidate, records: list[dict], image_folder: Pat
     for entry, (_, record, *_) in zip(answered, jobs):
         scores[entry["kind"]][0] += entry["right"]
         scores[entry["kind"]][1] += 1
-        if entry["kind"] == "position":
+        if entry["kind"] == "position" and not entry.get("failed"):
             outcomes[position_outcome(entry["answer"], entry["expected"], record["things"])] += 1
     return {"accuracy": {kind: right / total if total else 0.0 for kind, (right, total) in scores.items()},
             "counts": {kind: total for kind, (_, total) in scores.items()},
             "position_outcomes": outcomes,
+            "failed": sum(bool(entry.get("failed")) for entry in answered),
             "opener": opener,
             "samples": [entry for entry in answered[:40]]}
 
@@ -73,5 +88,7 @@ def shapes_report(result: dict, model: str) -> str:
     rows = [[kind, f"{100 * result['accuracy'][kind]:.1f}%", result["counts"][kind]] for kind in KINDS]
     asked = (f"Every question asked as a follow-up, after \"{result['opener']}\" and the model's own answer.\n\n"
              if result.get("opener") else "")
-    return (f"# Shapes world: {model}\n\n" + asked + table(["question", "accuracy", "questions"], rows) + "\n\n"
+    failed = (f"{result['failed']} questions failed: their image could not be read (counted wrong).\n\n"
+              if result.get("failed") else "")
+    return (f"# Shapes world: {model}\n\n" + asked + failed + table(["question", "accuracy", "questions"], rows) + "\n\n"
             + position_outcomes_sentence(result["position_outcomes"]) + "\n")
