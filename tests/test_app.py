@@ -234,3 +234,22 @@ print("LOADED", loaded)
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
                             timeout=180)
     assert f"LOADED [{str(saved_checkpoint)!r}]" in result.stdout, result.stderr[-1500:]
+
+
+def test_the_embedded_models_defaults_are_the_best_measured_setting_and_the_measurement_runs(tmp_path):
+    """The follow-up measurement (bench/followups_by_turn.py) runs, and the app's defaults for the embedded model are
+    the setting it found best (docs/shapes/followups_by_turn.json, the numbers in the model card)."""
+    import json
+    import runpy
+
+    from app import EMBEDDED_MODEL, EMBEDDED_MODEL_DEFAULTS, page_for, parse_args
+
+    root = Path(__file__).resolve().parent.parent
+    measured = json.loads((root / "docs" / "shapes" / "followups_by_turn.json").read_text())
+    assert (EMBEDDED_MODEL_DEFAULTS["temperature"], EMBEDDED_MODEL_DEFAULTS["top_p"]) == tuple(measured["settings"][measured["best"]])
+    assert page_for(parse_args(["--model", EMBEDDED_MODEL]))["defaults"] == EMBEDDED_MODEL_DEFAULTS
+    assert f"{100 * measured['mean_followups'][measured['best']]:.1f}%" in (root / "checkpoints" / "shapes-llava" / "README.md").read_text()
+    bench = runpy.run_path(str(root / "bench" / "followups_by_turn.py"), run_name="bench")
+    assert bench["main"](["--scenes", "2", "--turns", "3", "--json", str(tmp_path / "out.json")]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert all(len(values) == 3 and all(0 <= value <= 1 for value in values) for values in result["by_turn"].values())
