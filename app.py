@@ -300,6 +300,10 @@ def load_backend(args: argparse.Namespace):
     return load_engine(args.model)
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Chat with a llava_plugin model about an image, and draft instruction data.")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or hub id (default: %(default)s)")
@@ -312,16 +316,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    # Each also from an environment variable, as a Space's settings set them (Spaces pass no flags).
     drafting = parser.add_argument_group("the Data tab's remote backend (off by default)")
-    drafting.add_argument("--remote-drafting", action="store_true",
-                          help="let visitors draft through an OpenAI-compatible server with their own key")
+    drafting.add_argument("--remote-drafting", action="store_true", default=_env_flag("LLAVA_REMOTE_DRAFTING"),
+                          help="let visitors draft through an OpenAI-compatible server with their own key "
+                               "(or LLAVA_REMOTE_DRAFTING=1)")
     drafting.add_argument("--draft-base-url", action="append", metavar="URL",
-                          help="a server visitors may draft through (repeatable; default: https://api.openai.com/v1)")
-    drafting.add_argument("--draft-with-operator-key", action="store_true",
+                          help="a server visitors may draft through (repeatable, or LLAVA_DRAFT_BASE_URLS=URL,URL; "
+                               "default: https://api.openai.com/v1)")
+    drafting.add_argument("--draft-with-operator-key", action="store_true", default=_env_flag("LLAVA_DRAFT_WITH_OPERATOR_KEY"),
                           help="a visitor who types no key drafts on this server's OPENAI_API_KEY (only through the "
-                               "allowed servers); mind the bill")
+                               "allowed servers); mind the bill (or LLAVA_DRAFT_WITH_OPERATOR_KEY=1)")
     drafting.add_argument("--draft-timeout", type=float, default=30.0, help="seconds per drafting request (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not args.draft_base_url and os.environ.get("LLAVA_DRAFT_BASE_URLS"):
+        args.draft_base_url = [url for url in os.environ["LLAVA_DRAFT_BASE_URLS"].split(",") if url.strip()]
     if args.draft_with_operator_key and not os.environ.get("OPENAI_API_KEY"):
         parser.error("--draft-with-operator-key needs OPENAI_API_KEY in the environment")
     if (args.draft_base_url or args.draft_with_operator_key) and not args.remote_drafting:

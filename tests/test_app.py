@@ -253,3 +253,14 @@ def test_the_embedded_models_defaults_are_the_best_measured_setting_and_the_meas
     assert bench["main"](["--scenes", "2", "--turns", "3", "--json", str(tmp_path / "out.json")]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
     assert all(len(values) == 3 and all(0 <= value <= 1 for value in values) for values in result["by_turn"].values())
+
+
+def test_remote_drafting_is_off_by_default_and_a_spaces_variables_can_turn_it_on(monkeypatch):
+    from app import parse_args, policy_from
+
+    assert policy_from(parse_args([])).remote is False
+    monkeypatch.setenv("LLAVA_REMOTE_DRAFTING", "1")
+    monkeypatch.setenv("LLAVA_DRAFT_BASE_URLS", "http://127.0.0.1:8000/v1,https://api.openai.com/v1")
+    policy = policy_from(parse_args([]))
+    assert policy.remote and policy.base_urls == ["http://127.0.0.1:8000/v1", "https://api.openai.com/v1"]
+    assert policy.operator_key is None  # the operator's key only with --draft-with-operator-key
