@@ -94,3 +94,17 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     unknown = subprocess.run([sys.executable, "-m", "trainer.datagen.cli", "--input", str(bad), "--output", "o.json", "--types", "poems"],
                              capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2 and "unknown kinds ['poems']" in unknown.stderr
+
+
+def test_the_openai_backend_without_a_key_says_so_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text('{"id": "x", "image": "x.png", "width": 100, "height": 100, "captions": ["A cat."], "boxes": []}\n')
+    env = {key: value for key, value in os.environ.items() if key != "OPENAI_API_KEY"}
+    result = subprocess.run([sys.executable, "-m", "trainer.datagen.cli", "--input", str(annotations), "--output",
+                             str(tmp_path / "o.json"), "--backend", "openai"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "OPENAI_API_KEY" in result.stderr and "any non-empty key" in result.stderr

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from .annotations import AnnotationError
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
             concurrency=args.concurrency, limit=args.limit, seed=args.seed, parse_retries=args.parse_retries,
             max_retries=args.max_retries, timeout=args.timeout, temperature=args.temperature, retry_rejects=args.retry_rejects, prompts=args.prompts,
         )
+        if config.backend == "openai" and not (config.api_key or os.environ.get("OPENAI_API_KEY")):
+            raise ValueError("the openai backend needs an API key: set OPENAI_API_KEY (a local server such as vLLM or "
+                             "Ollama accepts any non-empty key, e.g. OPENAI_API_KEY=local), or use --backend offline")
         if args.batch_api:
             status, summary = asyncio.run(run_batch(config))
             print(status)
