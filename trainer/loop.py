@@ -137,14 +137,14 @@ def train(settings: TrainSettings) -> Path:
     run_log = RunLog(output, accelerator.is_main_process, state["step"] if settings.resume else None)
     try:
         skipped = run_steps(settings, accelerator, model, optimizer, scheduler, loader, sampler, processor, state, total_steps, run_log)
+        report_skipped(accelerator, skipped, output)
+        save_final(accelerator, model, processor, output, settings, SAVE_DTYPES.get(settings.save_dtype, start_dtype))
     except NonFiniteError as error:
         last = checkpoint.latest(output)
         raise NonFiniteError(f"{error}; the last good checkpoint is {last or 'none (no checkpoint was saved yet)'}") from None
     finally:
         run_log.close()
-        accelerator.end_training()
-    report_skipped(accelerator, skipped, output)
-    save_final(accelerator, model, processor, output, settings, SAVE_DTYPES.get(settings.save_dtype, start_dtype))
+        accelerator.end_training()  # last: it also ends the process group
     return output
 
 
