@@ -66,7 +66,11 @@ def damage(folder: Path) -> str | None:
     try:
         listed = json.loads((folder / MANIFEST).read_text())["files"]
     except FileNotFoundError:
-        return f"it has no {MANIFEST} (its save never finished)"
+        # A save renames its folder into place after the manifest: without one, an older llava-train wrote it.
+        if (folder / STATE_FILE).exists():
+            logger.warning("checkpoint %s has no %s (an older llava-train wrote it): loading it unverified", folder, MANIFEST)
+            return None
+        return f"it has no {MANIFEST}"
     except (ValueError, KeyError, TypeError) as error:
         return f"its {MANIFEST} is unreadable ({error})"
     for name, expected in listed.items():

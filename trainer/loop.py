@@ -224,7 +224,7 @@ def write_metrics(accelerator, totals, steps, state, output: Path):
         print(f"trained {metrics['steps']} steps, {samples} samples in {seconds:.1f} s ({metrics['samples_per_s']:.2f} samples/s, "
               f"padding {metrics['padding']:.1%})")
         if state["nonfinite_skipped"]:
-            print(f"skipped {state['nonfinite_skipped']} batches with a non-finite loss or gradient (--skip-nonfinite)")
+            print(f"skipped {state['nonfinite_skipped']} batch(es) with a non-finite loss or gradient (--skip-nonfinite)")
 
 
 def report_skipped(accelerator, skipped, output: Path):
