@@ -104,11 +104,10 @@ def test_save_dtype_sets_the_final_models_dtype(parts, world, tmp_path):
 
 
 def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(parts, world, tmp_path):
-    from trainer.checkpoint import damage
-
     result = train(*stage2_args(parts, world, tmp_path, "--lr", 1e6, "--max-steps", 8, "--save-every", 1,
                                 "--skip-nonfinite", 2), check=False)
     assert result.returncode == 3, result.stderr[-4000:]
+    from trainer.checkpoint import damage
     found = re.search(r"step (\d+): loss \S+, gradient norm \S+: training diverged and stopped after skipping 2 non-finite "
                       r"batches \(--skip-nonfinite 2\); no final model was saved; the last good checkpoint is (\S+)", result.stderr)
     assert found, result.stderr[-2000:]
