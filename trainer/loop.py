@@ -173,7 +173,8 @@ def run_steps(settings, accelerator, model, optimizer, scheduler, loader, sample
                     meter.add_batch(loss, samples, batch.get("attention_mask"))
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-                        applied = guard.step_is_finite(state["step"] + 1, meter.step_bad, meter.step["loss"], grad_norm)
+                        mean_loss = meter.step["loss"] / meter.step["batches"]
+                        applied = guard.step_is_finite(state["step"] + 1, meter.step_bad, mean_loss, grad_norm)
                         if applied:
                             optimizer.step()
                             scheduler.step()

@@ -20,7 +20,7 @@ class RunLog:
             return
         if resumed_step is not None and self.path.exists():
             self.keep_until(resumed_step)
-        self.file = self.path.open("a")
+        self.file = self.path.open("a" if resumed_step is not None else "w")  # a new run starts a new curve
 
     def keep_until(self, step: int) -> None:
         kept = []
