@@ -92,6 +92,17 @@ def world(tmp_path_factory):
     return save_tiny_world(tmp_path_factory.mktemp("world"))
 
 
+@pytest.fixture
+def in_process():
+    """llava-train's main() run inside pytest: Accelerate's process-wide state is reset afterwards."""
+    from accelerate.state import AcceleratorState
+
+    from trainer.cli import main
+
+    yield main
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def stage2_args(parts, world, output, *extra):
     return ["--stage", 2, "--vision", parts["clip"], "--llm", parts["llm"], "--data", world / "instruct.json",
             "--image-folder", world / "images", "--output", output, "--batch-size", 4, "--log-every", 1, *extra]
@@ -119,9 +130,8 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoin
     assert [entry["step"] for entry in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())] == list(range(1, step))
 
 
-def test_a_non_finite_batch_within_the_budget_is_skipped_and_counted(parts, world, tmp_path, monkeypatch, capsys):
+def test_a_non_finite_batch_within_the_budget_is_skipped_and_counted(parts, world, tmp_path, monkeypatch, capsys, in_process):
     from trainer import loop
-    from trainer.cli import main
 
     calls = []
 
@@ -132,7 +142,7 @@ def test_a_non_finite_batch_within_the_budget_is_skipped_and_counted(parts, worl
 
     real_loss = loop.training_loss
     monkeypatch.setattr(loop, "training_loss", sometimes_nan)
-    assert main([*map(str, stage2_args(parts, world, tmp_path, "--lr", 1e-3, "--max-steps", 4, "--skip-nonfinite", 1))]) == 0
+    assert in_process([*map(str, stage2_args(parts, world, tmp_path, "--lr", 1e-3, "--max-steps", 4, "--skip-nonfinite", 1))]) == 0
     out = capsys.readouterr().out
     assert "step 3: loss nan" in out and "skipped 1 batch(es) with a non-finite loss or gradient" in out
     metrics = json.loads((tmp_path / "train_metrics.json").read_text())
@@ -155,13 +165,12 @@ def test_report_to_refuses_a_tracker_whose_package_is_missing():
         parse_settings(["--model", "m", "--data", "d.json", "--report-to", "neptune"])
 
 
-def test_each_logging_step_reaches_accelerates_trackers(parts, world, tmp_path, monkeypatch):
+def test_each_logging_step_reaches_accelerates_trackers(parts, world, tmp_path, monkeypatch, in_process):
     """Through Accelerate's tracker interface, as tensorboard or wandb get it (neither is a dependency): a tracker
     registered under a test name stands in for them."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
 
     from trainer import settings
-    from trainer.cli import main
 
     received = []
 
@@ -184,7 +193,7 @@ def test_each_logging_step_reaches_accelerates_trackers(parts, world, tmp_path, 
 
     monkeypatch.setitem(LOGGER_TYPE_TO_CLASS, MemoryTracker.name, MemoryTracker)
     monkeypatch.setitem(settings.TRACKERS, MemoryTracker.name, ("json",))
-    assert main([*map(str, stage2_args(parts, world, tmp_path, "--max-steps", 3, "--report-to", MemoryTracker.name))]) == 0
+    assert in_process([*map(str, stage2_args(parts, world, tmp_path, "--max-steps", 3, "--report-to", MemoryTracker.name))]) == 0
     assert received[0][0] == "config" and received[0][1]["max_steps"] == 3
     assert [step for step, _ in received[1:]] == [1, 2, 3]
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(values) for _, values in received[1:])

@@ -281,10 +281,13 @@ def save_final(accelerator, model, processor, output: Path, settings: TrainSetti
     record_dtype(unwrapped.config, dtype)
     unwrapped.config.save_pretrained(temporary)
     processor.save_pretrained(temporary)
+    for path in temporary.rglob("*"):
+        checkpoint.fsync(path)  # on the disk before config.json says the model is complete
     files = sorted(temporary.iterdir(), key=lambda path: path.name == "config.json")
     for path in files:
         if path.is_dir():
             shutil.rmtree(output / path.name, ignore_errors=True)
         path.replace(output / path.name)
     temporary.rmdir()
+    checkpoint.fsync(output)
     print(f"saved the final model ({str(dtype).removeprefix('torch.')}) to {output}")
