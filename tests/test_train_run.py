@@ -106,26 +106,64 @@ def test_unmerged_lora_is_saved_as_a_peft_adapter_beside_the_base(world, stage1,
     assert any("lora_A" in name for name, _ in adapted.named_parameters())
 
 
-def test_resume_after_sigkill_is_bit_identical(parts, world, tmp_path):
-    common = stage1_args(parts, world, None, "--save-every", 5, "--max-steps", 40, "--batch-size", 2)
-    straight = tmp_path / "straight"
-    train(*[straight if arg is None else arg for arg in common])
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer.cli"]
+CPU_ENV = {**os.environ, "ACCELERATE_USE_CPU": "true"}
 
-    killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "trainer.cli", *map(str, [killed if arg is None else arg for arg in common])]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def lora_args(parts, world, output, *extra):
+    """Stage 2 with LoRA at its default dropout (0.05): dropout draws from the RNG stream a resume must restore."""
+    return ["--stage", 2, "--vision", parts["clip"], "--llm", parts["llm"], "--data", world / "instruct.json",
+            "--image-folder", world / "images", "--output", output, "--batch-size", 2, "--lr", 1e-2, "--log-every", 1,
+            "--lora", "--lora-r", 4, *extra]
+
+
+def log_lines(output) -> list[dict]:
+    return [json.loads(line) for line in (Path(output) / "train_log.jsonl").read_text().splitlines()]
+
+
+def kill_after_checkpoint(command, output, step, env=None):
+    """Runs the command and SIGKILLs it (all its processes) as soon as checkpoint-<step> is complete."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (killed / "checkpoint-10" / "trainer_state.json").exists():
+    while time.monotonic() < deadline and process.poll() is None and not (output / f"checkpoint-{step}" / "manifest.json").exists():
         time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (killed / "config.json").exists(), "the run finished before it could be killed"
+    assert not (output / "config.json").exists(), "the run finished before it could be killed"
+
+
+# LoRA's default dropout in two processes (gloo): with the dropout masks drawn again after a resume it ended up to
+# 7e-7 apart; one process alone (LoRA, no --multi_gpu) fails and passes the same way, so CI runs the wider case only.
+@pytest.mark.parametrize("processes, kind", [(1, "stage 1"), (2, "LoRA")], ids=["stage1", "lora-2-processes"])
+def test_resume_after_sigkill_is_bit_identical(parts, world, tmp_path, processes, kind):
+    """The weights and the logged curve of a run killed after a checkpoint and resumed are those of the run never
+    interrupted, bit for bit; the curve written before the kill survives it."""
+    build = stage1_args if kind == "stage 1" else lora_args
+    steps = 40 if kind == "stage 1" else 24  # the kill comes after step 5: enough steps after it to never miss
+    common = build(parts, world, None, "--save-every", 5, "--max-steps", steps, "--batch-size", 2)
+    launcher, env = ([sys.executable, "-m", "trainer.cli"], None) if processes == 1 else (LAUNCH_TWO, CPU_ENV)
+
+    def command(output, *extra):
+        return [*launcher, *map(str, [output if arg is None else arg for arg in common]), *extra]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = subprocess.run(command(straight), capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    kill_after_checkpoint(command(killed), killed, 5, env)
+    survived = log_lines(killed)
+    assert [entry["step"] for entry in survived[:5]] == list(range(1, 6))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(entry) for entry in survived)
     (killed / ".tmp-checkpoint-99").mkdir()  # what a kill during a save leaves: never taken for a checkpoint
-    resumed = train(*[killed if arg is None else arg for arg in common], "--resume")
+    resumed = subprocess.run(command(killed, "--resume"), capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
     straight_weights, resumed_weights = weights(straight), weights(killed)
-    assert all(torch.equal(straight_weights[key], resumed_weights[key]) for key in straight_weights)
+    differing = [key for key in straight_weights if not torch.equal(straight_weights[key], resumed_weights[key])]
+    assert differing == []
     assert not (killed / ".tmp-checkpoint-99").exists()
+    curve = [(entry["step"], entry["loss"], entry["lr"], entry["grad_norm"]) for entry in log_lines(killed)]
+    assert curve == [(entry["step"], entry["loss"], entry["lr"], entry["grad_norm"]) for entry in log_lines(straight)]
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +258,11 @@ def test_a_model_assembled_from_parts_can_take_its_image_after_the_question(part
 
 
 def test_two_processes_under_accelerate_launch(parts, world, tmp_path):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer.cli",
-               *map(str, stage1_args(parts, world, tmp_path, "--save-every", 2))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    command = [*LAUNCH_TWO, *map(str, stage1_args(parts, world, tmp_path, "--save-every", 2))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=CPU_ENV)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "on 2 process(es) (MULTI_CPU" in result.stdout
-    assert (tmp_path / "checkpoint-2" / "trainer_state.json").exists() and (tmp_path / "model.safetensors").exists()
+    assert (tmp_path / "checkpoint-2" / "manifest.json").exists() and (tmp_path / "model.safetensors").exists()
 
 
 def test_vision_feature_cache_gives_the_same_training(parts, world, tmp_path):

@@ -4,6 +4,7 @@ import logging
 import sys
 
 from .data import DataError
+from .finite import NonFiniteError
 from .settings import parse_settings
 
 
@@ -19,6 +20,9 @@ def main(argv=None) -> int:
     except (DataError, ValueError) as error:
         print(f"llava-train: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:
+        print(f"llava-train: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

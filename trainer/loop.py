@@ -23,6 +23,9 @@ from .batching import Collator, GroupedBatchSampler
 from .data import load_records
 from .dataset import LlavaDataset, check_records, estimate_lengths
 from .feature_cache import FeatureCache, cache_key
+from .finite import FiniteGuard, NonFiniteError
+from .precision import SAVE_DTYPES, cast_for_saving, nonfinite_tensors, record_dtype, set_training_dtypes
+from .run_log import Meter, RunLog
 from .settings import TrainSettings
 from .stages import add_lora, freeze, merge_lora, parameter_groups
 
@@ -88,13 +91,14 @@ def training_loss(model, batch: dict, tokenizer) -> torch.Tensor:
 def train(settings: TrainSettings) -> Path:
     output = Path(settings.output)
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, mixed_precision=settings.mixed_precision,
-                              log_with=settings.report_to, project_dir=str(output))
+                              log_with=settings.trackers() or None, project_dir=str(output))
     set_seed(settings.seed)
     output.mkdir(parents=True, exist_ok=True)
     model, processor = build_model(settings)
     if settings.lora:
         add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
     trainable = freeze(model, settings.stage, settings.lora)
+    start_dtype = set_training_dtypes(model, settings.mixed_precision)
     if accelerator.is_main_process:
         print(f"stage {settings.stage} on {accelerator.num_processes} process(es) ({accelerator.distributed_type.value}, "
               f"{accelerator.device}): training " + ", ".join(f"{part} ({count:,} parameters)" for part, count in trainable.items() if count))
@@ -107,9 +111,12 @@ def train(settings: TrainSettings) -> Path:
     lengths = estimate_lengths(records, processor)
     sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length,
                                   length_bucket=settings.length_bucket)
-    # Persistent workers keep the tokens their dataset copy has rendered (see LlavaDataset) from epoch to epoch.
+    # Persistent workers keep the tokens their dataset copy has rendered (see LlavaDataset) from epoch to epoch. The
+    # loader's own generator seeds its workers: without it, each new iterator (a resumed one too) draws from the global
+    # stream that dropout draws from, and a resumed run's dropout masks would differ from the uninterrupted run's.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
-                        num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0)
+                        num_workers=settings.num_workers, persistent_workers=settings.num_workers > 0,
+                        generator=torch.Generator().manual_seed(settings.seed))
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.projector_lr, settings.weight_decay))
     steps_per_epoch = max(math.ceil(len(sampler) / accelerator.num_processes / settings.grad_accum), 1)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
@@ -121,88 +128,104 @@ def train(settings: TrainSettings) -> Path:
     if settings.report_to:
         accelerator.init_trackers("llava-train", config={k: v for k, v in vars(settings).items() if isinstance(v, (int, float, str, bool))})
 
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "nonfinite_skipped": 0}
     if not settings.resume and checkpoint.latest(output) is not None:
         raise ValueError(f"{output} holds checkpoints of an earlier run: pass --resume to continue it, or choose a new --output")
-    if settings.resume and (last := checkpoint.latest(output)) is not None:
-        state = checkpoint.load(accelerator, last)
-        accelerator.print(f"resumed from {last} at step {state['step']}")
-    skipped: list[tuple[str, str]] = []
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"stage {settings.stage}", disable=not accelerator.is_main_process)
-    window = {"loss": 0.0, "batches": 0, "tokens": 0, "padded": 0, "start": time.perf_counter()}
-    totals = {"samples": 0, "tokens": 0, "padded": 0, "start": time.perf_counter(), "first_step": state["step"]}
-
-    while state["step"] < total_steps:
-        loader.set_epoch(state["epoch"])  # Accelerate's loader re-applies its own epoch at every pass: keep it in step
-        sampler.set_epoch(state["epoch"])  # and our sampler directly: the multi-process sharding wrapper does not pass it on
-        epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
-        for batch in epoch_loader:
-            state["batches_in_epoch"] += 1
-            skipped += batch.pop("skipped")
-            totals["samples"] += len(batch.pop("ids"))
-            with accelerator.accumulate(model):
-                loss = training_loss(model, batch, processor.tokenizer)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            # Running sums stay on the device: reading them (.item()) waits for the GPU, so it happens at log time only.
-            window["loss"] += loss.detach()
-            window["batches"] += 1
-            if "attention_mask" in batch:
-                tokens, padded = batch["attention_mask"].sum(), batch["attention_mask"].numel()
-                window["tokens"] += tokens
-                window["padded"] += padded
-                totals["tokens"] += tokens
-                totals["padded"] += padded
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            bar.update()
-            if state["step"] % settings.log_every == 0 or state["step"] == total_steps:
-                log_window(accelerator, bar, window, scheduler, state["step"])
-            if settings.save_every > 0 and state["step"] % settings.save_every == 0 and state["step"] < total_steps:
-                checkpoint.save(accelerator, output, state["step"], state, settings.keep_checkpoints)
-            if state["step"] >= total_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-    bar.close()
-    write_metrics(accelerator, totals, state["step"], output)
-    report_skipped(accelerator, skipped, output)
-    save_final(accelerator, model, processor, output, settings)
-    accelerator.end_training()
+    if settings.resume and (resumed := checkpoint.resume(accelerator, output)) is not None:
+        state.update(resumed[1])
+        accelerator.print(f"resumed from {resumed[0]} at step {state['step']}")
+    run_log = RunLog(output, accelerator.is_main_process, state["step"] if settings.resume else None)
+    try:
+        skipped = run_steps(settings, accelerator, model, optimizer, scheduler, loader, sampler, processor, state, total_steps, run_log)
+        report_skipped(accelerator, skipped, output)
+        save_final(accelerator, model, processor, output, settings, SAVE_DTYPES.get(settings.save_dtype, start_dtype))
+    except NonFiniteError as error:
+        last = checkpoint.latest(output)
+        raise NonFiniteError(f"{error}; the last good checkpoint is {last or 'none (no checkpoint was saved yet)'}") from None
+    finally:
+        run_log.close()
+        accelerator.end_training()  # last: it also ends the process group
     return output
 
 
-def log_window(accelerator, bar, window, scheduler, step):
-    elapsed = max(time.perf_counter() - window["start"], 1e-9)
-    tokens = float(window["tokens"])
-    metrics = {
-        "loss": float(window["loss"]) / max(window["batches"], 1),
-        "lr": scheduler.get_last_lr()[0],
-        "tokens_per_s": tokens * accelerator.num_processes / elapsed,
-        "padding": 1 - tokens / window["padded"] if window["padded"] else 0.0,
-    }
+def run_steps(settings, accelerator, model, optimizer, scheduler, loader, sampler, processor, state, total_steps, run_log):
+    """The optimizer steps from state["step"] to total_steps; state is updated in place (it is what a checkpoint
+    saves). Returns the unusable samples met on the way."""
+    output = Path(settings.output)
+    guard = FiniteGuard(accelerator, settings.skip_nonfinite, state["nonfinite_skipped"])
+    meter = Meter(accelerator)
+    first_step = state["step"]
+    skipped: list[tuple[str, str]] = []
+    clip = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf  # inf: measure the norm, change nothing
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"stage {settings.stage}", disable=not accelerator.is_main_process)
+    try:
+        while state["step"] < total_steps:
+            loader.set_epoch(state["epoch"])  # Accelerate's loader re-applies its own epoch at every pass: keep it in step
+            sampler.set_epoch(state["epoch"])  # and our sampler directly: the multi-process sharding wrapper does not pass it on
+            epoch_loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"]) if state["batches_in_epoch"] else loader
+            for batch in epoch_loader:
+                state["batches_in_epoch"] += 1
+                skipped += batch.pop("skipped")
+                samples = len(batch.pop("ids"))
+                with accelerator.accumulate(model):
+                    loss = training_loss(model, batch, processor.tokenizer)
+                    accelerator.backward(loss)
+                    meter.add_batch(loss, samples, batch.get("attention_mask"))
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+                        mean_loss = meter.step["loss"] / meter.step["batches"]
+                        applied = guard.step_is_finite(state["step"] + 1, meter.step_bad, mean_loss, grad_norm)
+                        if applied:
+                            optimizer.step()
+                            scheduler.step()
+                        elif accelerator.scaler is not None:
+                            accelerator.scaler.update()  # closes the unscale_ the clipping did, as a skipped step would
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                meter.end_step(applied, grad_norm)
+                state["nonfinite_skipped"] = guard.skipped
+                if not applied:
+                    continue
+                state["step"] += 1
+                bar.update()
+                if state["step"] % settings.log_every == 0 or state["step"] == total_steps:
+                    log_step(accelerator, bar, meter, scheduler, state, run_log)
+                if settings.save_every > 0 and state["step"] % settings.save_every == 0 and state["step"] < total_steps:
+                    checkpoint.save(accelerator, output, state["step"], state, settings.keep_checkpoints)
+                if state["step"] >= total_steps:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batches_in_epoch"] = 0
+    finally:
+        bar.close()  # before an error's message, not over it
+    write_metrics(accelerator, meter.totals, state["step"] - first_step, state, output)
+    return skipped
+
+
+def log_step(accelerator, bar, meter, scheduler, state, run_log):
+    metrics = meter.read(scheduler.get_last_lr()[0])
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    accelerator.log(metrics, step=step)
-    window.update(loss=0.0, batches=0, tokens=0, padded=0, start=time.perf_counter())
+    accelerator.log(metrics, step=state["step"])
+    run_log.write({"step": state["step"], "epoch": state["epoch"], **metrics, "nonfinite_skipped": state["nonfinite_skipped"],
+                   "time": round(time.time(), 3)})
 
 
-def write_metrics(accelerator, totals, step, output: Path):
+def write_metrics(accelerator, totals, steps, state, output: Path):
     """Throughput of the loop itself (model loading and saving excluded), summed over processes."""
     seconds = time.perf_counter() - totals["start"]
     samples = sum(gather_object([totals["samples"]])) if accelerator.num_processes > 1 else totals["samples"]
-    metrics = {"steps": step - totals["first_step"], "samples": samples, "seconds": round(seconds, 3),
+    metrics = {"steps": steps, "samples": samples, "seconds": round(seconds, 3),
                "samples_per_s": samples / seconds if seconds else 0.0,
-               "padding": 1 - float(totals["tokens"]) / totals["padded"] if totals["padded"] else 0.0}
+               "padding": 1 - float(totals["tokens"]) / float(totals["padded"]) if float(totals["padded"]) else 0.0,
+               "nonfinite_skipped": state["nonfinite_skipped"]}
     if accelerator.is_main_process:
         (output / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
         print(f"trained {metrics['steps']} steps, {samples} samples in {seconds:.1f} s ({metrics['samples_per_s']:.2f} samples/s, "
               f"padding {metrics['padding']:.1%})")
+        if state["nonfinite_skipped"]:
+            print(f"skipped {state['nonfinite_skipped']} batch(es) with a non-finite loss or gradient (--skip-nonfinite)")
 
 
 def report_skipped(accelerator, skipped, output: Path):
@@ -230,9 +253,10 @@ def plain_class(model):
         model.__class__ = sharded_class
 
 
-def save_final(accelerator, model, processor, output: Path, settings: TrainSettings):
-    """The final model at the top of the output folder, loadable by from_pretrained and the app. Written to a
-    temporary folder first; config.json moves in last, so a folder without it was never finished."""
+def save_final(accelerator, model, processor, output: Path, settings: TrainSettings, dtype: torch.dtype):
+    """The final model at the top of the output folder, in `dtype`, loadable by from_pretrained and the app. Written
+    to a temporary folder first; config.json moves in last, so a folder without it was never finished. Weights that
+    are not finite (or overflow `dtype`) are never saved."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     temporary = output / ".tmp-final"
@@ -247,13 +271,23 @@ def save_final(accelerator, model, processor, output: Path, settings: TrainSetti
     state_dict = accelerator.get_state_dict(model)  # the prepared model: DeepSpeed/FSDP gather through their wrappers
     if not accelerator.is_main_process:
         return
+    state_dict = cast_for_saving(state_dict, dtype)
+    if broken := nonfinite_tensors(state_dict):
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise NonFiniteError(f"{len(broken)} of {len(state_dict)} tensors of the final model are not finite in {dtype} "
+                             f"({', '.join(broken[:3])}, ...): it was not saved")
     with plain_class(unwrapped):
         unwrapped.save_pretrained(temporary, state_dict=state_dict)
+    record_dtype(unwrapped.config, dtype)
+    unwrapped.config.save_pretrained(temporary)
     processor.save_pretrained(temporary)
+    for path in temporary.rglob("*"):
+        checkpoint.fsync(path)  # on the disk before config.json says the model is complete
     files = sorted(temporary.iterdir(), key=lambda path: path.name == "config.json")
     for path in files:
         if path.is_dir():
             shutil.rmtree(output / path.name, ignore_errors=True)
         path.replace(output / path.name)
     temporary.rmdir()
-    print(f"saved the final model to {output}")
+    checkpoint.fsync(output)
+    print(f"saved the final model ({str(dtype).removeprefix('torch.')}) to {output}")

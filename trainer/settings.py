@@ -3,6 +3,7 @@ setting is declared once; precedence is defaults < preset/YAML < command line.""
 
 import argparse
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -10,6 +11,10 @@ from pathlib import Path
 import yaml
 
 PRESETS = Path(__file__).resolve().parent / "presets"
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+# Accelerate's trackers and the packages each needs; Accelerate itself drops a missing one without a word.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+            "comet_ml": ("comet_ml",), "aim": ("aim",)}
 
 
 @dataclass
@@ -43,6 +48,7 @@ class TrainSettings:
     warmup_ratio: float = 0.03
     scheduler: str = "cosine"
     max_grad_norm: float = 1.0
+    skip_nonfinite: int = 0
     seed: int = 0
     group_by_length: bool = True
     length_bucket: int = 1
@@ -55,6 +61,7 @@ class TrainSettings:
     merge_lora: bool = True
     # Runtime
     mixed_precision: str = "no"
+    save_dtype: str | None = None
     gradient_checkpointing: bool = False
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -81,7 +88,20 @@ class TrainSettings:
             raise ValueError("--batch-size, --grad-accum and --log-every must be at least 1")
         if self.length_bucket < 1:
             raise ValueError(f"--length-bucket must be at least 1 (token), got {self.length_bucket}")
+        if self.save_dtype is not None and self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype}")
+        if self.skip_nonfinite < 0:
+            raise ValueError(f"--skip-nonfinite must be 0 or more (batches), got {self.skip_nonfinite}")
+        for tracker in self.trackers():
+            if tracker not in TRACKERS:
+                raise ValueError(f"--report-to {tracker}: not a tracker llava-train knows; choose from {', '.join(TRACKERS)}")
+            if not any(importlib.util.find_spec(package) for package in TRACKERS[tracker]):
+                raise ValueError(f"--report-to {tracker} needs the {TRACKERS[tracker][0]} package, which is not installed: "
+                                 f"pip install {TRACKERS[tracker][0]}")
         return self
+
+    def trackers(self) -> list[str]:
+        return [name.strip() for name in (self.report_to or "").split(",") if name.strip()]
 
 
 HELP = {
@@ -104,6 +124,8 @@ HELP = {
     "output": "folder for the final model, checkpoints and metrics",
     "epochs": "passes over the data (fractions allowed)",
     "max_steps": "optimizer steps; overrides --epochs when positive",
+    "skip_nonfinite": "batches with a non-finite loss or gradient to skip (update dropped) before stopping; default 0: "
+                      "stop at the first",
     "batch_size": "samples per process per forward",
     "grad_accum": "forwards per optimizer step",
     "lr": "learning rate (the language model's, or LoRA's)",
@@ -116,12 +138,14 @@ HELP = {
     "num_workers": "data loading processes",
     "lora": "stage 2: train LoRA adapters on the language model instead of all its weights",
     "merge_lora": "merge the adapters into the saved model (default); --no-merge-lora saves them apart",
-    "mixed_precision": "no, fp16 or bf16",
+    "mixed_precision": "no, fp16 or bf16: the compute's precision; trainable weights and optimizer state stay fp32",
+    "save_dtype": "float32, float16 or bfloat16: the final model's dtype (default: the starting model's)",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "save_every": "steps between checkpoints (0: none)",
     "keep_checkpoints": "how many checkpoints to keep",
     "resume": "continue from the newest checkpoint in --output",
-    "report_to": "an Accelerate tracker (tensorboard, wandb, ...)",
+    "report_to": "Accelerate trackers, comma-separated: tensorboard, wandb, mlflow, comet_ml, aim (the package must be "
+                 "installed); the curve is always in train_log.jsonl",
 }
 
 
