@@ -49,7 +49,7 @@ def test_zero_tokenization_mismatches_over_1000_conversations(assembled):
         assistant_at = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
         for start, cut in zip(starts, assistant_at):
             prompt = processor.apply_chat_template(messages[:cut], add_generation_prompt=True)
-            prompt_ids = processor(images=[processor_image()] if record.image else None, text=prompt)["input_ids"][0]
+            prompt_ids = processor(images=[processor_image()] * len(record.images) or None, text=prompt)["input_ids"][0]
             if list(encoded.input_ids[:start]) != list(prompt_ids):
                 mismatches.append((record.id, f"prompt before answer at {start}"))
     assert mismatches == []
@@ -61,14 +61,38 @@ def processor_image():
     return Image.new("RGB", (1, 1))
 
 
-def test_image_is_placed_before_or_after_the_question_unless_the_data_places_it():
+# A record of llava_instruct_150k as released: its <image> after the question, as in about half of them.
+INSTRUCT_RECORD = {"id": "000000033471", "image": "000000033471.jpg", "conversations": [
+    {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
+    {"from": "gpt", "value": "The bus in the image is white and red."},
+    {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+    {"from": "gpt", "value": "The back of the bus features an advertisement."}]}
+
+
+def test_the_image_goes_to_the_front_of_its_question_as_the_original_preprocessing_puts_it(assembled):
+    _, processor = assembled
+    record = parse_record(INSTRUCT_RECORD, "llava_instruct_150k.json#0", seed=0)
+    prompt = processor.apply_chat_template(to_messages(record, seed=0))
+    assert "USER: <image>\nWhat are the colors of the bus in the image? ASSISTANT: The bus" in prompt
+    kept = to_messages(record, seed=0, placement="keep")
+    assert kept[0]["content"] == [{"type": "text", "text": "What are the colors of the bus in the image?"}, {"type": "image"}]
+
+
+def test_random_placement_puts_an_unplaced_image_before_or_after_the_question():
     placed = [to_messages(parse_record({"id": f"r{i}", "image": "a.png", "conversations": [
-        {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}, "t", 0), seed=0)[0]["content"][0]["type"]
+        {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}, "t", 0), seed=0, placement="random")[0]["content"][0]["type"]
         for i in range(50)]
     assert set(placed) == {"image", "text"}
-    kept = to_messages(parse_record({"id": "k", "image": "a.png", "conversations": [
-        {"from": "human", "value": "Q?\n<image>"}, {"from": "gpt", "value": "A."}]}, "t", 0), seed=0)
-    assert kept[0]["content"] == [{"type": "text", "text": "Q?"}, {"type": "image"}]
+
+
+def test_the_image_after_text_template_keeps_its_own_rule(parts):
+    from llava_plugin import LlavaPluginForConditionalGeneration
+
+    _, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["clip"], llm=parts["llm"], projector="linear",
+                                                                        system_prompt="Shapes.", image_after_text=True)
+    record = parse_record(INSTRUCT_RECORD, "t", seed=0)
+    assert processor.apply_chat_template(to_messages(record, seed=0)).startswith(
+        "Shapes. USER: What are the colors of the bus in the image?\n<image> ASSISTANT:")
 
 
 def test_caption_pairs_become_brief_description_turns():
@@ -101,7 +125,7 @@ def test_dataset_renders_each_records_tokens_once_and_serves_them_unchanged(asse
     save_file({"features": torch.ones(1, 4, 8)}, str(cache.path("x.png")))
     rng = random.Random(1)
     records = [conversation(rng, index) for index in range(30)]
-    records = [record for record in records if record.image]
+    records = [record for record in records if record.images]
     long_answer = " ".join(["circle"] * 400)
     records.append(parse_record({"id": "long", "image": "x.png", "conversations": [
         {"from": "human", "value": "Describe."}, {"from": "gpt", "value": long_answer}]}, "gen", seed=0))

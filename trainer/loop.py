@@ -20,10 +20,10 @@ from llava_plugin import LlavaPluginForConditionalGeneration
 
 from . import checkpoint
 from .batching import Collator, GroupedBatchSampler
-from .data import load_records
-from .dataset import LlavaDataset, check_records, estimate_lengths
+from .dataset import LlavaDataset, check_records, estimate_lengths, record_counts, repeated_ids, unique_images
 from .feature_cache import FeatureCache, cache_key
 from .settings import TrainSettings
+from .sources import load_records
 from .stages import add_lora, freeze, merge_lora, parameter_groups
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def build_model(settings: TrainSettings):
 
 def prepare_feature_cache(settings, accelerator, model, processor, records) -> FeatureCache:
     cache = FeatureCache(settings.cache_vision_features, cache_key(model, processor))
-    images = sorted({record.image for record in records if record.image})
+    images = unique_images(records)
     model.to(accelerator.device)
     # Each process encodes its share, so no process waits on the others longer than its own part.
     failed = cache.build(model, processor, images[accelerator.process_index::accelerator.num_processes], settings.image_folder,
@@ -58,8 +58,11 @@ def check_data(settings: TrainSettings) -> int:
     # Only the processor is needed: from a checkpoint it loads without the weights.
     processor = AutoProcessor.from_pretrained(settings.model) if settings.model else build_model(settings)[1]
     records = load_records(settings.data, settings.seed)
-    problems = check_records(records, processor, settings.seed, settings.max_length, settings.image_folder)
+    problems = check_records(records, processor, settings.seed, settings.max_length, settings.image_folder,
+                             settings.template, settings.image_placement)
     print(f"{len(records)} records checked: {sum(map(len, problems.values()))} problems")
+    if repeats := repeated_ids(records):  # legal: the original's ids are image ids
+        print(f"{len(repeats)} ids are shared by {sum(repeats.values())} records (records are told apart by position)")
     for kind, items in problems.items():
         print(f"- {kind}: {len(items)}")
         for item in items[:5]:
@@ -103,9 +106,10 @@ def train(settings: TrainSettings) -> Path:
 
     records = load_records(settings.data, settings.seed)
     cache = prepare_feature_cache(settings, accelerator, model, processor, records) if settings.cache_vision_features else None
-    dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache)
+    dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache,
+                           settings.template, settings.image_placement)
     lengths = estimate_lengths(records, processor)
-    sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length,
+    sampler = GroupedBatchSampler(lengths, (record_counts(records)[0] > 0).tolist(), settings.batch_size, settings.seed, settings.group_by_length,
                                   length_bucket=settings.length_bucket)
     # Persistent workers keep the tokens their dataset copy has rendered (see LlavaDataset) from epoch to epoch.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(processor.tokenizer.pad_token_id),
