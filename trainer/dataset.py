@@ -11,7 +11,7 @@ from .data import DataError, ImageLoadError, encode, image_key
 from .feature_cache import FeatureCache
 
 # Up to this many records, lengths are counted exactly; beyond, a sample of this size sets tokens per character.
-EXACT_LENGTHS = 20_000
+EXACT_LENGTHS = 10_000
 
 
 class LlavaDataset(Dataset):
@@ -81,8 +81,11 @@ def estimate_lengths(records, processor) -> list[int]:
         return []
     exact = len(chars) <= EXACT_LENGTHS
     sample = range(len(chars)) if exact else np.linspace(0, len(chars) - 1, EXACT_LENGTHS).astype(np.int64)
-    texts = [" ".join(text for _, text in records[int(index)].conversations) for index in sample]
-    counts = np.array([len(ids) for ids in processor.tokenizer(texts, add_special_tokens=False)["input_ids"]], dtype=np.float64)
+    counts = np.zeros(len(sample), dtype=np.float64)
+    for start in range(0, len(sample), 1000):  # in batches: only the counts are kept
+        texts = [" ".join(text for _, text in records[int(index)].conversations) for index in sample[start:start + 1000]]
+        ids = processor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        counts[start:start + len(ids)] = [len(row) for row in ids]
     if exact:
         text_tokens = counts
     else:

@@ -20,6 +20,7 @@ import numpy as np
 from .data import DataError, Record, parse_record, parse_turns
 
 CHUNK = 1 << 24  # bytes read at a time while indexing a JSON list
+LARGEST_RECORD = 1 << 26  # characters: a record that does not parse within this many is malformed
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")
 
@@ -94,17 +95,15 @@ def _scan_list(path: Path):
             return
         index = 0
         while True:
-            failed_at = None
             while True:  # one element; read on while it may continue in the next chunk
                 try:
                     raw, end = decoder.raw_decode(reader.text, reader.position)
                     if end < len(reader.text) or reader.eof:
                         break
                 except json.JSONDecodeError as error:
-                    # The same error at the same place with more text read is in the data, not the chunking.
-                    if reader.eof or error.pos - reader.position == failed_at:
+                    # Not a record cut by the chunking when the file is read to its end, or a record would be huge.
+                    if reader.eof or len(reader.text) - reader.position > LARGEST_RECORD:
                         raise DataError(f"{path}: record {index} (byte {reader.offset()}) is not valid JSON ({error.msg})") from error
-                    failed_at = error.pos - reader.position
                 reader.read_more()
             start = reader.offset()
             reader.advance(end)
