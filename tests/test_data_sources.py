@@ -109,6 +109,7 @@ def test_lengths_past_the_exact_limit_come_from_a_measured_rate(assembled, tmp_p
     records = load_records([str(tmp_path / "mix.json")], seed=0)
     exact = np.array(estimate_lengths(records, processor))
     monkeypatch.setattr(trainer.dataset, "EXACT_LENGTHS", 10)
+    monkeypatch.setattr(trainer.dataset, "RATE_SAMPLE", 10)
     estimated = np.array(estimate_lengths(records, processor))
     assert np.abs(estimated - exact).max() <= 0.2 * exact.max() and not np.array_equal(estimated, exact)
 
@@ -171,8 +172,9 @@ def test_a_hub_id_loads_its_split_through_datasets(hf_cache, monkeypatch):
         load_records(["data/missing.json"], seed=0)  # a missing local file is never mistaken for a hub id
 
 
-def test_llava_train_runs_on_parquet_with_embedded_images(saved_checkpoint, hf_cache, tmp_path):
-    embedded_dataset(hf_cache).to_parquet(str(tmp_path / "data.parquet"))
+@pytest.mark.parametrize("several", [False, True])
+def test_llava_train_runs_on_parquet_with_embedded_images(saved_checkpoint, hf_cache, tmp_path, several):
+    embedded_dataset(hf_cache, several).to_parquet(str(tmp_path / "data.parquet"))
     env = {**__import__("os").environ, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}
     result = subprocess.run([sys.executable, "-m", "trainer.cli", "--stage", "2", "--model", str(saved_checkpoint), "--data",
                              str(tmp_path / "data.parquet"), "--output", str(tmp_path / "out"), "--batch-size", "2",
@@ -180,3 +182,19 @@ def test_llava_train_runs_on_parquet_with_embedded_images(saved_checkpoint, hf_c
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
     assert metrics["samples"] == 4 and "skipped" not in result.stdout
+
+
+def test_the_vision_feature_cache_keys_embedded_images_by_their_bytes(assembled, hf_cache, tmp_path):
+    from trainer.dataset import LlavaDataset, unique_images
+    from trainer.feature_cache import FeatureCache
+
+    model, processor = assembled
+    embedded_dataset(hf_cache, several=True).save_to_disk(str(tmp_path / "saved"))
+    records = load_records([str(tmp_path / "saved")], seed=0)
+    images = unique_images(records)
+    assert len(images) == 2  # two records, the same two embedded images
+    cache = FeatureCache(str(tmp_path / "cache"), "key")
+    assert cache.build(model, processor, images, ".", 2, "cpu") == {}
+    item = LlavaDataset(records, processor, 0, 256, ".", feature_cache=cache)[0]
+    pixels = encode(records[0], processor, 0, 256, ".").pixel_values
+    assert torch.allclose(item["vision_features"], model.get_vision_features(pixels))
