@@ -126,7 +126,9 @@ class _ListReader:
     def __init__(self, file):
         self.file, self.utf8 = file, codecs.getincrementaldecoder("utf-8")()
         self.text, self.position, self.eof = "", 0, False
-        self.base, self.consumed = 0, 0  # byte offset of text[0]; bytes of text[:position]
+        bom = file.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8  # as some Windows editors save JSON
+        file.seek(len(codecs.BOM_UTF8) if bom else 0)
+        self.base, self.consumed = file.tell(), 0  # byte offset of text[0]; bytes of text[:position]
 
     def offset(self) -> int:
         return self.base + self.consumed
