@@ -94,6 +94,7 @@ def train(settings: TrainSettings) -> Path:
                               log_with=settings.report_to, project_dir=str(output))
     set_seed(settings.seed)
     output.mkdir(parents=True, exist_ok=True)
+    records = load_records(settings.data, settings.seed)  # bad or empty data stops the run before a model loads
     model, processor = build_model(settings)
     if settings.lora:
         add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
@@ -104,7 +105,6 @@ def train(settings: TrainSettings) -> Path:
     if settings.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    records = load_records(settings.data, settings.seed)
     cache = prepare_feature_cache(settings, accelerator, model, processor, records) if settings.cache_vision_features else None
     dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache,
                            settings.template, settings.image_placement)
