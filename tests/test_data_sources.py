@@ -198,3 +198,18 @@ def test_the_vision_feature_cache_keys_embedded_images_by_their_bytes(assembled,
     item = LlavaDataset(records, processor, 0, 256, ".", feature_cache=cache)[0]
     pixels = encode(records[0], processor, 0, 256, ".").pixel_values
     assert torch.allclose(item["vision_features"], model.get_vision_features(pixels))
+
+
+def test_a_json_record_may_list_several_images_and_a_broken_embedded_one_is_named():
+    from trainer.data import ImageLoadError, open_image, parse_record, to_messages
+
+    record = parse_record({"id": "pair", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "What differs?"}, {"from": "gpt", "value": "The colour."}]}, "pairs.json#0", seed=0)
+    assert record.images == ("a.png", "b.png")
+    assert [part["type"] for part in to_messages(record, seed=0)[0]["content"]] == ["image", "image", "text"]
+    with pytest.raises(DataError, match="pairs.json#1 \\(x\\): 1 <image> markers for 2 images"):
+        to_messages(parse_record({"id": "x", "image": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."}]}, "pairs.json#1", seed=0), seed=0)
+    broken = EmbeddedImage(png_bytes("red")[:40])
+    with pytest.raises(ImageLoadError, match=f"{broken.key} \\(40 embedded bytes\\)"):
+        open_image(broken, ".")
