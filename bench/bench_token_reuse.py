@@ -27,8 +27,9 @@ import sys
 import trainer.dataset
 from trainer.data import encode
 
-def render(self, index):
-    encoded = encode(self.records[index], self.processor, self.seed, self.max_length, self.image_folder, load_pixels=False)
+def render(self, index, record):
+    encoded = encode(record, self.processor, self.seed, self.max_length, self.image_folder, load_pixels=False,
+                     template=self.template, placement=self.placement)
     return encoded.input_ids, encoded.labels
 
 trainer.dataset.LlavaDataset._tokens = render

@@ -86,7 +86,7 @@ def hf_trainer(stage1: Path, folder: Path, steps: int, batch_size: int) -> dict:
     from llava_plugin import LlavaPluginForConditionalGeneration
     from llava_plugin.convert import HF_TO_PLUGIN, rename
     from trainer.batching import Collator
-    from trainer.data import load_records
+    from trainer.sources import load_records
     from trainer.dataset import LlavaDataset
 
     ours = LlavaPluginForConditionalGeneration.from_pretrained(stage1)

@@ -88,10 +88,11 @@ def image_aspect_of(image_processor) -> str:
     return "crop" if getattr(image_processor, "do_center_crop", False) else "resize"
 
 
-def plugin_processor(tokenizer, config: LlavaPluginConfig, mean, std) -> LlavaPluginProcessor:
+def plugin_processor(tokenizer, config: LlavaPluginConfig, mean, std, split_text_at_images: bool = False) -> LlavaPluginProcessor:
     image_processor = LlavaPluginImageProcessor(image_aspect=config.image_aspect, image_size=config.vision_config.image_size,
                                                 image_mean=mean, image_std=std)
-    return LlavaPluginProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
+    return LlavaPluginProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length,
+                                split_text_at_images=split_text_at_images)
 
 
 def write_plugin(folder: Path, config: LlavaPluginConfig, state: dict, processor, generation_config: GenerationConfig | None):
@@ -171,7 +172,9 @@ def from_original(source: Path, folder: Path, vision_tower: str | None):
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
     generation = GenerationConfig.from_pretrained(source) if (source / "generation_config.json").exists() else None
-    write_plugin(folder, config, state, plugin_processor(tokenizer, config, mean, std), generation)
+    # The original tokenized the text between images piece by piece: keep doing so, or a Llama-2 tokenizer saved
+    # with `legacy: false` loses the "▁" the model saw after every image.
+    write_plugin(folder, config, state, plugin_processor(tokenizer, config, mean, std, split_text_at_images=True), generation)
 
 
 def grow_vocabulary(state: dict, size: int):

@@ -80,13 +80,34 @@ def llava_v1_chat_template(system: str = DEFAULT_SYSTEM, image_after_text: bool 
 
 LLAVA_V1_CHAT_TEMPLATE = llava_v1_chat_template()
 
+# LLaVA's stage-1 "plain" format: the user turn's images, then the answer (a caption) and a newline; no system prompt,
+# and the user's text (an instruction) is dropped, so W learns from the caption alone. Only the caption and newline
+# are learned. A training format: the model keeps its chat template for stage 2 and chat.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- macro text(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
+    "{%- for part in content if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+    "{%- if messages | map(attribute='role') | list != ['user', 'assistant'] -%}"
+    "{{ raise_exception('the plain template takes one user turn and one answer') }}{%- endif -%}"
+    "{%- if messages[0]['content'] is not string -%}"
+    "{%- for part in messages[0]['content'] if part['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}{%- endif -%}"
+    "{% generation %}{{ text(messages[1]['content']) }}{{ '\\n' }}{% endgeneration %}"
+)
+
 
 class LlavaPluginProcessor(ProcessorMixin):
     """Wraps the image processor and tokenizer; checks image counts and the context length before the model does."""
 
-    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=576, image_token="<image>", chat_template=None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length=576, image_token="<image>", chat_template=None,
+                 split_text_at_images=False, **kwargs):
+        """`split_text_at_images`: tokenize the text after each image as a text of its own, as the original LLaVA
+        did (it tokenized the pieces between `<image>` markers one by one). With a SentencePiece tokenizer that adds
+        its word prefix only at the start of a text (Llama's `legacy: false`), that start is an extra "▁" token
+        after every image; checkpoints imported from the original were trained with it. Other tokenizers, whose
+        text after a special token already starts like a new text, tokenize the same either way."""
         self.image_seq_length = image_seq_length
         self.image_token = image_token
+        self.split_text_at_images = split_text_at_images
+        self._start_after_image = None  # what makes text after an image start like a text of its own; see below
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; add it as a special token first")
@@ -94,6 +115,33 @@ class LlavaPluginProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
+
+    def get_text_with_replacements(self, text, images_replacements=(), *args, **kwargs):
+        """With `split_text_at_images`, each image that text follows gets the prefix that makes that text tokenize
+        as a text of its own (the original tokenized nothing for an empty piece, so an image followed by nothing or
+        by another image gets none)."""
+        if self.split_text_at_images and images_replacements and (prefix := self.start_after_image()):
+            followed = [bool(piece) for sample in text for piece in sample.split(self.image_token)[1:]]
+            images_replacements = [replacement + prefix if text_follows else replacement
+                                   for replacement, text_follows in zip(images_replacements, followed)]
+        return super().get_text_with_replacements(text, list(images_replacements), *args, **kwargs)
+
+    def start_after_image(self) -> str:
+        """"" when text after the image token already tokenizes as it would alone; " " for a SentencePiece-style
+        tokenizer that adds its "▁" word prefix only at the start of a text. Found by asking the tokenizer."""
+        if self._start_after_image is None:
+            def ids(text):
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+            alone, after = ids("a"), ids(self.image_token + "a")[1:]
+            if alone == after:
+                self._start_after_image = ""
+            elif ids(self.image_token + " a")[1:] == alone:
+                self._start_after_image = " "
+            else:
+                raise ValueError(f"split_text_at_images: this tokenizer tokenizes text after {self.image_token!r} in a way "
+                                 f"no prefix reproduces ({after} after it, {alone} alone)")
+        return self._start_after_image
 
     def __call__(self, images=None, text=None, **kwargs):
         """As every transformers processor, plus: a prompt longer than the tokenizer's `model_max_length` (set from
@@ -123,4 +171,4 @@ def _as_lists(values):
 
 LlavaPluginProcessor.register_for_auto_class()
 
-__all__ = ["LlavaPluginProcessor", "LLAVA_V1_CHAT_TEMPLATE", "DEFAULT_SYSTEM", "llava_v1_chat_template"]
+__all__ = ["LlavaPluginProcessor", "LLAVA_V1_CHAT_TEMPLATE", "PLAIN_CHAT_TEMPLATE", "DEFAULT_SYSTEM", "llava_v1_chat_template"]

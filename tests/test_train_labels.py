@@ -49,7 +49,7 @@ def test_zero_tokenization_mismatches_over_1000_conversations(assembled):
         assistant_at = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
         for start, cut in zip(starts, assistant_at):
             prompt = processor.apply_chat_template(messages[:cut], add_generation_prompt=True)
-            prompt_ids = processor(images=[processor_image()] if record.image else None, text=prompt)["input_ids"][0]
+            prompt_ids = processor(images=[processor_image()] * len(record.images) or None, text=prompt)["input_ids"][0]
             if list(encoded.input_ids[:start]) != list(prompt_ids):
                 mismatches.append((record.id, f"prompt before answer at {start}"))
     assert mismatches == []
@@ -61,14 +61,38 @@ def processor_image():
     return Image.new("RGB", (1, 1))
 
 
-def test_image_is_placed_before_or_after_the_question_unless_the_data_places_it():
+# A record of llava_instruct_150k as released: its <image> after the question, as in about half of them.
+INSTRUCT_RECORD = {"id": "000000033471", "image": "000000033471.jpg", "conversations": [
+    {"from": "human", "value": "What are the colors of the bus in the image?\n<image>"},
+    {"from": "gpt", "value": "The bus in the image is white and red."},
+    {"from": "human", "value": "What feature can be seen on the back of the bus?"},
+    {"from": "gpt", "value": "The back of the bus features an advertisement."}]}
+
+
+def test_the_image_goes_to_the_front_of_its_question_as_the_original_preprocessing_puts_it(assembled):
+    _, processor = assembled
+    record = parse_record(INSTRUCT_RECORD, "llava_instruct_150k.json#0", seed=0)
+    prompt = processor.apply_chat_template(to_messages(record, seed=0))
+    assert "USER: <image>\nWhat are the colors of the bus in the image? ASSISTANT: The bus" in prompt
+    kept = to_messages(record, seed=0, placement="keep")
+    assert kept[0]["content"] == [{"type": "text", "text": "What are the colors of the bus in the image?"}, {"type": "image"}]
+
+
+def test_random_placement_puts_an_unplaced_image_before_or_after_the_question():
     placed = [to_messages(parse_record({"id": f"r{i}", "image": "a.png", "conversations": [
-        {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}, "t", 0), seed=0)[0]["content"][0]["type"]
+        {"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}, "t", 0), seed=0, placement="random")[0]["content"][0]["type"]
         for i in range(50)]
     assert set(placed) == {"image", "text"}
-    kept = to_messages(parse_record({"id": "k", "image": "a.png", "conversations": [
-        {"from": "human", "value": "Q?\n<image>"}, {"from": "gpt", "value": "A."}]}, "t", 0), seed=0)
-    assert kept[0]["content"] == [{"type": "text", "text": "Q?"}, {"type": "image"}]
+
+
+def test_the_image_after_text_template_keeps_its_own_rule(parts):
+    from llava_plugin import LlavaPluginForConditionalGeneration
+
+    _, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["clip"], llm=parts["llm"], projector="linear",
+                                                                        system_prompt="Shapes.", image_after_text=True)
+    record = parse_record(INSTRUCT_RECORD, "t", seed=0)
+    assert processor.apply_chat_template(to_messages(record, seed=0)).startswith(
+        "Shapes. USER: What are the colors of the bus in the image?\n<image> ASSISTANT:")
 
 
 def test_caption_pairs_become_brief_description_turns():
@@ -101,7 +125,7 @@ def test_dataset_renders_each_records_tokens_once_and_serves_them_unchanged(asse
     save_file({"features": torch.ones(1, 4, 8)}, str(cache.path("x.png")))
     rng = random.Random(1)
     records = [conversation(rng, index) for index in range(30)]
-    records = [record for record in records if record.image]
+    records = [record for record in records if record.images]
     long_answer = " ".join(["circle"] * 400)
     records.append(parse_record({"id": "long", "image": "x.png", "conversations": [
         {"from": "human", "value": "Describe."}, {"from": "gpt", "value": long_answer}]}, "gen", seed=0))
@@ -126,3 +150,57 @@ def test_dataset_renders_each_records_tokens_once_and_serves_them_unchanged(asse
             assert torch.equal(item["input_ids"], expected.input_ids) and torch.equal(item["labels"], expected.labels)
             assert item["vision_features"].shape == (1, 4, 8)
     assert served >= 10
+
+
+# A record of LCS-558K (blip_laion_cc_sbu_558k.json) as released.
+CAPTION_RECORD = {"id": "004539375", "image": "00453/004539375.jpg", "conversations": [
+    {"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
+    {"from": "gpt", "value": "select luxury furniture 3 - inch gel memory foam mattress topper"}]}
+
+
+def test_the_plain_template_is_image_caption_newline_and_learns_the_caption_alone(assembled):
+    _, processor = assembled
+    record = parse_record(CAPTION_RECORD, "blip_laion_cc_sbu_558k.json#0", seed=0)
+    encoded = encode(record, processor, seed=0, max_length=256, image_folder=".", load_pixels=False, template="plain")
+    caption = CAPTION_RECORD["conversations"][1]["value"]
+    image_ids = [processor.image_token_id] * processor.image_seq_length
+    assert encoded.input_ids.tolist() == image_ids + processor.tokenizer(caption + "\n", add_special_tokens=False)["input_ids"]
+    assert processor.tokenizer.decode(encoded.input_ids[encoded.labels != -100]) == caption + "\n"
+    assert (encoded.labels[:len(image_ids)] == -100).all()
+    chat = encode(record, processor, seed=0, max_length=256, image_folder=".", load_pixels=False)  # the paper's form stays
+    assert "Render a clear and concise summary" in processor.tokenizer.decode(chat.input_ids)
+
+
+def test_the_plain_template_refuses_a_conversation(assembled):
+    _, processor = assembled
+    record = parse_record({"id": "c", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A."},
+                                                                          {"from": "human", "value": "Q2?"}, {"from": "gpt", "value": "B."}]}, "f.json#4", 0)
+    with pytest.raises(DataError, match="f.json#4 \\(c\\): the plain template takes one question and one answer"):
+        encode(record, processor, seed=0, max_length=256, image_folder=".", load_pixels=False, template="plain")
+
+
+@pytest.mark.parametrize("preset, template", [("llava-v1-stage1", "plain"), ("llava-1.5-stage1", "plain"),
+                                              ("llava-v1-stage2", "chat"), ("llava-1.5-stage2", "chat")])
+def test_the_stage_one_presets_train_in_the_plain_format(preset, template):
+    from trainer.settings import parse_settings
+
+    settings = parse_settings(["--preset", preset, "--vision", "v", "--llm", "l", "--data", "d.json"])
+    assert settings.template == template
+
+
+def test_llava_train_stage_one_in_the_plain_format(parts, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tiny_components import save_tiny_world
+
+    world = save_tiny_world(tmp_path / "world", images=4)
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "--stage", "1", "--vision", parts["clip"], "--llm", parts["llm"],
+                             "--data", str(world / "captions.json"), "--image-folder", str(world / "images"), "--template", "plain",
+                             "--output", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "2", "--save-every", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "train_metrics.json").read_text())["samples"] == 4 and "skipped" not in result.stdout
+    # The saved model keeps its chat template for stage 2 and chat; plain was the training format only.
+    assert "USER: " in (tmp_path / "out" / "chat_template.jinja").read_text()

@@ -249,7 +249,7 @@ def test_a_model_assembled_from_parts_can_take_its_image_after_the_question(part
     processor = AutoProcessor.from_pretrained(tmp_path)
     # Both orders a record can place its image in (the trainer draws one per record) render question first.
     for text in ("<image>\nWhere?", "Where?\n<image>"):
-        record = Record("r", "a.png", (("user", text), ("assistant", "Here.")), "test")
+        record = Record("r", ("a.png",), (("user", text), ("assistant", "Here.")), "test")
         assert processor.apply_chat_template(to_messages(record, 0)) == "Shapes. USER: Where?\n<image> ASSISTANT: Here.</s>"
     asked = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
     assert processor.apply_chat_template(asked, add_generation_prompt=True) == "Shapes. USER: Where?\n<image> ASSISTANT:"

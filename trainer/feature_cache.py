@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_plugin import ImageLoadError, load_image
+from llava_plugin import ImageLoadError
 
-from .data import DataError
+from .data import DataError, ImageRef, image_key, open_image
 
 
 def cache_key(model, processor) -> str:
@@ -41,19 +41,20 @@ class FeatureCache:
         return load_file(str(path))["features"]  # (1, S, C)
 
     @torch.no_grad()
-    def build(self, model, processor, images: list[str], image_folder: str, batch_size: int, device) -> dict[str, str]:
-        """Computes what is missing; returns {image: reason} for images that could not be read."""
+    def build(self, model, processor, images: list[ImageRef], image_folder: str, batch_size: int, device) -> dict[str, str]:
+        """Computes what is missing; returns {image key: reason} for images that could not be read. An image is
+        known by its path, or by the hash of its bytes when the data embeds it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        missing = sorted({image for image in images if not self.path(image).exists()})
+        missing = sorted({image_key(image): image for image in images if not self.path(image_key(image)).exists()}.items())
         failed = {}
         for start in range(0, len(missing), batch_size):
             names, pixels = [], []
-            for image in missing[start:start + batch_size]:
+            for name, image in missing[start:start + batch_size]:
                 try:
-                    pixels.append(processor.image_processor(load_image(Path(image_folder) / image), return_tensors="pt")["pixel_values"])
-                    names.append(image)
+                    pixels.append(processor.image_processor(open_image(image, image_folder), return_tensors="pt")["pixel_values"])
+                    names.append(name)
                 except ImageLoadError as error:
-                    failed[image] = str(error)
+                    failed[name] = str(error)
             if not names:
                 continue
             features = model.get_vision_features(torch.cat(pixels).to(device)).cpu()

@@ -20,13 +20,13 @@ from llava_plugin import LlavaPluginForConditionalGeneration
 
 from . import checkpoint
 from .batching import Collator, GroupedBatchSampler
-from .data import load_records
-from .dataset import LlavaDataset, check_records, estimate_lengths
+from .dataset import LlavaDataset, check_records, estimate_lengths, record_counts, repeated_ids, unique_images
 from .feature_cache import FeatureCache, cache_key
 from .finite import FiniteGuard, NonFiniteError
 from .precision import SAVE_DTYPES, cast_for_saving, nonfinite_tensors, record_dtype, set_training_dtypes
 from .run_log import Meter, RunLog
 from .settings import TrainSettings
+from .sources import load_records
 from .stages import add_lora, freeze, merge_lora, parameter_groups
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def build_model(settings: TrainSettings):
 
 def prepare_feature_cache(settings, accelerator, model, processor, records) -> FeatureCache:
     cache = FeatureCache(settings.cache_vision_features, cache_key(model, processor))
-    images = sorted({record.image for record in records if record.image})
+    images = unique_images(records)
     model.to(accelerator.device)
     # Each process encodes its share, so no process waits on the others longer than its own part.
     failed = cache.build(model, processor, images[accelerator.process_index::accelerator.num_processes], settings.image_folder,
@@ -61,8 +61,11 @@ def check_data(settings: TrainSettings) -> int:
     # Only the processor is needed: from a checkpoint it loads without the weights.
     processor = AutoProcessor.from_pretrained(settings.model) if settings.model else build_model(settings)[1]
     records = load_records(settings.data, settings.seed)
-    problems = check_records(records, processor, settings.seed, settings.max_length, settings.image_folder)
+    problems = check_records(records, processor, settings.seed, settings.max_length, settings.image_folder,
+                             settings.template, settings.image_placement)
     print(f"{len(records)} records checked: {sum(map(len, problems.values()))} problems")
+    if repeats := repeated_ids(records):  # legal: the original's ids are image ids
+        print(f"{len(repeats)} ids are shared by {sum(repeats.values())} records (records are told apart by position)")
     for kind, items in problems.items():
         print(f"- {kind}: {len(items)}")
         for item in items[:5]:
@@ -94,6 +97,7 @@ def train(settings: TrainSettings) -> Path:
                               log_with=settings.trackers() or None, project_dir=str(output))
     set_seed(settings.seed)
     output.mkdir(parents=True, exist_ok=True)
+    records = load_records(settings.data, settings.seed)  # bad or empty data stops the run before a model loads
     model, processor = build_model(settings)
     if settings.lora:
         add_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
@@ -105,11 +109,11 @@ def train(settings: TrainSettings) -> Path:
     if settings.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    records = load_records(settings.data, settings.seed)
     cache = prepare_feature_cache(settings, accelerator, model, processor, records) if settings.cache_vision_features else None
-    dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache)
+    dataset = LlavaDataset(records, processor, settings.seed, settings.max_length, settings.image_folder, settings.strict, cache,
+                           settings.template, settings.image_placement)
     lengths = estimate_lengths(records, processor)
-    sampler = GroupedBatchSampler(lengths, [bool(r.image) for r in records], settings.batch_size, settings.seed, settings.group_by_length,
+    sampler = GroupedBatchSampler(lengths, (record_counts(records)[0] > 0).tolist(), settings.batch_size, settings.seed, settings.group_by_length,
                                   length_bucket=settings.length_bucket)
     # Persistent workers keep the tokens their dataset copy has rendered (see LlavaDataset) from epoch to epoch. The
     # loader's own generator seeds its workers: without it, each new iterator (a resumed one too) draws from the global

@@ -33,6 +33,8 @@ class TrainSettings:
     data: list[str] = dataclasses.field(default_factory=list)
     image_folder: str = "."
     max_length: int = 2048
+    template: str = "chat"
+    image_placement: str = "front"
     strict: bool = False
     check_data: bool = False
     cache_vision_features: str | None = None
@@ -81,7 +83,11 @@ class TrainSettings:
         if self.lora and self.stage != 2:
             raise ValueError("--lora trains the language model, which only stage 2 does")
         if not self.data:
-            raise ValueError("--data is required (LLaVA JSON or JSONL; several files allowed)")
+            raise ValueError("--data is required (LLaVA JSON/JSONL, parquet, a datasets folder or hub id; several allowed)")
+        if self.template not in ("chat", "plain"):
+            raise ValueError(f"--template must be chat or plain, got {self.template!r}")
+        if self.image_placement not in ("front", "keep", "random"):
+            raise ValueError(f"--image-placement must be front, keep or random, got {self.image_placement!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.log_every < 1:
@@ -115,7 +121,11 @@ HELP = {
     "system_prompt": "with --vision/--llm: the chat template's system prompt (default: LLaVA v1's)",
     "image_after_text": "with --vision/--llm: the chat template puts each turn's image after its text, for training and use "
                         "(in a prompt for the next answer, after the newest question)",
-    "data": "LLaVA JSON/JSONL files",
+    "data": "LLaVA JSON/JSONL files, parquet files (a file, folder or glob), datasets folders (save_to_disk) or hub ids "
+            "(owner/name[:split]), with columns id, image (path, bytes or a list), conversations",
+    "template": "chat: the model's chat template; plain: LLaVA's stage-1 format (image, caption, newline; the caption is learned)",
+    "image_placement": "front: a record's image goes before its question (the original's rule); keep: where the data puts it; "
+                       "random: before or after the question, seeded, where the data does not place it",
     "image_folder": "folder the records' image paths are relative to",
     "max_length": "samples longer than this many tokens are skipped",
     "strict": "fail on the first unusable sample instead of skipping it",
