@@ -8,6 +8,7 @@ open_clip tower is built.
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
+from transformers import initialization as init
 
 from .configuration_llava_plugin import OpenClipVisionConfig
 
@@ -26,6 +27,14 @@ class OpenClipVisionTower(nn.Module):
                 raise ImportError("this model's vision tower is an open_clip model: pip install open_clip_torch") from error
             visual = _build_vision_tower(config.embed_dim, config.vision_cfg, quick_gelu=config.quick_gelu)
         self.visual = visual
+
+    def init_bare_parameters(self):
+        """open_clip's ViT holds its class and position embeddings and its output projection as bare parameters,
+        which no per-module rule covers: drawn as open_clip draws them, N(0, width^-0.5). transformers' `init`
+        functions leave the ones loaded from a checkpoint alone."""
+        std = self.config.hidden_size ** -0.5
+        for parameter in self.visual.parameters(recurse=False):
+            init.normal_(parameter, std=std)
 
     def hidden_state(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
         num_layers = self.config.num_hidden_layers
