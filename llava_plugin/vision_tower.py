@@ -56,11 +56,16 @@ def build_vision_tower(vision_config: PreTrainedConfig) -> nn.Module:
     return AutoModel.from_config(vision_config)
 
 
-def tower_hidden_state(tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """(B, tokens, C) hidden states of `tower` at `layer`, tokens = [CLS] + patches (no CLS for SigLIP)."""
+def tower_hidden_state(tower: nn.Module, pixel_values: torch.Tensor, layer: int | list[int]) -> torch.Tensor:
+    """(B, tokens, C) hidden states of `tower` at `layer`, tokens = [CLS] + patches (no CLS for SigLIP); for a list
+    of layers, theirs side by side: (B, tokens, C x layers)."""
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if isinstance(tower, OpenClipVisionTower):
-        return tower.hidden_state(pixel_values, layer)
-    return tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+        states = [tower.hidden_state(pixel_values, index) for index in layers]  # each pass stops at its layer
+    else:
+        hidden_states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        states = [hidden_states[index] for index in layers]
+    return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
 
 __all__ = ["OpenClipVisionTower", "build_vision_tower", "tower_hidden_state"]

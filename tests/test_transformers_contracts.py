@@ -240,3 +240,34 @@ def test_transformers_serve_cannot_load_a_remote_code_vlm_but_serves_the_llava_h
     assert (inputs["input_ids"] == served.config.image_token_id).sum() == served.config.image_seq_length
     assert served.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
     manager.shutdown()
+
+
+# vision_feature_layer as a list of layers
+
+def test_several_feature_layers_feed_w_side_by_side_as_in_transformers_llava(parts, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_plugin.convert import convert
+
+    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["clip"], llm=parts["llm"],
+                                                                           vision_feature_layer=[-3, -1])
+    assert model.projector[0].in_features == 2 * model.config.vision_config.hidden_size
+    model.save_pretrained(tmp_path / "ours")
+    processor.save_pretrained(tmp_path / "ours")
+    convert(str(tmp_path / "ours"), str(tmp_path / "hf"), to="llava-hf")
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load(tmp_path / "ours")
+    assert ours.config.vision_feature_layer == theirs.config.vision_feature_layer == [-3, -1]
+    inputs = prompt_inputs(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, atol=1e-5, rtol=1e-5)
+    both, _ = LlavaPluginForConditionalGeneration.from_components(vision=parts["open_clip"], llm=parts["llm"], vision_feature_layer=[0, -1])
+    pixel_values = prompt_inputs(processor)["pixel_values"]
+    with torch.no_grad():
+        side_by_side = both.get_vision_features(pixel_values)
+        for index, layer in enumerate((0, -1)):
+            both.config.vision_feature_layer = layer
+            width = both.config.vision_config.hidden_size
+            torch.testing.assert_close(side_by_side[..., index * width:(index + 1) * width], both.get_vision_features(pixel_values))
+    with pytest.raises(ValueError, match="vision_feature_layer 7 is out of range for a tower with 3 layers"):
+        type(model.config)(vision_config=model.config.vision_config, text_config=model.config.text_config, vision_feature_layer=[-2, 7])

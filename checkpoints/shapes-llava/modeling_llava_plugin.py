@@ -87,7 +87,8 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
             if part is not None:
                 mark_initialized(part)
         self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(config.vision_config)
-        self.projector = LlavaPluginProjector(config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_depth)
+        vision_width = config.vision_config.hidden_size * len(config.feature_layers)  # several layers: side by side
+        self.projector = LlavaPluginProjector(vision_width, config.text_config.hidden_size, config.projector_depth)
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         # The towers' lists name classes of models they belong to (CLIP's names its text embeddings): keep the ones
@@ -115,8 +116,8 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         self.language_model.set_output_embeddings(value)
 
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden):
-        what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
+        """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden x
+        feature layers): what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
         size = self.config.vision_config.image_size
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the tower takes {size}px squares: use the processor")
