@@ -207,6 +207,8 @@ def test_get_image_features_returns_transformers_output_class(assembled):
     assert torch.equal(out.last_hidden_state, model.get_vision_features(pixel_values))
     assert torch.equal(out.pooler_output, model.project_vision_features(out.last_hidden_state))
     assert torch.equal(model.get_image_features(pixel_values, return_dict=False)[1], out.pooler_output)
+    with pytest.raises(ValueError, match="pass one image input, got pixel_values and vision_features"):
+        model(**prompt_inputs(processor), vision_features=out.last_hidden_state)
 
 
 # 6. transformers serve

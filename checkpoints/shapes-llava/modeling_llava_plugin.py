@@ -157,13 +157,15 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
-    def select_image_features(self, pixel_values, vision_features, mm_encoder_outputs):
+    def select_image_features(self, pixel_values, vision_features, mm_encoder_outputs, inputs_embeds=None):
         """The image tokens' embeddings from whichever image input was given, or None for a text-only forward."""
         encoded = (mm_encoder_outputs or {}).get("image")
         given = [name for name, value in (("pixel_values", pixel_values), ("vision_features", vision_features),
                                           ("mm_encoder_outputs", encoded)) if value is not None]
         if len(given) > 1:
             raise ValueError(f"pass one image input, got {' and '.join(given)}")
+        if given and inputs_embeds is not None:
+            raise ValueError(f"{given[0]} need input_ids to find the image tokens; pass input_ids instead of inputs_embeds")
         if encoded is not None:
             return encoded.pooler_output
         if pixel_values is not None:
@@ -224,15 +226,13 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         get_vision_features) or `mm_encoder_outputs` (get_image_features' output under "image", as generate passes it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        image_features = self.select_image_features(pixel_values, vision_features, mm_encoder_outputs)  # prefill only
+        image_features = self.select_image_features(pixel_values, vision_features, mm_encoder_outputs, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
-            if image_features is not None:
+            if image_features is not None:  # the prefill
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
             else:
                 self.check_image_tokens_have_features(input_ids, cache)
-        elif image_features is not None:
-            raise ValueError("image inputs need input_ids to find the image tokens; pass input_ids instead of inputs_embeds")
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
