@@ -70,7 +70,8 @@ class LlavaPluginConfig(PreTrainedConfig):
     """Everything needed to rebuild the model offline.
 
     vision_feature_layer indexes the tower's hidden states as transformers does: 0 is the embedding output, -1 the
-    last layer, -2 (LLaVA's choice) the one before it. The image sequence length is derived, never stored.
+    last layer, -2 (LLaVA's choice) the one before it; a list of layers feeds W their hidden states side by side, as
+    transformers' LLaVA concatenates them. The image sequence length is derived, never stored.
     """
 
     model_type = "llava_plugin"
@@ -82,7 +83,7 @@ class LlavaPluginConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     projector_type: str = "mlp2x_gelu"
-    vision_feature_layer: int = -2
+    vision_feature_layer: int | list[int] = -2
     vision_feature_select: str = "patch"
     image_aspect: str = "pad"
     image_token_id: int | None = None
@@ -101,14 +102,23 @@ class LlavaPluginConfig(PreTrainedConfig):
         if self.vision_feature_select == "cls_patch" and not self.tower_has_cls:
             raise ValueError(f"vision_feature_select='cls_patch' needs a tower with a CLS token; {self.vision_config.model_type} has none")
         layers = self.vision_config.num_hidden_layers
-        if not -(layers + 1) <= self.vision_feature_layer <= layers:
-            raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is out of range for a tower with {layers} layers")
+        chosen = self.feature_layers
+        if not chosen or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in chosen):
+            raise ValueError(f"vision_feature_layer must be a layer index or a non-empty list of them, got {self.vision_feature_layer!r}")
+        for layer in chosen:
+            if not -(layers + 1) <= layer <= layers:
+                raise ValueError(f"vision_feature_layer {layer} is out of range for a tower with {layers} layers")
 
     @property
     def projector_depth(self) -> int:
         """Number of Linear layers in W: 1 for 'linear', N for 'mlpNx_gelu'."""
         depth = PROJECTOR_PATTERN.match(self.projector_type).group(2)
         return int(depth) if depth else 1
+
+    @property
+    def feature_layers(self) -> list:
+        """vision_feature_layer as a list: the tower hidden states W reads, side by side on the channels."""
+        return list(self.vision_feature_layer) if isinstance(self.vision_feature_layer, (list, tuple)) else [self.vision_feature_layer]
 
     @property
     def tower_has_cls(self) -> bool:

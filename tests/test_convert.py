@@ -36,7 +36,7 @@ def parity(ours, theirs, input_ids, pixel_values):
         a = ours(input_ids=input_ids, pixel_values=pixel_values).logits
         b = theirs(input_ids=input_ids, pixel_values=pixel_values).logits
     tokens_a = ours.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False, suppress_tokens=[])
-    tokens_b = theirs.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False)
+    tokens_b = theirs.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=32, do_sample=False, suppress_tokens=[])
     return (a - b).abs().max().item(), torch.equal(tokens_a, tokens_b)
 
 

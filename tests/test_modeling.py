@@ -47,7 +47,7 @@ def test_forward_shapes_and_answer_only_loss(assembled):
 def test_image_features_land_on_the_image_tokens(assembled):
     model, processor = assembled
     inputs = prompt_inputs(processor)
-    features = model.get_image_features(inputs["pixel_values"])
+    features = model.get_image_features(inputs["pixel_values"]).pooler_output
     assert features.shape == (1, processor.image_seq_length, model.config.text_config.hidden_size)
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     merged = model.merge_image_features(inputs["input_ids"], embeds, features)
@@ -157,7 +157,7 @@ def test_feature_layer_selects_the_hidden_state_transformers_would(parts):
     pixel_values = prompt_inputs(processor)["pixel_values"]
     reference = CLIPVisionModel.from_pretrained(parts["clip"])(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
     with torch.no_grad():
-        assert torch.allclose(model.get_image_features(pixel_values), model.projector(reference), atol=1e-6)
+        assert torch.allclose(model.get_image_features(pixel_values).pooler_output, model.projector(reference), atol=1e-6)
 
 
 @pytest.mark.parametrize("layer, blocks", [(-2, 2), (0, 0)])
@@ -176,7 +176,7 @@ def test_open_clip_layer_matches_open_clip_own_forward(parts, layer, blocks):
     for block in reference.transformer.resblocks[:blocks]:
         x = block(x)
     with torch.no_grad():
-        assert torch.allclose(model.get_image_features(pixel_values), model.projector(x[:, 1:]), atol=1e-5)
+        assert torch.allclose(model.get_image_features(pixel_values).pooler_output, model.projector(x[:, 1:]), atol=1e-5)
     assert list(processor.image_processor.image_mean) == [0.5, 0.5, 0.5]  # open_clip's own preprocessing config
 
 

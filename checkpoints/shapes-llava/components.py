@@ -101,7 +101,7 @@ def assemble(
     vision: str,
     llm: str,
     projector: str = "mlp2x_gelu",
-    vision_feature_layer: int = -2,
+    vision_feature_layer: int | list[int] = -2,
     vision_feature_select: str = "patch",
     image_aspect: str = "pad",
     image_token: str = "<image>",

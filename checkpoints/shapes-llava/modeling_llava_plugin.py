@@ -6,9 +6,27 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import torch_compilable_check
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_llava_plugin import LlavaPluginConfig
-from .vision_tower import build_vision_tower, tower_hidden_state
+from .vision_tower import OpenClipVisionTower, build_vision_tower, tower_hidden_state
+
+# transformers renamed `past_key_values` to `cache` and accepts the old name until this version: so do we.
+PAST_KEY_VALUES_UNTIL = "5.40.0"
+
+
+def holds_no_tokens(cache: Cache | None) -> bool:
+    """Whether a forward over this cache sees the prompt from its start. A static cache counts its tokens on the
+    device, and reading that would sync every decode step: generate only ever prefills one as its first iteration."""
+    return cache is None or (not cache.is_compileable and cache.get_seq_length() == 0)
+
+
+def mark_initialized(module: nn.Module):
+    """A component passed in already built (pretrained) is not ours to initialize: post_init skips flagged modules."""
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
 
 
 class LlavaPluginProjector(nn.Sequential):
@@ -34,13 +52,29 @@ class LlavaPluginPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     def _init_weights(self, module):
-        # Only W is ours to initialize: the towers initialize (or load) themselves.
-        if isinstance(module, LlavaPluginProjector):
-            std = getattr(self.config.text_config, "initializer_range", None) or 0.02
-            for layer in module:
-                if isinstance(layer, nn.Linear):
-                    init.normal_(layer.weight, mean=0.0, std=std)
-                    init.zeros_(layer.bias)
+        """transformers calls this on each module holding weights the checkpoint lacked (each of W's Linears, not W),
+        skipping the towers that are PreTrainedModels: they initialize themselves. Linears, embeddings and norms
+        follow transformers' rule (std: the text config's initializer_range); an open_clip tower's bare parameters
+        follow open_clip's."""
+        super()._init_weights(module)
+        tower = getattr(self, "vision_tower", None)
+        if isinstance(tower, OpenClipVisionTower) and module is tower.visual:
+            tower.init_bare_parameters()
+
+    @torch.no_grad()
+    @init.guard_torch_init_functions()
+    def initialize_weights(self):
+        """transformers' walk (children first, each sub-model's modules by its own `_init_weights`) without the
+        shortcut it takes for custom code, which skips any module whose direct parameters are all loaded: that skips
+        every container, so a tower's rule for one (CLIP scales its attention projections) would never run. Every
+        rule here goes through transformers' init functions, which leave loaded weights alone by themselves."""
+
+        def walk(module: nn.Module, initialize):
+            for child in module.children():
+                walk(child, child._initialize_weights if isinstance(child, PreTrainedModel) else initialize)
+            initialize(module, is_custom_code=False)
+
+        walk(self, self._initialize_weights)
 
 
 class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, GenerationMixin):
@@ -49,8 +83,12 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
 
     def __init__(self, config: LlavaPluginConfig, vision_tower: nn.Module | None = None, language_model: nn.Module | None = None):
         super().__init__(config)
+        for part in (vision_tower, language_model):
+            if part is not None:
+                mark_initialized(part)
         self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(config.vision_config)
-        self.projector = LlavaPluginProjector(config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_depth)
+        vision_width = config.vision_config.hidden_size * len(config.feature_layers)  # several layers: side by side
+        self.projector = LlavaPluginProjector(vision_width, config.text_config.hidden_size, config.projector_depth)
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         # The towers' lists name classes of models they belong to (CLIP's names its text embeddings): keep the ones
@@ -78,8 +116,8 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         self.language_model.set_output_embeddings(value)
 
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden):
-        what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
+        """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden x
+        feature layers): what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
         size = self.config.vision_config.image_size
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the tower takes {size}px squares: use the processor")
@@ -92,31 +130,83 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
             hidden = hidden[:, 1:]  # drop CLS
         return hidden
 
-    def get_image_features(self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixels (or precomputed vision features) -> (num_images, image_seq_length, text hidden size)."""
-        if vision_features is None:
-            vision_features = self.get_vision_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = True) -> BaseModelOutputWithPooling | tuple:
+        """(num_images, 3, H, W) -> as transformers' vision-language models return it: `pooler_output` the image
+        tokens' embeddings (num_images, image_seq_length, text hidden size), `last_hidden_state` the tower's
+        selected hidden states W consumed. `generate` calls this once, before the prefill (`mm_encoder_outputs`)."""
+        vision_features = self.get_vision_features(pixel_values)
+        out = BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=self.project_vision_features(vision_features))
+        return out if return_dict else out.to_tuple()
+
+    def project_vision_features(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """W: the tower's selected hidden states (see get_vision_features) -> (num_images, image_seq_length, text hidden)."""
         return self.projector(vision_features.to(self.projector[0].weight.dtype))
 
-    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Writes the features, in order, over the embeddings of the image tokens."""
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features) -> torch.Tensor:
+        """Writes the features, in order, over the embeddings of the image tokens. `image_features`: (num_images,
+        image_seq_length, D), (tokens, D), or a list of either (as generate slices and expands them)."""
+        pieces = image_features if isinstance(image_features, (list, tuple)) else [image_features]
+        features = torch.cat([piece.reshape(-1, piece.shape[-1]) for piece in pieces])  # (tokens, D)
         image_mask = input_ids == self.config.image_token_id
-        n_tokens, n_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: tokens: {n_tokens}, features: {n_features} "
-                f"({image_features.shape[0]} images x {image_features.shape[1]})"
-            )
+        n_tokens = image_mask.sum()
+        # A compile-friendly check (a hint under torch.compile, a ValueError in eager mode), as transformers' LLaVA.
+        torch_compilable_check(
+            n_tokens == features.shape[0],
+            lambda: f"Image features and image tokens do not match: tokens: {int(n_tokens)}, features: {features.shape[0]}",
+        )
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
-        """As transformers does for pixel_values: cached vision features feed the prefill only."""
-        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
+    def select_image_features(self, pixel_values, vision_features, mm_encoder_outputs, inputs_embeds=None):
+        """The image tokens' embeddings from whichever image input was given, or None for a text-only forward."""
+        encoded = (mm_encoder_outputs or {}).get("image")
+        given = [name for name, value in (("pixel_values", pixel_values), ("vision_features", vision_features),
+                                          ("mm_encoder_outputs", encoded)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one image input, got {' and '.join(given)}")
+        if given and inputs_embeds is not None:
+            raise ValueError(f"{given[0]} need input_ids to find the image tokens; pass input_ids instead of inputs_embeds")
+        if encoded is not None:
+            return encoded.pooler_output
+        if pixel_values is not None:
+            return self.get_image_features(pixel_values).pooler_output
+        if vision_features is not None:
+            return self.project_vision_features(vision_features)
+        return None
+
+    def check_image_tokens_have_features(self, input_ids: torch.Tensor, cache: Cache | None):
+        """Image tokens in a prompt without an image: eager mode only, since it reads the tokens' values (a compiled
+        decode step never holds image tokens: generate suppresses them)."""
+        if torch.compiler.is_compiling() or not holds_no_tokens(cache):
+            return
+        n_tokens = int((input_ids == self.config.image_token_id).sum())
+        if n_tokens:
+            raise ValueError(f"Image features and image tokens do not match: tokens: {n_tokens}, features: 0 (no pixel_values)")
+
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_UNTIL, new_name="cache")
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        """transformers' own, with the image inputs kept wherever the cache does not hold the prompt yet: an
+        assistant's first draft runs the whole prompt, image tokens included, though generate does not call it a
+        first iteration. Cached vision features, like pixel values, feed the prefill only."""
+        prefill = bool(is_first_iteration) or holds_no_tokens(cache)
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, is_first_iteration=prefill, **kwargs,
+        )
+        if not prefill and kwargs.get("use_cache", True):
             inputs.pop("vision_features", None)
         return inputs
 
+    @deprecate_kwarg("past_key_values", PAST_KEY_VALUES_UNTIL, new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -128,22 +218,21 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         vision_features: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ):
         """Labels follow transformers: -100 is ignored, the shift happens inside the language model's loss.
-        `vision_features` (the tower's cached output, see get_vision_features) may stand in for pixel_values."""
+        One image input at most: `pixel_values`, `vision_features` (the tower's cached output, see
+        get_vision_features) or `mm_encoder_outputs` (get_image_features' output under "image", as generate passes it)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        image_features = self.select_image_features(pixel_values, vision_features, mm_encoder_outputs, inputs_embeds)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
-            if pixel_values is not None or vision_features is not None:
-                image_features = self.get_image_features(pixel_values, vision_features)  # (N, S, D): prefill only
+            if image_features is not None:  # the prefill
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-            elif (cache is None or cache.get_seq_length() == 0) and bool((input_ids == self.config.image_token_id).any()):
-                n_tokens = int((input_ids == self.config.image_token_id).sum())
-                raise ValueError(f"Image features and image tokens do not match: tokens: {n_tokens}, features: 0 (no pixel_values)")
-        elif pixel_values is not None or vision_features is not None:
-            raise ValueError("pixel_values need input_ids to find the image tokens; pass input_ids instead of inputs_embeds")
+            else:
+                self.check_image_tokens_have_features(input_ids, cache)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

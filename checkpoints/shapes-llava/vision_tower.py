@@ -8,6 +8,7 @@ open_clip tower is built.
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
+from transformers import initialization as init
 
 from .configuration_llava_plugin import OpenClipVisionConfig
 
@@ -26,6 +27,14 @@ class OpenClipVisionTower(nn.Module):
                 raise ImportError("this model's vision tower is an open_clip model: pip install open_clip_torch") from error
             visual = _build_vision_tower(config.embed_dim, config.vision_cfg, quick_gelu=config.quick_gelu)
         self.visual = visual
+
+    def init_bare_parameters(self):
+        """open_clip's ViT holds its class and position embeddings and its output projection as bare parameters,
+        which no per-module rule covers: drawn as open_clip draws them, N(0, width^-0.5). transformers' `init`
+        functions leave the ones loaded from a checkpoint alone."""
+        std = self.config.hidden_size ** -0.5
+        for parameter in self.visual.parameters(recurse=False):
+            init.normal_(parameter, std=std)
 
     def hidden_state(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
         num_layers = self.config.num_hidden_layers
@@ -47,11 +56,16 @@ def build_vision_tower(vision_config: PreTrainedConfig) -> nn.Module:
     return AutoModel.from_config(vision_config)
 
 
-def tower_hidden_state(tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """(B, tokens, C) hidden states of `tower` at `layer`, tokens = [CLS] + patches (no CLS for SigLIP)."""
+def tower_hidden_state(tower: nn.Module, pixel_values: torch.Tensor, layer: int | list[int]) -> torch.Tensor:
+    """(B, tokens, C) hidden states of `tower` at `layer`, tokens = [CLS] + patches (no CLS for SigLIP); for a list
+    of layers, theirs side by side: (B, tokens, C x layers)."""
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
     if isinstance(tower, OpenClipVisionTower):
-        return tower.hidden_state(pixel_values, layer)
-    return tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+        states = [tower.hidden_state(pixel_values, index) for index in layers]  # each pass stops at its layer
+    else:
+        hidden_states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        states = [hidden_states[index] for index in layers]
+    return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
 
 __all__ = ["OpenClipVisionTower", "build_vision_tower", "tower_hidden_state"]
