@@ -1,6 +1,5 @@
 """The app end to end: a real server on loopback, driven through gradio_client as a user's script would."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app import conversation_from
-from app_process import free_port, running_app
+from app_process import running_app
 
 def test_conversation_keeps_the_image_in_the_first_user_turn():
     history = [

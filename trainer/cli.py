@@ -3,8 +3,6 @@
 import logging
 import sys
 
-from .data import DataError
-from .finite import NonFiniteError
 from .settings import parse_settings
 
 
@@ -12,8 +10,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         settings = parse_settings(argv)
-        from .loop import check_data, train  # after parsing: --help stays instant
+    except ValueError as error:
+        print(f"llava-train: {error}", file=sys.stderr)
+        return 2
+    # After parsing, so that --help and a wrong flag answer at once: these import torch and transformers.
+    from .data import DataError
+    from .finite import NonFiniteError
+    from .loop import check_data, train
 
+    try:
         if settings.check_data:
             return check_data(settings)
         train(settings)

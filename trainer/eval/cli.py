@@ -12,14 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-import openai
+from .options import DEFAULT_FORMAT, DEFAULT_JUDGE, KEY_VARIABLE, ORDERS, PRESET_NAMES
 
-from .judge import DEFAULT_JUDGE, ORDERS, JudgeSettings, load_questions, run_judge
-from .multiple_choice import (DEFAULT_FORMAT, PRESETS, evaluate_multiple_choice, load_jsonl_problems, multiple_choice_report,
-                              parse_choice, prompt_builder, read_choice)
-from .remote import KEY_VARIABLE
-from .review import Wording, load_rules
-from .scienceqa import COLUMNS, load_scienceqa
+# The commands' modules import torch, transformers and openai: they load after the arguments are parsed, so that
+# --help and a wrong flag answer at once.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     mc.add_argument("--split", help="ScienceQA split from pid_splits.json beside problems.json (train, val, test, minival, minitest)")
     mc.add_argument("--image-folder", default=".", help="(default: %(default)s)")
     mc.add_argument("--prompt-format", default=DEFAULT_FORMAT,
-                    help=f"a preset ({', '.join(PRESETS)}) or a template with {{context}}, {{question}}, {{options}} (default: %(default)s)")
+                    help=f"a preset ({', '.join(PRESET_NAMES)}) or a template with {{context}}, {{question}}, {{options}} (default: %(default)s)")
     mc.add_argument("--lenient", action="store_true",
                     help="also read a leading letter or an option's exact text (default: only what eval_science_qa.py reads)")
 
@@ -83,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def judge_command(args, candidate) -> dict:
+    from .judge import JudgeSettings, load_questions, run_judge
+    from .review import Wording, load_rules
+
     questions = load_questions(Path(args.questions), args.context and Path(args.context), args.references and Path(args.references))
     folder = Path(args.image_folder)
     wording = Wording(load_rules(Path(args.rules)) if args.rules else None, args.judge_system)
@@ -96,6 +95,9 @@ def judge_command(args, candidate) -> dict:
 
 
 def load_problems(path: Path, split: str | None) -> list:
+    from .multiple_choice import load_jsonl_problems
+    from .scienceqa import load_scienceqa
+
     if path.suffix == ".json":
         return load_scienceqa(path, split)
     if split:
@@ -104,6 +106,9 @@ def load_problems(path: Path, split: str | None) -> list:
 
 
 def mc_command(args, candidate) -> dict:
+    from .multiple_choice import evaluate_multiple_choice, multiple_choice_report, parse_choice, prompt_builder, read_choice
+    from .scienceqa import COLUMNS
+
     problems = load_problems(Path(args.problems), args.split)
     if not problems:
         raise ValueError(f"{args.problems}: no problems{' in split ' + args.split if args.split else ''}")
@@ -169,6 +174,8 @@ def make_candidate(args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    import openai
+
     try:
         if args.command == "shapes-probe":
             print(json.dumps(shapes_probe_command(args), indent=1))

@@ -22,13 +22,12 @@ from llava_plugin import ImageLoadError
 from trainer.datagen.openai_backend import FATAL_ERRORS, Usage, make_client
 
 from .bench_files import CATEGORIES, Question, load_questions
+from .options import DEFAULT_JUDGE, ORDERS
 from .report import table
 from .results import ResultLog
 from .review import JudgeParseError, Wording, parse_scores
 
 logger = logging.getLogger(__name__)
-DEFAULT_JUDGE = "gpt-4.1"
-ORDERS = ("reference-first", "candidate-first", "both")
 
 REFERENCE_SYSTEM = ("You are an AI visual assistant. You cannot see the image, but you are given a description of it "
                     "(captions, object boxes or a human's account). Answer the user's question about the image as if you "

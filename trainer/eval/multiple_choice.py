@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from llava_plugin import ImageLoadError
 
+from .options import PRESET_NAMES
 from .report import table
 from .results import ResultLog, read_jsonl_objects
 
@@ -59,8 +60,7 @@ def _single_prediction(problem: Problem) -> str:
     return f"{context}{problem.question}\n{options}".replace("  ", " ") + "\n" + SINGLE_PREDICTION
 
 
-PRESETS = {"default": _own_format, "qcm-lea": _qcm_lea, "llava-1.5": _single_prediction}
-DEFAULT_FORMAT = "default"
+PRESETS = dict(zip(PRESET_NAMES, (_own_format, _qcm_lea, _single_prediction)))
 
 
 def prompt_builder(format_or_preset: str):

@@ -11,9 +11,10 @@ from pathlib import Path
 import openai
 from PIL import Image
 
-from llava_plugin import ImageLoadError, load_image
+from llava_plugin import load_image
 
-KEY_VARIABLE = "LLAVA_EVAL_MODEL_API_KEY"
+from .options import KEY_VARIABLE
+
 SENT_AS_IS = {"PNG", "JPEG", "WEBP", "GIF"}  # formats servers decode: the file's own bytes go out unchanged
 
 

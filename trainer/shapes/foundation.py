@@ -15,13 +15,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from llava_plugin import LlavaPluginImageProcessor
 
+from .settings import TOWER_WIDTH
 from .world import SIDES, as_dicts, inventory, make_scene, render, swap_shapes
 
 TOWER = {
     "embed_dim": 64,
     # width: a probe read a thing's shape off its own token 84% / 81% of the time at 128 (seeds 0 / 1), 95% / 77% at
     # 192: wider helps when training breaks through (contrastive loss near 0.3 at the end), and the draw decides that
-    "vision_cfg": {"image_size": 96, "patch_size": 32, "width": 192, "layers": 4, "head_width": 32},
+    "vision_cfg": {"image_size": 96, "patch_size": 32, "width": TOWER_WIDTH, "layers": 4, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]

@@ -8,7 +8,6 @@ shapes`), a report, and optionally the paper's ablations and an fp16 export of t
 Every step skips itself when its output is already there, so an interrupted run continues where it stopped.
 """
 
-import argparse
 import dataclasses
 import json
 import random
@@ -24,6 +23,7 @@ from llava_plugin import llava_v1_chat_template
 
 from .foundation import HARD_NEGATIVES, TOWER, train_language_model, train_tower
 from .report import accuracy_table, draw_chart, position_outcomes_sentence
+from .settings import ShapesSettings, command_line  # noqa: F401  (command_line: re-exported for the tests)
 from .world import KINDS, NUMBER_WORDS, inventory, naming_order, questions, reading_order, where, write_split
 
 # The chat template's system prompt for this model. LLaVA v1's is 75 tokens with this model's tokenizer, most of every
@@ -107,35 +107,6 @@ def drafted_subset(drafted: list[dict]) -> list[dict]:
     images = sorted({record["image"] for record in drafted})
     wanted = {(image, kinds[index % 3]) for index, image in enumerate(images)}
     return [record for record in drafted if (record["image"], record["id"].rsplit("_", 1)[-1]) in wanted]
-
-
-@dataclasses.dataclass
-class ShapesSettings:
-    output: str = "out/shapes"
-    train_images: int = 2000
-    test_images: int = 200
-    seed: int = 0
-    tower_steps: int = 1000
-    tower_width: int = TOWER["vision_cfg"]["width"]
-    tower_scenes: int = 2000
-    lm_steps: int = 300
-    stage1_epochs: float = 12.0
-    stage2_epochs: float = 4.0
-    batch_size: int = 64
-    # What "Where is ...?" needs (issue 5's notes): the tower's position embedding started at the norm of a patch's
-    # content (0: open_clip's start), the question before the image in the chat template, stage 2 batches that mix
-    # the question kinds (lengths compared in steps of this many tokens; 1: exact sorting), and enough of those
-    # questions in them (`where_copies`).
-    position_embedding_norm: float = 13.0
-    image_after_text: bool = True
-    # 48, not 64: with the two-turn samples (about 66 tokens), 64-token steps put them beside the drafts (about 120) and
-    # padded 37% of stage 2's tokens (48: 22%), while batches stay mixed (the commonest kind 40% of a batch on average).
-    length_bucket: int = 48
-    follow_ups: int = 1  # questions per image asked as a conversation's second turn (`vqa_records`)
-    where_copies: int = 3  # more copies of each one-question "Where is ...?" sample in stage 2 (`where_again`)
-    ablations: bool = False
-    report: str | None = None  # also copy report.md and accuracy.png here
-    export: str | None = None  # save the trained model in fp16 here, with a model card
 
 
 def run_command(*args):
@@ -271,14 +242,6 @@ def run(settings: ShapesSettings) -> dict:
     return result
 
 
-def command_line(settings: ShapesSettings) -> str:
-    defaults = ShapesSettings()
-    flags = [f"--{'' if value else 'no-'}{key.replace('_', '-')}" if isinstance(value, bool) else f"--{key.replace('_', '-')} {value}"
-             for key, value in dataclasses.asdict(settings).items()
-             if value != getattr(defaults, key) and value is not None and key != "output"]
-    return " ".join(["llava-shapes", *flags])
-
-
 def write_report(out: Path, result: dict):
     variants, s = result["variants"], result["settings"]
     draw_chart(variants, out / "accuracy.png")
@@ -409,24 +372,7 @@ processor = AutoProcessor.from_pretrained("checkpoints/shapes-llava")
         staging.rename(target)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-shapes", description=__doc__.splitlines()[0])
-    defaults = ShapesSettings()
-    for field in dataclasses.fields(ShapesSettings):
-        flag, default = "--" + field.name.replace("_", "-"), getattr(defaults, field.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            parser.add_argument(flag, type=type(default) if default is not None else str, default=default,
-                                help="(default: %(default)s)")
-    settings = ShapesSettings(**vars(parser.parse_args(argv)))
-    result = run(settings)
-    summary = {name: {kind: round(100 * value, 1) for kind, value in variant["accuracy"].items()}
-               for name, variant in result["variants"].items()}
-    print(json.dumps({"accuracy": summary, "timings": result["timings"]}, indent=1))
-    print(f"report: {Path(settings.output) / 'report.md'}")
-    return 0
-
-
 if __name__ == "__main__":
+    from .cli import main
+
     sys.exit(main())
