@@ -1,7 +1,8 @@
 """llava-convert: checkpoints in, checkpoints out, with the weights untouched.
 
-    llava-convert SRC DST                    llava-hf or original LLaVA  ->  llava_plugin
-    llava-convert SRC DST --to llava-hf      llava_plugin                ->  llava-hf (transformers' LlavaForConditionalGeneration)
+    llava-convert SRC DST                    llava-hf (LLaVA or LLaVA-NeXT) or original LLaVA  ->  llava_plugin
+    llava-convert SRC DST --to llava-hf      llava_plugin  ->  llava-hf (transformers' LlavaForConditionalGeneration, or
+                                             LlavaNextForConditionalGeneration for an AnyRes model)
 
 SRC is a folder or a hub id; the format is read from its config. DST is written to a temporary folder and renamed
 into place, so a failed conversion leaves nothing behind. Not shipped as remote code: nothing in the model imports it.
@@ -25,6 +26,10 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
 )
 
@@ -43,7 +48,11 @@ HF_TO_PLUGIN = (
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
 )
+# LLaVA-NeXT adds one weight, the row-end embedding, at the top of its inner model.
+HF_NEXT_TO_PLUGIN = (("model.image_newline", "image_newline"),) + HF_TO_PLUGIN
 SELECT_FROM_HF = {"default": "patch", "full": "cls_patch"}
+# The pixel settings an AnyRes processor takes over from llava-hf's, so an imported model sees the same tiles.
+ANYRES_PIXEL_SETTINGS = ("size", "crop_size", "do_center_crop", "resample")
 
 
 def rename(state: dict, table) -> dict:
@@ -73,11 +82,11 @@ def detect_format(folder: Path) -> str:
         return "llava_plugin"
     if "mm_vision_tower" in config or model_type == "llava_llama" or "LlavaLlamaForCausalLM" in architectures:
         return "original"
-    if model_type == "llava" and "vision_config" in config and "text_config" in config:
+    if model_type in ("llava", "llava_next") and "vision_config" in config and "text_config" in config:
         return "llava-hf"
     raise ValueError(
         f"{folder}: unknown checkpoint format (model_type {model_type!r}, architectures {architectures}); expected "
-        "llava-hf (model_type 'llava' with vision_config and text_config), original LLaVA (LlavaLlamaForCausalLM with "
+        "llava-hf (model_type 'llava' or 'llava_next' with vision_config and text_config), original LLaVA (LlavaLlamaForCausalLM with "
         "mm_vision_tower) or llava_plugin"
     )
 
@@ -88,9 +97,15 @@ def image_aspect_of(image_processor) -> str:
     return "crop" if getattr(image_processor, "do_center_crop", False) else "resize"
 
 
-def plugin_processor(tokenizer, config: LlavaPluginConfig, mean, std) -> LlavaPluginProcessor:
+def pixel_backend_of(image_processor) -> str:
+    """The backend transformers loads this checkpoint's processor with (torchvision by default, where installed)."""
+    return "pil" if type(image_processor).__name__.endswith("Pil") else "torchvision"
+
+
+def plugin_processor(tokenizer, config: LlavaPluginConfig, mean, std, **image_settings) -> LlavaPluginProcessor:
     image_processor = LlavaPluginImageProcessor(image_aspect=config.image_aspect, image_size=config.vision_config.image_size,
-                                                image_mean=mean, image_std=std)
+                                                image_mean=mean, image_std=std, image_grid_pinpoints=config.image_grid_pinpoints,
+                                                **image_settings)
     return LlavaPluginProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
 
 
@@ -106,12 +121,14 @@ def write_plugin(folder: Path, config: LlavaPluginConfig, state: dict, processor
     generation.save_pretrained(folder)
     package = Path(__file__).resolve().parent
     for name in ("configuration_llava_plugin.py", "modeling_llava_plugin.py", "processing_llava_plugin.py",
-                 "image_processing_llava_plugin.py", "vision_tower.py", "components.py"):
+                 "image_processing_llava_plugin.py", "vision_tower.py", "components.py", "anyres.py"):
         shutil.copyfile(package / name, folder / name)
 
 
 def from_llava_hf(source: Path, folder: Path):
-    model = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto")
+    """llava-hf LLaVA or LLaVA-NeXT (AnyRes) -> ours; pixels as the checkpoint's processor makes them (its backend)."""
+    next_model = json.loads((source / "config.json").read_text())["model_type"] == "llava_next"
+    model = (LlavaNextForConditionalGeneration if next_model else LlavaForConditionalGeneration).from_pretrained(source, dtype="auto")
     hf_processor = AutoProcessor.from_pretrained(source)
     hf = model.config
     if not isinstance(hf.vision_feature_layer, int):
@@ -123,10 +140,22 @@ def from_llava_hf(source: Path, folder: Path):
         vision_config=hf.vision_config, text_config=hf.text_config, projector_type="mlp2x_gelu",
         vision_feature_layer=hf.vision_feature_layer, vision_feature_select=SELECT_FROM_HF[hf.vision_feature_select_strategy],
         image_aspect=image_aspect_of(image_processor), image_token_id=hf.image_token_id, dtype=hf.dtype,
+        image_grid_pinpoints=hf.image_grid_pinpoints if next_model else None,
     )
     tokenizer = prepare_tokenizer(hf_processor.tokenizer, "<image>", getattr(hf.text_config, "max_position_embeddings", None))
-    processor = plugin_processor(tokenizer, config, image_processor.image_mean, image_processor.image_std)
-    write_plugin(folder, config, rename(model.state_dict(), HF_TO_PLUGIN), processor, model.generation_config)
+    settings = {"pixel_backend": pixel_backend_of(image_processor)}
+    if next_model:
+        settings.update({key: _plain(getattr(image_processor, key)) for key in ANYRES_PIXEL_SETTINGS})
+    processor = plugin_processor(tokenizer, config, image_processor.image_mean, image_processor.image_std, **settings)
+    state = rename(model.state_dict(), HF_NEXT_TO_PLUGIN if next_model else HF_TO_PLUGIN)
+    write_plugin(folder, config, state, processor, model.generation_config)
+
+
+def _plain(value):
+    """A processor setting as JSON writes it: SizeDicts as dicts, resampling enums as ints."""
+    if hasattr(value, "height") or hasattr(value, "shortest_edge"):
+        return {key: getattr(value, key) for key in ("height", "width", "shortest_edge") if getattr(value, key, None) is not None}
+    return int(value) if hasattr(value, "value") else value
 
 
 def read_original_weights(source: Path) -> dict:
@@ -191,12 +220,9 @@ def to_llava_hf(source: Path, folder: Path):
         raise ValueError(f"{source}: an open_clip tower has no llava-hf equivalent (transformers loads CLIP/SigLIP towers)")
     if ours.projector_type != "mlp2x_gelu":
         raise ValueError(f"{source}: projector {ours.projector_type!r}; llava-hf's is a 2-layer GELU MLP (mlp2x_gelu) only")
-    config = LlavaConfig(
-        vision_config=ours.vision_config.to_dict(), text_config=ours.text_config.to_dict(), image_token_index=ours.image_token_id,
-        image_seq_length=ours.image_seq_length, vision_feature_layer=ours.vision_feature_layer,
-        vision_feature_select_strategy={v: k for k, v in SELECT_FROM_HF.items()}[ours.vision_feature_select],
-        tie_word_embeddings=bool(getattr(ours.text_config, "tie_word_embeddings", False)),
-    )
+    if ours.image_grid_pinpoints is not None:
+        return to_llava_next_hf(model, processor, folder)
+    config = LlavaConfig(**hf_config_fields(ours))
     config.architectures = ["LlavaForConditionalGeneration"]
     ip = processor.image_processor
     square = {"height": ip.image_size, "width": ip.image_size}
@@ -212,6 +238,35 @@ def to_llava_hf(source: Path, folder: Path):
     )
     config.save_pretrained(folder)
     save_torch_state_dict(rename(model.state_dict(), [(new, old) for old, new in HF_TO_PLUGIN]), folder)
+    hf_processor.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+
+
+def hf_config_fields(ours: LlavaPluginConfig) -> dict:
+    return dict(
+        vision_config=ours.vision_config.to_dict(), text_config=ours.text_config.to_dict(), image_token_index=ours.image_token_id,
+        image_seq_length=ours.image_seq_length, vision_feature_layer=ours.vision_feature_layer,
+        vision_feature_select_strategy={v: k for k, v in SELECT_FROM_HF.items()}[ours.vision_feature_select],
+        tie_word_embeddings=bool(getattr(ours.text_config, "tie_word_embeddings", False)),
+    )
+
+
+def to_llava_next_hf(model: LlavaPluginForConditionalGeneration, processor, folder: Path):
+    """An AnyRes model -> transformers' LlavaNextForConditionalGeneration with its own LLaVA-NeXT processor."""
+    ours, ip = model.config, processor.image_processor
+    config = LlavaNextConfig(**hf_config_fields(ours), image_grid_pinpoints=ours.image_grid_pinpoints)
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    image_processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=ours.image_grid_pinpoints, image_mean=list(ip.image_mean), image_std=list(ip.image_std),
+        **{key: _plain(getattr(ip, key)) for key in ANYRES_PIXEL_SETTINGS},
+    )
+    hf_processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=ours.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=int(ours.tower_has_cls), chat_template=processor.chat_template,
+    )
+    config.save_pretrained(folder)
+    save_torch_state_dict(rename(model.state_dict(), [(new, old) for old, new in HF_NEXT_TO_PLUGIN]), folder)
     hf_processor.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
 

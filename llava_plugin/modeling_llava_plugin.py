@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 
+from . import anyres
 from .configuration_llava_plugin import LlavaPluginConfig
 from .vision_tower import build_vision_tower, tower_hidden_state
 
@@ -41,6 +42,8 @@ class LlavaPluginPreTrainedModel(PreTrainedModel):
                 if isinstance(layer, nn.Linear):
                     init.normal_(layer.weight, mean=0.0, std=std)
                     init.zeros_(layer.bias)
+        if getattr(module, "image_newline", None) is not None:  # AnyRes: as llava_next draws it
+            init.normal_(module.image_newline, mean=0.0, std=self.config.text_config.hidden_size ** -0.5)
 
 
 class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, GenerationMixin):
@@ -52,6 +55,9 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         self.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(config.vision_config)
         self.projector = LlavaPluginProjector(config.vision_config.hidden_size, config.text_config.hidden_size, config.projector_depth)
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        # AnyRes only: the embedding that ends each row of an image's tile grid (see anyres.py).
+        anyres_model = config.image_grid_pinpoints is not None
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if anyres_model else None
         self.post_init()
         # The towers' lists name classes of models they belong to (CLIP's names its text embeddings): keep the ones
         # present, since FSDP's wrapping policy refuses a class it cannot find.
@@ -77,10 +83,13 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
     def set_output_embeddings(self, value: nn.Module):
         self.language_model.set_output_embeddings(value)
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_vision_features(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden):
-        what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
+        what W consumes. The tower is frozen in both stages, so these can be computed once and cached.
+        AnyRes: tiles in, one row per tile out; llava-hf's padded (images, max_tiles, 3, H, W) needs image_sizes."""
         size = self.config.vision_config.image_size
+        if self.config.image_grid_pinpoints is not None and pixel_values.dim() == 5:
+            pixel_values = anyres.split_tiles(pixel_values, image_sizes, self.config.image_grid_pinpoints, size)
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the tower takes {size}px squares: use the processor")
         tower_dtype = next(self.vision_tower.parameters()).dtype
@@ -92,21 +101,25 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
             hidden = hidden[:, 1:]  # drop CLS
         return hidden
 
-    def get_image_features(self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixels (or precomputed vision features) -> (num_images, image_seq_length, text hidden size)."""
+    def get_image_features(self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                           image_sizes=None) -> torch.Tensor:
+        """Pixels (or precomputed vision features) -> (num_images, image_seq_length, text hidden size).
+        AnyRes: -> (all images' tokens, text hidden size), each image's tiles packed by anyres.pack_all."""
         if vision_features is None:
-            vision_features = self.get_vision_features(pixel_values)
-        return self.projector(vision_features.to(self.projector[0].weight.dtype))
+            vision_features = self.get_vision_features(pixel_values, image_sizes)
+        features = self.projector(vision_features.to(self.projector[0].weight.dtype))
+        if self.config.image_grid_pinpoints is None:
+            return features
+        pinpoints, tile_size = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        return anyres.pack_all(features, image_sizes, self.image_newline, pinpoints, tile_size)
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """Writes the features, in order, over the embeddings of the image tokens."""
         image_mask = input_ids == self.config.image_token_id
-        n_tokens, n_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
+        n_tokens, n_features = int(image_mask.sum()), image_features.shape[:-1].numel()
         if n_tokens != n_features:
-            raise ValueError(
-                f"Image features and image tokens do not match: tokens: {n_tokens}, features: {n_features} "
-                f"({image_features.shape[0]} images x {image_features.shape[1]})"
-            )
+            layout = f"{image_features.shape[0]} images x {image_features.shape[1]}" if image_features.dim() == 3 else "AnyRes, packed"
+            raise ValueError(f"Image features and image tokens do not match: tokens: {n_tokens}, features: {n_features} ({layout})")
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
@@ -128,16 +141,18 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         vision_features: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
         """Labels follow transformers: -100 is ignored, the shift happens inside the language model's loss.
-        `vision_features` (the tower's cached output, see get_vision_features) may stand in for pixel_values."""
+        `vision_features` (the tower's cached output, see get_vision_features) may stand in for pixel_values.
+        `image_sizes` ((num_images, 2) original height, width) is needed by AnyRes models only."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
             if pixel_values is not None or vision_features is not None:
-                image_features = self.get_image_features(pixel_values, vision_features)  # (N, S, D): prefill only
+                image_features = self.get_image_features(pixel_values, vision_features, image_sizes)  # (N, S, D): prefill only
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
             elif (cache is None or cache.get_seq_length() == 0) and bool((input_ids == self.config.image_token_id).any()):
                 n_tokens = int((input_ids == self.config.image_token_id).sum())

@@ -7,9 +7,11 @@ This file ships as remote code.
 """
 
 import json
+import math
 
 from transformers import ProcessorMixin
 
+from .anyres import image_token_count
 from .image_processing_llava_plugin import LlavaPluginImageProcessor  # noqa: F401  (AutoProcessor resolves it by name)
 
 DEFAULT_SYSTEM = (
@@ -93,7 +95,18 @@ class LlavaPluginProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or LLAVA_V1_CHAT_TEMPLATE)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * self.image_seq_length
+        pinpoints = getattr(self.image_processor, "image_grid_pinpoints", None)
+        if pinpoints is None:
+            return self.image_token * self.image_seq_length
+        return self.image_token * self.anyres_token_count(*image_inputs["image_sizes"][image_idx])
+
+    def anyres_token_count(self, height: int, width: int) -> int:
+        """AnyRes: image tokens for an image of this original size (image_seq_length is one tile's patches)."""
+        side = math.isqrt(self.image_seq_length)
+        if side * side != self.image_seq_length:
+            raise ValueError(f"AnyRes needs a square patch grid per tile; image_seq_length is {self.image_seq_length}")
+        processor = self.image_processor
+        return image_token_count(int(height), int(width), processor.image_grid_pinpoints, processor.image_size, side)
 
     def __call__(self, images=None, text=None, **kwargs):
         """As every transformers processor, plus: a prompt longer than the tokenizer's `model_max_length` (set from
