@@ -231,13 +231,19 @@ def to_llava_hf(source: Path, folder: Path):
         size={"shortest_edge": ip.image_size} if ours.image_aspect == "crop" else square,
         image_mean=list(ip.image_mean), image_std=list(ip.image_std),
     )
-    hf_processor = LlavaProcessor(
+    write_hf(folder, model, config, LlavaProcessor, image_processor, processor, HF_TO_PLUGIN)
+
+
+def write_hf(folder: Path, model, config, processor_class, image_processor, processor, table):
+    """The llava-hf folder: config, renamed weights, transformers' own processor around our tokenizer and template."""
+    ours = model.config
+    hf_processor = processor_class(
         image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=ours.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=int(ours.tower_has_cls), chat_template=processor.chat_template,
     )
     config.save_pretrained(folder)
-    save_torch_state_dict(rename(model.state_dict(), [(new, old) for old, new in HF_TO_PLUGIN]), folder)
+    save_torch_state_dict(rename(model.state_dict(), [(new, old) for old, new in table]), folder)
     hf_processor.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
 
@@ -260,15 +266,7 @@ def to_llava_next_hf(model: LlavaPluginForConditionalGeneration, processor, fold
         image_grid_pinpoints=ours.image_grid_pinpoints, image_mean=list(ip.image_mean), image_std=list(ip.image_std),
         **{key: _plain(getattr(ip, key)) for key in ANYRES_PIXEL_SETTINGS},
     )
-    hf_processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=ours.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=int(ours.tower_has_cls), chat_template=processor.chat_template,
-    )
-    config.save_pretrained(folder)
-    save_torch_state_dict(rename(model.state_dict(), [(new, old) for old, new in HF_NEXT_TO_PLUGIN]), folder)
-    hf_processor.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
+    write_hf(folder, model, config, LlavaNextProcessor, image_processor, processor, HF_NEXT_TO_PLUGIN)
 
 
 def convert(source: str, destination: str, to: str = "llava_plugin", vision_tower: str | None = None) -> str:

@@ -65,9 +65,10 @@ def test_llava_hf_to_plugin_matches_transformers(llava_hf, tmp_path):
     assert convert(str(llava_hf), str(tmp_path / "ours")) == "llava-hf"
     ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
     theirs = LlavaForConditionalGeneration.from_pretrained(llava_hf).eval()
-    ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_hf, backend="pil")
-    assert ours_processor.image_processor.image_aspect == "pad"
-    for name, size in IMAGES.items():
+    # transformers' default backend (torchvision), which the conversion records, so the pixels are the ones it makes
+    ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_hf)
+    assert ours_processor.image_processor.image_aspect == "pad" and ours_processor.image_processor.pixel_backend == "torchvision"
+    for name, size in {**IMAGES, "45x31": (45, 31)}.items():
         picture = image(size)
         mine = ours_processor(images=picture, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
         reference = their_processor(images=picture, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
@@ -75,6 +76,20 @@ def test_llava_hf_to_plugin_matches_transformers(llava_hf, tmp_path):
         assert torch.allclose(mine["pixel_values"], reference["pixel_values"], atol=1e-6), name
         difference, same_tokens = parity(ours, theirs, mine["input_ids"], mine["pixel_values"])
         assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+def test_two_images_in_two_turns_match_transformers_llava(llava_hf, tmp_path):
+    convert(str(llava_hf), str(tmp_path / "ours"))
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    theirs = LlavaForConditionalGeneration.from_pretrained(llava_hf).eval()
+    prompt = "USER: <image>\nWhat is it? ASSISTANT: A shape.</s>USER: And this one? <image>\nASSISTANT:"
+    pictures = [image(IMAGES["wide"]), image((45, 31))]
+    mine = AutoProcessor.from_pretrained(tmp_path / "ours")(images=pictures, text=prompt, return_tensors="pt")
+    reference = AutoProcessor.from_pretrained(llava_hf)(images=pictures, text=prompt, return_tensors="pt")
+    assert torch.equal(mine["input_ids"], reference["input_ids"]) and mine["pixel_values"].shape[0] == 2
+    assert torch.allclose(mine["pixel_values"], reference["pixel_values"], atol=1e-6)
+    difference, same_tokens = parity(ours, theirs, mine["input_ids"], mine["pixel_values"])
+    assert difference < 1e-4 and same_tokens, difference
 
 
 def test_plugin_to_llava_hf_loads_without_remote_code_and_matches(saved_checkpoint, assembled, tmp_path):

@@ -1,0 +1,123 @@
+"""llava-convert with LLaVA-NeXT (AnyRes): llava-hf's LlavaNextForConditionalGeneration in and out, parity on wide,
+tall, square and odd-sized images and on a two-image prompt, pixels as the checkpoint's own processor makes them."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+)
+
+from llava_plugin import LlavaPluginForConditionalGeneration, anyres
+from llava_plugin.convert import convert
+from tiny_components import IMAGE_SIZE, save_tokenizer
+
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+IMAGES = {"wide": (300, 41), "tall": (41, 300), "square": (40, 40), "odd": (45, 31)}  # PIL sizes: (width, height)
+PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
+TWO_IMAGES = "USER: <image>\nWhat is here? ASSISTANT: A shape.</s>USER: And here? <image>\nASSISTANT:"
+
+
+def image(size, seed=0):
+    torch.manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3) * 255).to(torch.uint8).numpy())
+
+
+def flat_tiles(pixel_values, image_sizes):
+    return anyres.split_tiles(pixel_values, image_sizes, PINPOINTS, IMAGE_SIZE)
+
+
+def parity(ours, theirs, mine, reference):
+    """Max logit difference and whether 24 greedy tokens agree; each model gets its own processor's inputs."""
+    with torch.no_grad():
+        a = ours(**mine).logits
+        b = theirs(**reference).logits
+    tokens_a = ours.generate(**mine, max_new_tokens=24, do_sample=False, suppress_tokens=[])
+    tokens_b = theirs.generate(**reference, max_new_tokens=24, do_sample=False)
+    return (a - b).abs().max().item(), torch.equal(tokens_a, tokens_b)
+
+
+@pytest.fixture(scope="module")
+def llava_next(parts, tmp_path_factory):
+    """A tiny llava-hf LLaVA-NeXT checkpoint: CLIP tower, LLaMA, three grid pinpoints of the tower's 32px tiles."""
+    folder = tmp_path_factory.mktemp("llava-next-hf")
+    tokenizer = save_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.pad_token = tokenizer.unk_token
+    tower = CLIPVisionModel.from_pretrained(parts["clip"])
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=512)
+    config = LlavaNextConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=PINPOINTS,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()  # well away from zero, so a misplaced newline would show in the logits
+    model.save_pretrained(folder)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                              image_grid_pinpoints=PINPOINTS)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                       num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+def compare(ours, ours_processor, theirs, their_processor, pictures, prompt, name):
+    mine = ours_processor(images=pictures, text=prompt, return_tensors="pt")
+    reference = their_processor(images=pictures, text=prompt, return_tensors="pt")
+    assert torch.equal(mine["input_ids"], reference["input_ids"]), name
+    assert torch.equal(mine["image_sizes"], reference["image_sizes"]), name
+    assert torch.allclose(mine["pixel_values"], flat_tiles(reference["pixel_values"], reference["image_sizes"]), atol=1e-6), name
+    difference, same_tokens = parity(ours, theirs, dict(mine), dict(reference))
+    assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+def test_llava_next_hf_to_plugin_matches_transformers(llava_next, tmp_path):
+    assert convert(str(llava_next), str(tmp_path / "ours")) == "llava-hf"
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(llava_next).eval()
+    assert ours.config.image_grid_pinpoints == PINPOINTS and torch.equal(ours.image_newline, theirs.model.image_newline)
+    # Both loaded as a user would: transformers' default backend (torchvision) for theirs, the one recorded for ours.
+    ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_next)
+    assert ours_processor.image_processor.pixel_backend == "torchvision"
+    for name, size in IMAGES.items():
+        compare(ours, ours_processor, theirs, their_processor, [image(size)], PROMPT, name)
+    compare(ours, ours_processor, theirs, their_processor, [image(IMAGES["wide"]), image(IMAGES["tall"], seed=1)], TWO_IMAGES, "two images")
+
+
+@pytest.fixture(scope="module")
+def anyres_checkpoint(parts, tmp_path_factory):
+    torch.manual_seed(1)
+    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=parts["clip"], llm=parts["llm"],
+                                                                           image_grid_pinpoints=PINPOINTS)
+    folder = tmp_path_factory.mktemp("anyres")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_an_anyres_plugin_model_exports_to_llava_next_and_matches(anyres_checkpoint, tmp_path):
+    assert convert(str(anyres_checkpoint), str(tmp_path / "hf"), to="llava-hf") == "llava_plugin"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llava_next" and config["image_grid_pinpoints"] == PINPOINTS and "auto_map" not in config
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(anyres_checkpoint).eval()
+    assert torch.equal(ours.image_newline, theirs.model.image_newline)
+    ours_processor = AutoProcessor.from_pretrained(anyres_checkpoint)
+    # ours resizes with PIL; a saved llava-hf processor cannot name a backend, so theirs is asked for PIL explicitly
+    their_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    for name, size in IMAGES.items():
+        compare(ours, ours_processor, theirs, their_processor, [image(size)], PROMPT, name)
+    compare(ours, ours_processor, theirs, their_processor, [image(IMAGES["square"]), image(IMAGES["odd"], seed=2)], TWO_IMAGES, "two images")
+    # and back again: the round trip gives the same weights
+    assert convert(str(tmp_path / "hf"), str(tmp_path / "back")) == "llava-hf"
+    back = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "back")
+    for key, value in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
