@@ -129,7 +129,8 @@ def to_messages(record: Record, seed: int) -> list[dict]:
 class Encoded:
     input_ids: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,) -100 outside the answers
-    pixel_values: torch.Tensor | None  # (1, 3, H, W)
+    pixel_values: torch.Tensor | None  # (1, 3, H, W); AnyRes: (tiles, 3, H, W)
+    image_sizes: torch.Tensor | None = None  # AnyRes only: (images, 2) original height, width
 
 
 # Stands in for the image when only the token layout is needed (cached vision features): the processor expands
@@ -159,7 +160,8 @@ def encode(record: Record, processor, seed: int, max_length: int, image_folder: 
     if not mask.any():
         raise DataError(f"{record.source} ({record.id}): the answers tokenized to nothing")
     labels = input_ids.masked_fill(~mask, -100)
-    return Encoded(input_ids, labels, out["pixel_values"] if image is not None and load_pixels else None)
+    pixels = image is not None and load_pixels
+    return Encoded(input_ids, labels, out["pixel_values"] if pixels else None, out.get("image_sizes") if pixels else None)
 
 
 __all__ = ["BRIEF_INSTRUCTIONS", "DataError", "Encoded", "ImageLoadError", "Record", "encode", "load_records", "parse_record", "to_messages"]

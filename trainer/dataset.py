@@ -33,7 +33,10 @@ class LlavaDataset(Dataset):
             if self.strict:
                 raise
             return {"id": record.id, "skip": str(error)}
-        return {"id": record.id, "input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": encoded.pixel_values}
+        item = {"id": record.id, "input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": encoded.pixel_values}
+        if encoded.image_sizes is not None:  # AnyRes
+            item["image_sizes"] = encoded.image_sizes
+        return item
 
     def _tokens(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         kept = self.tokens.get(index)

@@ -24,6 +24,7 @@ class TrainSettings:
     image_aspect: str = "pad"
     system_prompt: str | None = None
     image_after_text: bool = False
+    image_grid_pinpoints: str | None = None  # AnyRes canvases "HxW,HxW,..." (see pinpoints())
     # Data
     data: list[str] = dataclasses.field(default_factory=list)
     image_folder: str = "."
@@ -81,7 +82,21 @@ class TrainSettings:
             raise ValueError("--batch-size, --grad-accum and --log-every must be at least 1")
         if self.length_bucket < 1:
             raise ValueError(f"--length-bucket must be at least 1 (token), got {self.length_bucket}")
+        if self.image_grid_pinpoints is not None and self.model:
+            raise ValueError("--image-grid-pinpoints makes a model assembled from --vision/--llm AnyRes; a --model "
+                             "checkpoint keeps the pinpoints it was trained with")
+        self.pinpoints()  # a malformed list fails here, before any model loads
         return self
+
+    def pinpoints(self) -> list[list[int]] | None:
+        """--image-grid-pinpoints "336x672,672x336" -> [[336, 672], [672, 336]] (height x width)."""
+        if self.image_grid_pinpoints is None:
+            return None
+        try:
+            return [[int(v) for v in item.lower().split("x")] for item in self.image_grid_pinpoints.replace(" ", "").split(",")]
+        except ValueError as error:
+            raise ValueError(f"--image-grid-pinpoints must read HEIGHTxWIDTH,HEIGHTxWIDTH,... (e.g. 336x672,672x336), "
+                             f"got {self.image_grid_pinpoints!r}") from error
 
 
 HELP = {
@@ -95,6 +110,8 @@ HELP = {
     "system_prompt": "with --vision/--llm: the chat template's system prompt (default: LLaVA v1's)",
     "image_after_text": "with --vision/--llm: the chat template puts each turn's image after its text, for training and use "
                         "(in a prompt for the next answer, after the newest question)",
+    "image_grid_pinpoints": "with --vision/--llm: AnyRes (LLaVA-NeXT) canvases, HEIGHTxWIDTH,... in multiples of the "
+                            "tower's size (e.g. 336x672,672x336,672x672,1008x336,336x1008)",
     "data": "LLaVA JSON/JSONL files",
     "image_folder": "folder the records' image paths are relative to",
     "max_length": "samples longer than this many tokens are skipped",
