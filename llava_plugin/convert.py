@@ -102,11 +102,11 @@ def pixel_backend_of(image_processor) -> str:
     return "pil" if type(image_processor).__name__.endswith("Pil") else "torchvision"
 
 
-def plugin_processor(tokenizer, config: LlavaPluginConfig, mean, std, **image_settings) -> LlavaPluginProcessor:
+def plugin_processor(tokenizer, config: LlavaPluginConfig, mean, std, chat_template: str | None = None, **image_settings) -> LlavaPluginProcessor:
     image_processor = LlavaPluginImageProcessor(image_aspect=config.image_aspect, image_size=config.vision_config.image_size,
                                                 image_mean=mean, image_std=std, image_grid_pinpoints=config.image_grid_pinpoints,
                                                 **image_settings)
-    return LlavaPluginProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length)
+    return LlavaPluginProcessor(image_processor, tokenizer, image_seq_length=config.image_seq_length, chat_template=chat_template)
 
 
 def write_plugin(folder: Path, config: LlavaPluginConfig, state: dict, processor, generation_config: GenerationConfig | None):
@@ -144,8 +144,9 @@ def from_llava_hf(source: Path, folder: Path):
     )
     tokenizer = prepare_tokenizer(hf_processor.tokenizer, "<image>", getattr(hf.text_config, "max_position_embeddings", None))
     settings = {"pixel_backend": pixel_backend_of(image_processor)}
-    if next_model:
+    if next_model:  # LLaVA-NeXT's LLMs differ (Vicuna, Mistral, Yi): its own template, where it has one, asks as trained
         settings.update({key: _plain(getattr(image_processor, key)) for key in ANYRES_PIXEL_SETTINGS})
+        settings["chat_template"] = hf_processor.chat_template
     processor = plugin_processor(tokenizer, config, image_processor.image_mean, image_processor.image_std, **settings)
     state = rename(model.state_dict(), HF_NEXT_TO_PLUGIN if next_model else HF_TO_PLUGIN)
     write_plugin(folder, config, state, processor, model.generation_config)

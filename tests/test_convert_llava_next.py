@@ -23,6 +23,7 @@ from tiny_components import IMAGE_SIZE, save_tokenizer
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGES = {"wide": (300, 41), "tall": (41, 300), "square": (40, 40), "odd": (45, 31)}  # PIL sizes: (width, height)
 PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
+MISTRAL_LIKE = "{% for m in messages %}{{ '[INST] ' if m['role'] == 'user' }}{{ m['content'] }}{{ ' [/INST]' if m['role'] == 'user' }}{% endfor %}"
 TWO_IMAGES = "USER: <image>\nWhat is here? ASSISTANT: A shape.</s>USER: And here? <image>\nASSISTANT:"
 
 
@@ -65,7 +66,7 @@ def llava_next(parts, tmp_path_factory):
     image_processor = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                               image_grid_pinpoints=PINPOINTS)
     LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                       num_additional_image_tokens=1).save_pretrained(folder)
+                       num_additional_image_tokens=1, chat_template=MISTRAL_LIKE).save_pretrained(folder)
     return folder
 
 
@@ -86,7 +87,7 @@ def test_llava_next_hf_to_plugin_matches_transformers(llava_next, tmp_path):
     assert ours.config.image_grid_pinpoints == PINPOINTS and torch.equal(ours.image_newline, theirs.model.image_newline)
     # Both loaded as a user would: transformers' default backend (torchvision) for theirs, the one recorded for ours.
     ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_next)
-    assert ours_processor.image_processor.pixel_backend == "torchvision"
+    assert ours_processor.image_processor.pixel_backend == "torchvision" and ours_processor.chat_template == MISTRAL_LIKE
     for name, size in IMAGES.items():
         compare(ours, ours_processor, theirs, their_processor, [image(size)], PROMPT, name)
     compare(ours, ours_processor, theirs, their_processor, [image(IMAGES["wide"]), image(IMAGES["tall"], seed=1)], TWO_IMAGES, "two images")
