@@ -23,7 +23,10 @@ from tiny_components import IMAGE_SIZE, save_tokenizer
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGES = {"wide": (300, 41), "tall": (41, 300), "square": (40, 40), "odd": (45, 31)}  # PIL sizes: (width, height)
 PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
-MISTRAL_LIKE = "{% for m in messages %}{{ '[INST] ' if m['role'] == 'user' }}{{ m['content'] }}{{ ' [/INST]' if m['role'] == 'user' }}{% endfor %}"
+MISTRAL_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% endif %}"
+                "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+                "{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+                "{% if m['role'] == 'user' %} [/INST]{% endif %}{% endfor %}")
 TWO_IMAGES = "USER: <image>\nWhat is here? ASSISTANT: A shape.</s>USER: And here? <image>\nASSISTANT:"
 
 
@@ -122,3 +125,18 @@ def test_an_anyres_plugin_model_exports_to_llava_next_and_matches(anyres_checkpo
     back = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "back")
     for key, value in ours.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_the_app_engine_chats_with_a_llava_next_checkpoint_converting_it_on_load(llava_next, tmp_path, monkeypatch):
+    import engine.chat
+
+    monkeypatch.setattr(engine.chat, "CACHE", tmp_path)
+    chat = engine.chat.ChatEngine(str(llava_next), device="cpu")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    picture = image(IMAGES["wide"])
+    answer = list(chat.stream(messages, picture, temperature=0.0, max_new_tokens=6))[-1]
+    theirs = LlavaNextForConditionalGeneration.from_pretrained(llava_next).eval()
+    processor = AutoProcessor.from_pretrained(llava_next)
+    inputs = processor(images=picture, text=processor.apply_chat_template(messages), return_tensors="pt")
+    tokens = theirs.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert answer == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
