@@ -22,7 +22,7 @@ from transformers import (
 from llava_plugin import LlavaPluginForConditionalGeneration
 from llava_plugin.convert import convert
 from llava_plugin.processing_llava_plugin import DEFAULT_SYSTEM
-from tiny_components import IMAGE_SIZE, save_tokenizer
+from tiny_components import IMAGE_SIZE, llava_hf_parts, save_tokenizer
 
 IMAGES = {"square": (40, 40), "odd": (33, 17), "wide": (300, 41)}
 
@@ -44,14 +44,8 @@ def parity(ours, theirs, input_ids, pixel_values):
 def llava_hf(parts, tmp_path_factory):
     """A tiny llava-hf checkpoint: CLIP tower, LLaMA, <image> in the vocabulary, pad-to-square preprocessing."""
     folder = tmp_path_factory.mktemp("llava-hf")
-    tokenizer = save_tokenizer(folder)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.pad_token = tokenizer.unk_token
-    tower = CLIPVisionModel.from_pretrained(parts["clip"])
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(), image_seq_length=16,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    tokenizer, vision, text = llava_hf_parts(folder, parts["clip"])
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     image_processor = LlavaImageProcessorPil(do_pad=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,

@@ -8,8 +8,6 @@ import torch
 from PIL import Image
 from transformers import (
     AutoProcessor,
-    CLIPVisionModel,
-    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
@@ -18,7 +16,7 @@ from transformers import (
 
 from llava_plugin import LlavaPluginForConditionalGeneration, anyres
 from llava_plugin.convert import convert
-from tiny_components import IMAGE_SIZE, save_tokenizer
+from tiny_components import IMAGE_SIZE, llava_hf_parts
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGES = {"wide": (300, 41), "tall": (41, 300), "square": (40, 40), "odd": (45, 31)}  # PIL sizes: (width, height)
@@ -53,13 +51,8 @@ def parity(ours, theirs, mine, reference):
 def llava_next(parts, tmp_path_factory):
     """A tiny llava-hf LLaVA-NeXT checkpoint: CLIP tower, LLaMA, three grid pinpoints of the tower's 32px tiles."""
     folder = tmp_path_factory.mktemp("llava-next-hf")
-    tokenizer = save_tokenizer(folder)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.pad_token = tokenizer.unk_token
-    tower = CLIPVisionModel.from_pretrained(parts["clip"])
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512)
-    config = LlavaNextConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(), image_grid_pinpoints=PINPOINTS,
+    tokenizer, vision, text = llava_hf_parts(folder, parts["clip"], max_position_embeddings=512)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16)
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(config)

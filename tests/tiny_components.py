@@ -42,6 +42,19 @@ def save_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def llava_hf_parts(folder: Path, clip: str, max_position_embeddings: int = 256):
+    """For a tiny llava-hf checkpoint in `folder`: its tokenizer (saved, with <image> and a pad token) and the
+    vision and text config dicts (the tiny CLIP's image half, a 2-layer LLaMA)."""
+    from transformers import CLIPVisionConfig
+
+    tokenizer = save_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.pad_token = tokenizer.unk_token
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
+    return tokenizer, CLIPVisionConfig.from_pretrained(clip).to_dict(), text.to_dict()
+
+
 def save_llm(folder: Path, seed: int = 0) -> Path:
     tokenizer = save_tokenizer(folder)
     torch.manual_seed(seed)

@@ -125,9 +125,10 @@ class LlavaPluginProcessor(ProcessorMixin):
         for index, (row, sample) in enumerate(zip(rows, texts)):
             length = sum(masks[index]) if masks is not None else len(row)  # padding does not count
             if length > context:
+                images, image_tokens = sample.count(self.image_token), list(row).count(self.image_token_id)
                 raise ValueError(
-                    f"prompt {index} is {length} tokens ({sample.count(self.image_token)} images x {self.image_seq_length} "
-                    f"image tokens) but the model's context is {context}; shorten it or pass truncation=True"
+                    f"prompt {index} is {length} tokens ({image_tokens} of them for {images} images) but the model's "
+                    f"context is {context}; shorten it or pass truncation=True"
                 )
 
 def _as_lists(values):
