@@ -2,6 +2,7 @@
 and tiles, the model's packing, and the checks that refuse what cannot work."""
 
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -117,3 +118,19 @@ def test_a_model_without_pinpoints_has_no_newline_weight(assembled):
     model, processor = assembled
     assert model.image_newline is None and "image_newline" not in model.state_dict()
     assert processor.image_processor.image_grid_pinpoints is None
+
+
+def test_an_anyres_checkpoint_loads_and_answers_without_the_package(anyres_model, tmp_path):
+    from test_remote_code import in_process, run_standalone
+
+    model, processor = anyres_model
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert (folder / "anyres.py").read_text() == Path(anyres.__file__).read_text()
+    path = tmp_path / "wide.png"
+    picture(45, 31).save(path)
+    remote = run_standalone(folder, path)
+    logits, tokens = in_process(model, processor, path)
+    assert remote["module"].startswith("transformers_modules.")
+    assert torch.allclose(torch.tensor(remote["logits"]), logits, atol=1e-5) and remote["tokens"] == tokens
