@@ -8,6 +8,8 @@ grid whose padded border is cut off, and each remaining row ends with `image_new
 throughout, as transformers' llava_next writes them. This file ships as remote code (torch and stdlib only).
 """
 
+import math
+
 import torch
 
 
@@ -70,7 +72,7 @@ def pack_image_features(features: torch.Tensor, height: int, width: int, newline
     """(tiles, side*side, D) projected features of one image -> (image_token_count, D): the base tile, then the
     unpadded grid row by row, each row followed by `newline` (D,)."""
     tiles, per_tile, dim = features.shape
-    side = int(round(per_tile ** 0.5))
+    side = math.isqrt(per_tile)
     rows, cols = tile_grid(height, width, pinpoints, tile_size)
     if side * side != per_tile or tiles != rows * cols + 1:
         raise ValueError(f"an image of {height}x{width} needs {rows * cols + 1} tiles of a square patch grid; "

@@ -9,6 +9,7 @@ into place, so a failed conversion leaves nothing behind. Not shipped as remote 
 """
 
 import argparse
+import ast
 import json
 import shutil
 import sys
@@ -175,14 +176,18 @@ def from_original(source: Path, folder: Path, vision_tower: str | None):
     tower_name = vision_tower or raw["mm_vision_tower"]
     tower, vision_config, mean, std = load_hf_tower(tower_name, dtype=None)
     projector = raw.get("mm_projector_type", "linear")
-    text_config = LlamaConfig(**{key: value for key, value in raw.items() if not key.startswith(("mm_", "architectures", "model_type", "auto_map"))})
+    pinpoints = original_pinpoints(raw, source)
+    text_config = LlamaConfig(**{key: value for key, value in raw.items()
+                                 if not key.startswith(("mm_", "architectures", "model_type", "auto_map", "image_grid_pinpoints"))})
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer = prepare_tokenizer(tokenizer, "<image>", text_config.max_position_embeddings)
     state = {}
     for key, value in read_original_weights(source).items():
         if key.startswith("model.vision_tower."):
             continue  # the tower comes from mm_vision_tower (or --vision-tower)
-        if key.startswith("model.mm_projector."):
+        if key == "model.image_newline" and pinpoints is not None:  # v1.6 (spatial_unpad)
+            state["image_newline"] = value
+        elif key.startswith("model.mm_projector."):
             index = key[len("model.mm_projector."):]
             state["projector." + (index if index[0].isdigit() else "0." + index)] = value
         elif key.startswith("model."):
@@ -198,10 +203,30 @@ def from_original(source: Path, folder: Path, vision_tower: str | None):
         vision_config=vision_config, text_config=text_config, projector_type=projector,
         vision_feature_layer=raw.get("mm_vision_select_layer", -2), vision_feature_select=raw.get("mm_vision_select_feature", "patch"),
         image_aspect="pad" if raw.get("image_aspect_ratio") == "pad" else "crop",
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,
     )
     generation = GenerationConfig.from_pretrained(source) if (source / "generation_config.json").exists() else None
     write_plugin(folder, config, state, plugin_processor(tokenizer, config, mean, std), generation)
+
+
+def original_pinpoints(raw: dict, source: Path) -> list[list[int]] | None:
+    """The original v1.6 (LLaVA-NeXT) layout: `image_aspect_ratio` "anyres" with `mm_patch_merge_type`
+    "spatial_unpad" and `image_grid_pinpoints` as (width, height) pairs, a list or its Python text; ours are
+    (height, width). None for v1/v1.5 checkpoints. Its PIL resizing is what our default "pil" backend reproduces."""
+    if raw.get("image_aspect_ratio") != "anyres":
+        return None
+    merge = raw.get("mm_patch_merge_type", "flat")
+    if merge != "spatial_unpad":
+        raise ValueError(f"{source}: anyres with mm_patch_merge_type {merge!r}; only 'spatial_unpad' (LLaVA-NeXT's) is supported")
+    pinpoints = raw.get("image_grid_pinpoints")
+    if isinstance(pinpoints, str):
+        try:
+            pinpoints = ast.literal_eval(pinpoints)
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"{source}: image_grid_pinpoints {pinpoints!r} is not a list of (width, height) pairs") from error
+    if not isinstance(pinpoints, (list, tuple)) or not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in pinpoints):
+        raise ValueError(f"{source}: image_grid_pinpoints {pinpoints!r} is not a list of (width, height) pairs")
+    return [[int(height), int(width)] for width, height in pinpoints]
 
 
 def grow_vocabulary(state: dict, size: int):

@@ -12,8 +12,7 @@ from transformers import AutoProcessor, LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from llava_plugin import LlavaPluginConfig, LlavaPluginForConditionalGeneration
-from llava_plugin import anyres
+from llava_plugin import LlavaPluginConfig, LlavaPluginForConditionalGeneration, anyres
 
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # the tiny CLIP's 32px tiles

@@ -6,8 +6,11 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny_components import IMAGE_SIZE, llava_hf_parts, original_as_llava_hf, save_original_llava
 from transformers import (
     AutoProcessor,
+    CLIPVisionModel,
+    LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
@@ -16,7 +19,6 @@ from transformers import (
 
 from llava_plugin import LlavaPluginForConditionalGeneration, anyres
 from llava_plugin.convert import convert
-from tiny_components import IMAGE_SIZE, llava_hf_parts
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGES = {"wide": (300, 41), "tall": (41, 300), "square": (40, 40), "odd": (45, 31)}  # PIL sizes: (width, height)
@@ -133,3 +135,49 @@ def test_the_app_engine_chats_with_a_llava_next_checkpoint_converting_it_on_load
     inputs = processor(images=picture, text=processor.apply_chat_template(messages), return_tensors="pt")
     tokens = theirs.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert answer == processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def original_next(parts, tmp_path_factory):
+    """The original v1.6 layout: LlavaLlamaForCausalLM with anyres / spatial_unpad, its pinpoints as (width, height)
+    (one tall canvas, so a swap would show), `model.image_newline`, .bin weights, no tower inside."""
+    folder = tmp_path_factory.mktemp("original-next")
+    state = save_original_llava(folder, seed=4, max_position_embeddings=512, extra_weights={"model.image_newline": torch.randn(32)},
+                                image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                                image_grid_pinpoints="[(32, 64), (64, 64)]")
+    return folder, state
+
+
+def test_the_original_v16_layout_converts_to_the_llava_next_mapping_of_its_weights(original_next, parts, tmp_path):
+    folder, state = original_next
+    assert convert(str(folder), str(tmp_path / "ours"), vision_tower=parts["clip"]) == "original"
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "ours")
+    assert ours.config.image_grid_pinpoints == [[64, 32], [64, 64]] and processor.image_processor.pixel_backend == "pil"
+    # The original tiles a 41x300 (tall) image on its (width 32, height 64) canvas: one column of two tiles.
+    assert anyres.tile_grid(300, 41, ours.config.image_grid_pinpoints, IMAGE_SIZE) == (2, 1)
+    # The same weights in transformers' LLaVA-NeXT, the vocabulary grown by <image> as the converter does.
+    tower = CLIPVisionModel.from_pretrained(parts["clip"])
+    mapped = original_as_llava_hf(state, tower.state_dict())
+    text = LlamaConfig(**{**ours.config.text_config.to_dict(), "vocab_size": mapped["lm_head.weight"].shape[0]})
+    reference = LlavaNextForConditionalGeneration(LlavaNextConfig(
+        vision_config=tower.config.to_dict(), text_config=text.to_dict(), image_token_index=processor.image_token_id,
+        image_grid_pinpoints=[[64, 32], [64, 64]])).eval()
+    missing, unexpected = reference.load_state_dict(mapped, strict=False)
+    assert not missing and not unexpected
+    for name, size in IMAGES.items():
+        inputs = processor(images=image(size), text=PROMPT, return_tensors="pt")
+        difference, same_tokens = parity(ours, reference, dict(inputs), dict(inputs))
+        assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+def test_an_original_anyres_layout_without_unpadding_is_refused(original_next, parts, tmp_path):
+    folder, _ = original_next
+    odd = tmp_path / "flat"
+    odd.mkdir()
+    for path in folder.iterdir():
+        (odd / path.name).write_bytes(path.read_bytes())
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "mm_patch_merge_type": "spatial"}))
+    with pytest.raises(ValueError, match="mm_patch_merge_type 'spatial'; only 'spatial_unpad'"):
+        convert(str(odd), str(tmp_path / "out"), vision_tower=parts["clip"])

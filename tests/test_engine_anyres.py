@@ -4,10 +4,10 @@ later turns reuse cache and features yet answer as a full recompute and as trans
 import pytest
 import torch
 from PIL import Image
+from tiny_components import user_turn
 
 from engine import ChatEngine
 from llava_plugin import LlavaPluginForConditionalGeneration
-from tiny_components import user_turn
 
 WIDE = Image.effect_noise((45, 31), 60).convert("RGB")
 

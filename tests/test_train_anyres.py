@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoProcessor
-
 from test_train_run import train
 from tiny_components import save_tiny_world
+from transformers import AutoProcessor
+
 from trainer.batching import Collator
 from trainer.data import encode, load_records
 
