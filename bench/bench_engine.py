@@ -3,7 +3,9 @@ transformers' LlavaForConditionalGeneration.generate on the same weights, side b
 
 A 336px/14 tower (576 image tokens) and a LLaMA-style LM, random weights, made on the spot; greedy decoding. Each
 engine configuration in turn: the default (on CUDA: static slots with CUDA graphs) and the eager DynamicCache path.
-python bench/bench_engine.py [--size small|7b] [--repeats 5]
+--anyres: LLaVA-NeXT's five grid pinpoints and a 672x672 image (2,928 image tokens: five tiles of 576 and 48 row
+ends), against transformers' LlavaNextForConditionalGeneration.
+python bench/bench_engine.py [--size small|7b] [--repeats 5] [--anyres]
 """
 
 import argparse
@@ -30,7 +32,10 @@ SIZES = {
 }
 
 
-def build(folder: Path, size: str, device: str):
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build(folder: Path, size: str, device: str, pinpoints=None):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from llava_plugin import LlavaPluginForConditionalGeneration
@@ -43,7 +48,8 @@ def build(folder: Path, size: str, device: str):
                                      eos_token_id=tokenizer.eos_token_id, **SIZES[size]["lm"])).to(dtype).save_pretrained(folder / "llm")
         CLIPVisionModel(CLIPVisionConfig(image_size=336, patch_size=14, **SIZES[size]["tower"])).to(dtype).save_pretrained(folder / "clip")
     CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}).save_pretrained(folder / "clip")
-    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=str(folder / "clip"), llm=str(folder / "llm"), dtype=dtype)
+    model, processor = LlavaPluginForConditionalGeneration.from_components(vision=str(folder / "clip"), llm=str(folder / "llm"), dtype=dtype,
+                                                                           image_grid_pinpoints=pinpoints)
     model.save_pretrained(folder / "ours")
     processor.save_pretrained(folder / "ours")
 
@@ -85,21 +91,23 @@ def main():
     parser.add_argument("--size", choices=SIZES, default="small")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--anyres", action="store_true", help="an AnyRes (LLaVA-NeXT) model and a 672x672 image")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from engine import ChatEngine
     from llava_plugin.convert import convert
 
     answer = ("There are two shapes in the image: a red circle at the top left and a blue square at the bottom "
               "right, both on a white background, and the circle is the larger of the two.")
-    image = Image.effect_noise((500, 375), 50).convert("RGB")
+    image = Image.effect_noise((672, 672) if args.anyres else (500, 375), 50).convert("RGB")
+    reference = LlavaNextForConditionalGeneration if args.anyres else LlavaForConditionalGeneration
     first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
-        build(folder, args.size, device)
+        build(folder, args.size, device, LLAVA_NEXT_PINPOINTS if args.anyres else None)
         engine = ChatEngine(str(folder / "ours"), device=device)
         slots = engine.slots
         rows = {}  # engine configuration -> (TTFT reuse, TTFT full, decode tokens/s)
@@ -112,7 +120,7 @@ def main():
         engine.slots = slots
 
         convert(str(folder / "ours"), str(folder / "hf"), to="llava-hf")
-        hf = LlavaForConditionalGeneration.from_pretrained(folder / "hf").to(device).eval()
+        hf = reference.from_pretrained(folder / "hf").to(device).eval()
         processor = AutoProcessor.from_pretrained(folder / "hf")
         inputs = processor(images=image, text=processor.apply_chat_template(first, add_generation_prompt=True), return_tensors="pt").to(device)
         hf_rates = []
@@ -125,8 +133,9 @@ def main():
                 hf.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
                 hf_rates.append((args.new_tokens - 1) / (time.perf_counter() - start - first_token))
         hf_rate = statistics.median(hf_rates[1:])
+    image_tokens = int((engine.processor(images=image, text="<image>", return_tensors="pt")["input_ids"][0] == engine.processor.image_token_id).sum())
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, size {args.size}, "
-          f"turn-5 prompt {prompt_tokens} tokens (576 image), medians of {args.repeats} after one warm-up")
+          f"turn-5 prompt {prompt_tokens} tokens ({image_tokens} image), medians of {args.repeats} after one warm-up")
     fastest_full = min(full for _, full, _ in rows.values())
     for name, (reuse, full, rate) in rows.items():
         print(f"{name}: TTFT turn 5 reuse {reuse * 1000:.1f} ms, full recompute {full * 1000:.1f} ms (ratio {reuse / full:.3f}); "
@@ -134,7 +143,7 @@ def main():
     best = next(iter(rows))
     print(f"TTFT ratio, engine default reuse / fastest full recompute: {rows[best][0] * 1000:.1f} / {fastest_full * 1000:.1f} ms = "
           f"{rows[best][0] / fastest_full:.3f}")
-    print(f"decode tokens/s: engine default {rows[best][2]:.1f}, transformers LlavaForConditionalGeneration.generate {hf_rate:.1f}: "
+    print(f"decode tokens/s: engine default {rows[best][2]:.1f}, transformers {reference.__name__}.generate {hf_rate:.1f}: "
           f"ratio {rows[best][2] / hf_rate:.2f}")
 
 

@@ -130,6 +130,8 @@ class ChatEngine:
             raise ChatError(str(error)) from error
         ids = ids.to(self.device)
         extra = self._reuse(session, ids[0], pixel_values, max_new_tokens, evict)
+        if extra and self.model.config.image_grid_pinpoints is not None:  # AnyRes: the tiles are laid out by the image's size
+            extra["image_sizes"] = torch.tensor([[image.height, image.width]], device=self.device)
         keep = session.cached_tokens
         generation = self.model.generation_config
         stop_ids = {generation.eos_token_id} if isinstance(generation.eos_token_id, int) else set(generation.eos_token_id or [])
@@ -165,7 +167,10 @@ class ChatEngine:
             return inputs["input_ids"], inputs["pixel_values"]
         ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
         at = int((ids[0] == self.processor.image_token_id).nonzero()[0])
-        ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, self.processor.image_seq_length), ids[:, at + 1:]], dim=1)
+        count = self.processor.image_seq_length
+        if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is not None:  # AnyRes: by the image's size
+            count = self.processor.anyres_token_count(image.height, image.width)
+        ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
         context = self.processor.tokenizer.model_max_length
         if ids.shape[1] > context:
             raise ValueError(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")

@@ -8,6 +8,8 @@ import re
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .anyres import check_pinpoints
+
 PROJECTOR_PATTERN = re.compile(r"^(linear|mlp(\d+)x_gelu)$")
 FEATURE_SELECTS = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize", "crop")
@@ -87,6 +89,8 @@ class LlavaPluginConfig(PreTrainedConfig):
     vision_feature_select: str = "patch"
     image_aspect: str = "pad"
     image_token_id: int | None = None
+    # LLaVA-NeXT AnyRes: [[height, width], ...] canvases an image may be tiled at (see anyres.py); None: one tile.
+    image_grid_pinpoints: list | None = None
 
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, dict) and self.vision_config.get("model_type") == OpenClipVisionConfig.model_type:
@@ -108,6 +112,13 @@ class LlavaPluginConfig(PreTrainedConfig):
         for layer in chosen:
             if not -(layers + 1) <= layer <= layers:
                 raise ValueError(f"vision_feature_layer {layer} is out of range for a tower with {layers} layers")
+        if self.image_grid_pinpoints is not None:
+            self._check_anyres()
+
+    def _check_anyres(self):
+        self.image_grid_pinpoints = check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
+        if self.vision_feature_select != "patch":
+            raise ValueError("image_grid_pinpoints (AnyRes) lays patch features out as a grid: vision_feature_select must be 'patch'")
 
     @property
     def projector_depth(self) -> int:
@@ -130,7 +141,7 @@ class LlavaPluginConfig(PreTrainedConfig):
 
     @property
     def image_seq_length(self) -> int:
-        """Image tokens per image: the tower's patches, plus CLS when it is kept."""
+        """Image tokens per image (per tile with AnyRes): the tower's patches, plus CLS when it is kept."""
         return self.num_patches + int(self.vision_feature_select == "cls_patch")
 
 

@@ -11,7 +11,6 @@ from transformers import (
     AutoProcessor,
     CLIPVisionModel,
     LlamaConfig,
-    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaImageProcessorPil,
@@ -22,7 +21,7 @@ from transformers import (
 from llava_plugin import LlavaPluginForConditionalGeneration
 from llava_plugin.convert import convert
 from llava_plugin.processing_llava_plugin import DEFAULT_SYSTEM
-from tiny_components import IMAGE_SIZE, save_tokenizer
+from tiny_components import IMAGE_SIZE, llava_hf_parts, original_as_llava_hf, save_original_llava
 
 IMAGES = {"square": (40, 40), "odd": (33, 17), "wide": (300, 41)}
 
@@ -44,14 +43,8 @@ def parity(ours, theirs, input_ids, pixel_values):
 def llava_hf(parts, tmp_path_factory):
     """A tiny llava-hf checkpoint: CLIP tower, LLaMA, <image> in the vocabulary, pad-to-square preprocessing."""
     folder = tmp_path_factory.mktemp("llava-hf")
-    tokenizer = save_tokenizer(folder)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.pad_token = tokenizer.unk_token
-    tower = CLIPVisionModel.from_pretrained(parts["clip"])
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256)
-    config = LlavaConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(), image_seq_length=16,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    tokenizer, vision, text = llava_hf_parts(folder, parts["clip"])
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     image_processor = LlavaImageProcessorPil(do_pad=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
@@ -65,9 +58,10 @@ def test_llava_hf_to_plugin_matches_transformers(llava_hf, tmp_path):
     assert convert(str(llava_hf), str(tmp_path / "ours")) == "llava-hf"
     ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
     theirs = LlavaForConditionalGeneration.from_pretrained(llava_hf).eval()
-    ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_hf, backend="pil")
-    assert ours_processor.image_processor.image_aspect == "pad"
-    for name, size in IMAGES.items():
+    # transformers' default backend (torchvision), which the conversion records, so the pixels are the ones it makes
+    ours_processor, their_processor = AutoProcessor.from_pretrained(tmp_path / "ours"), AutoProcessor.from_pretrained(llava_hf)
+    assert ours_processor.image_processor.image_aspect == "pad" and ours_processor.image_processor.pixel_backend == "torchvision"
+    for name, size in {**IMAGES, "45x31": (45, 31)}.items():
         picture = image(size)
         mine = ours_processor(images=picture, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
         reference = their_processor(images=picture, text="USER: <image>\nWhat is it? ASSISTANT:", return_tensors="pt")
@@ -75,6 +69,20 @@ def test_llava_hf_to_plugin_matches_transformers(llava_hf, tmp_path):
         assert torch.allclose(mine["pixel_values"], reference["pixel_values"], atol=1e-6), name
         difference, same_tokens = parity(ours, theirs, mine["input_ids"], mine["pixel_values"])
         assert difference < 1e-4 and same_tokens, (name, difference)
+
+
+def test_two_images_in_two_turns_match_transformers_llava(llava_hf, tmp_path):
+    convert(str(llava_hf), str(tmp_path / "ours"))
+    ours = LlavaPluginForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    theirs = LlavaForConditionalGeneration.from_pretrained(llava_hf).eval()
+    prompt = "USER: <image>\nWhat is it? ASSISTANT: A shape.</s>USER: And this one? <image>\nASSISTANT:"
+    pictures = [image(IMAGES["wide"]), image((45, 31))]
+    mine = AutoProcessor.from_pretrained(tmp_path / "ours")(images=pictures, text=prompt, return_tensors="pt")
+    reference = AutoProcessor.from_pretrained(llava_hf)(images=pictures, text=prompt, return_tensors="pt")
+    assert torch.equal(mine["input_ids"], reference["input_ids"]) and mine["pixel_values"].shape[0] == 2
+    assert torch.allclose(mine["pixel_values"], reference["pixel_values"], atol=1e-6)
+    difference, same_tokens = parity(ours, theirs, mine["input_ids"], mine["pixel_values"])
+    assert difference < 1e-4 and same_tokens, difference
 
 
 def test_plugin_to_llava_hf_loads_without_remote_code_and_matches(saved_checkpoint, assembled, tmp_path):
@@ -100,22 +108,7 @@ def test_plugin_to_llava_hf_loads_without_remote_code_and_matches(saved_checkpoi
 def original(parts, tmp_path_factory):
     """An original LLaVA-1.5 layout: LlavaLlamaForCausalLM config with mm_* keys, .bin weights, no tower inside."""
     folder = tmp_path_factory.mktemp("original")
-    tokenizer = save_tokenizer(folder)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(3)
-    llama = LlamaForCausalLM(text)
-    state = {key: value for key, value in llama.state_dict().items()}
-    state.update({"model.mm_projector.0.weight": torch.randn(32, 24) * 0.1, "model.mm_projector.0.bias": torch.randn(32) * 0.1,
-                  "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.2.bias": torch.randn(32) * 0.1})
-    torch.save(state, folder / "pytorch_model.bin")
-    config = {**text.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-              "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": 24, "mm_projector_type": "mlp2x_gelu",
-              "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-              "mm_use_im_start_end": False}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder, state
+    return folder, save_original_llava(folder, seed=3)
 
 
 def test_original_to_plugin_matches_the_published_llava_hf_mapping(original, parts, tmp_path):
@@ -126,18 +119,10 @@ def test_original_to_plugin_matches_the_published_llava_hf_mapping(original, par
     image_token = processor.image_token_id
     # The llava-hf conversion of the same weights, by the published key mapping, the vocabulary grown by <image>.
     tower = CLIPVisionModel.from_pretrained(parts["clip"])
-    embed = torch.cat([state["model.embed_tokens.weight"], state["model.embed_tokens.weight"].mean(0, keepdim=True)])
-    head = torch.cat([state["lm_head.weight"], state["lm_head.weight"].mean(0, keepdim=True)])
-    text = LlamaConfig(**{**ours.config.text_config.to_dict(), "vocab_size": embed.shape[0]})
+    mapped = original_as_llava_hf(state, tower.state_dict())
+    text = LlamaConfig(**{**ours.config.text_config.to_dict(), "vocab_size": mapped["lm_head.weight"].shape[0]})
     reference = LlavaForConditionalGeneration(LlavaConfig(vision_config=tower.config.to_dict(), text_config=text.to_dict(),
                                                           image_token_index=image_token, image_seq_length=16)).eval()
-    mapped = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
-        for kind in ("weight", "bias"):
-            mapped[f"model.multi_modal_projector.{linear}.{kind}"] = state[f"model.mm_projector.{index}.{kind}"]
-    mapped.update({"model.language_model." + k[len("model."):]: v for k, v in state.items()
-                   if k.startswith("model.") and not k.startswith("model.mm_projector")})
-    mapped.update({"model.language_model.embed_tokens.weight": embed, "lm_head.weight": head})
     missing, unexpected = reference.load_state_dict(mapped, strict=False)
     assert not unexpected and not missing
     prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],

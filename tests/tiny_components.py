@@ -42,6 +42,57 @@ def save_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def llava_hf_parts(folder: Path, clip: str, max_position_embeddings: int = 256):
+    """For a tiny llava-hf checkpoint in `folder`: its tokenizer (saved, with <image> and a pad token) and the
+    vision and text config dicts (the tiny CLIP's image half, a 2-layer LLaMA)."""
+    from transformers import CLIPVisionConfig
+
+    tokenizer = save_tokenizer(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.pad_token = tokenizer.unk_token
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
+    return tokenizer, CLIPVisionConfig.from_pretrained(clip).to_dict(), text.to_dict()
+
+
+def save_original_llava(folder: Path, seed: int, max_position_embeddings: int = 256, extra_weights: dict | None = None,
+                        **config) -> dict:
+    """An original LLaVA layout (LlavaLlamaForCausalLM, mm_* keys, .bin weights, no tower inside, CLIP-24 features
+    into a 32-wide LLaMA); `config` adds or overrides keys. Returns the saved weights."""
+    tokenizer = save_tokenizer(folder)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    state = dict(LlamaForCausalLM(text).state_dict())
+    state.update({"model.mm_projector.0.weight": torch.randn(32, 24) * 0.1, "model.mm_projector.0.bias": torch.randn(32) * 0.1,
+                  "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1, "model.mm_projector.2.bias": torch.randn(32) * 0.1,
+                  **(extra_weights or {})})
+    torch.save(state, folder / "pytorch_model.bin")
+    settings = {**text.to_dict(), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
+                "mm_vision_tower": "openai/clip-vit-large-patch14-336", "mm_hidden_size": 24, "mm_projector_type": "mlp2x_gelu",
+                "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+                "mm_use_im_start_end": False, **config}
+    (folder / "config.json").write_text(json.dumps(settings))
+    return state
+
+
+def original_as_llava_hf(state: dict, tower_state: dict) -> dict:
+    """The published llava-hf key mapping of original LLaVA weights, the vocabulary grown by one row (<image>) with
+    the mean of the others, as llava-convert does."""
+    mapped = {f"model.vision_tower.{key}": value for key, value in tower_state.items()}
+    for index, linear in (("0", "linear_1"), ("2", "linear_2")):
+        for kind in ("weight", "bias"):
+            mapped[f"model.multi_modal_projector.{linear}.{kind}"] = state[f"model.mm_projector.{index}.{kind}"]
+    mapped.update({"model.language_model." + key[len("model."):]: value for key, value in state.items()
+                   if key.startswith("model.") and not key.startswith(("model.mm_projector", "model.image_newline"))})
+    for key, target in (("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")):
+        mapped[target] = torch.cat([state[key], state[key].mean(0, keepdim=True)])
+    if "model.image_newline" in state:
+        mapped["model.image_newline"] = state["model.image_newline"]
+    return mapped
+
+
 def save_llm(folder: Path, seed: int = 0) -> Path:
     tokenizer = save_tokenizer(folder)
     torch.manual_seed(seed)

@@ -84,7 +84,10 @@ class Collator:
         batch.update(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
         pixels = [item["pixel_values"] for item in good if item.get("pixel_values") is not None]
         if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+            batch["pixel_values"] = torch.cat(pixels)  # AnyRes: every image's tiles, flat; image_sizes tells them apart
+        sizes = [item["image_sizes"] for item in good if item.get("image_sizes") is not None]
+        if sizes:
+            batch["image_sizes"] = torch.cat(sizes)
         features = [item["vision_features"] for item in good if item.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.cat(features)

@@ -183,7 +183,8 @@ def to_messages(record: Record, seed: int, placement: str = "front") -> list[dic
 class Encoded:
     input_ids: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,) -100 outside the answers
-    pixel_values: torch.Tensor | None  # (images, 3, H, W)
+    pixel_values: torch.Tensor | None  # (images, 3, H, W); AnyRes: (all images' tiles, 3, H, W)
+    image_sizes: torch.Tensor | None = None  # AnyRes only: (images, 2) original height, width
 
 
 # Stands in for the image when only the token layout is needed (cached vision features): the processor expands
@@ -221,7 +222,8 @@ def encode(record: Record, processor, seed: int, max_length: int, image_folder: 
     if not mask.any():
         raise DataError(f"{record.source} ({record.id}): the answers tokenized to nothing")
     labels = input_ids.masked_fill(~mask, -100)
-    return Encoded(input_ids, labels, out["pixel_values"] if images and load_pixels else None)
+    pixels = bool(images) and load_pixels
+    return Encoded(input_ids, labels, out["pixel_values"] if pixels else None, out.get("image_sizes") if pixels else None)
 
 
 __all__ = ["BRIEF_INSTRUCTIONS", "DataError", "EmbeddedImage", "Encoded", "ImageLoadError", "PLACEMENTS", "Record", "TEMPLATES",

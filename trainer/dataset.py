@@ -45,7 +45,10 @@ class LlavaDataset(Dataset):
                 raise
             reason = str(error) if str(error).startswith(record.source) else f"{record.source} ({record.id}): {error}"
             return {"id": record.id, "skip": reason}
-        return {"id": record.id, "input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": encoded.pixel_values}
+        item = {"id": record.id, "input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": encoded.pixel_values}
+        if encoded.image_sizes is not None:  # AnyRes
+            item["image_sizes"] = encoded.image_sizes
+        return item
 
     def _tokens(self, index: int, record) -> tuple[torch.Tensor, torch.Tensor]:
         kept = self.tokens.get(index)

@@ -40,10 +40,14 @@ def build_model(settings: TrainSettings):
         vision=settings.vision, llm=settings.llm, projector=settings.projector,
         vision_feature_layer=settings.vision_feature_layer, image_aspect=settings.image_aspect,
         system_prompt=settings.system_prompt, image_after_text=settings.image_after_text,
+        image_grid_pinpoints=settings.pinpoints(),
     )
 
 
 def prepare_feature_cache(settings, accelerator, model, processor, records) -> FeatureCache:
+    if model.config.image_grid_pinpoints is not None:
+        raise ValueError("--cache-vision-features is not supported for AnyRes models (image_grid_pinpoints) yet: "
+                         "their token layout depends on each image's size, which the cache does not keep")
     cache = FeatureCache(settings.cache_vision_features, cache_key(model, processor))
     images = unique_images(records)
     model.to(accelerator.device)

@@ -29,6 +29,7 @@ class TrainSettings:
     image_aspect: str = "pad"
     system_prompt: str | None = None
     image_after_text: bool = False
+    image_grid_pinpoints: str | None = None  # AnyRes canvases "HxW,HxW,..." (see pinpoints())
     # Data
     data: list[str] = dataclasses.field(default_factory=list)
     image_folder: str = "."
@@ -104,10 +105,24 @@ class TrainSettings:
             if not any(importlib.util.find_spec(package) for package in TRACKERS[tracker]):
                 raise ValueError(f"--report-to {tracker} needs the {TRACKERS[tracker][0]} package, which is not installed: "
                                  f"pip install {TRACKERS[tracker][0]}")
+        if self.image_grid_pinpoints is not None and self.model:
+            raise ValueError("--image-grid-pinpoints makes a model assembled from --vision/--llm AnyRes; a --model "
+                             "checkpoint keeps the pinpoints it was trained with")
+        self.pinpoints()  # a malformed list fails here, before any model loads
         return self
 
     def trackers(self) -> list[str]:
         return [name.strip() for name in (self.report_to or "").split(",") if name.strip()]
+
+    def pinpoints(self) -> list[list[int]] | None:
+        """--image-grid-pinpoints "336x672,672x336" -> [[336, 672], [672, 336]] (height x width)."""
+        if self.image_grid_pinpoints is None:
+            return None
+        try:
+            return [[int(v) for v in item.lower().split("x")] for item in self.image_grid_pinpoints.replace(" ", "").split(",")]
+        except ValueError as error:
+            raise ValueError(f"--image-grid-pinpoints must read HEIGHTxWIDTH,HEIGHTxWIDTH,... (e.g. 336x672,672x336), "
+                             f"got {self.image_grid_pinpoints!r}") from error
 
 
 HELP = {
@@ -121,6 +136,8 @@ HELP = {
     "system_prompt": "with --vision/--llm: the chat template's system prompt (default: LLaVA v1's)",
     "image_after_text": "with --vision/--llm: the chat template puts each turn's image after its text, for training and use "
                         "(in a prompt for the next answer, after the newest question)",
+    "image_grid_pinpoints": "with --vision/--llm: AnyRes (LLaVA-NeXT) canvases, HEIGHTxWIDTH,... in multiples of the "
+                            "tower's size (e.g. 336x672,672x336,672x672,1008x336,336x1008)",
     "data": "LLaVA JSON/JSONL files, parquet files (a file, folder or glob), datasets folders (save_to_disk) or hub ids "
             "(owner/name[:split]), with columns id, image (path, bytes or a list), conversations",
     "template": "chat: the model's chat template; plain: LLaVA's stage-1 format (image, caption, newline; the caption is learned)",

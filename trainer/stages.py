@@ -39,13 +39,17 @@ def freeze(model, stage: int, lora: bool = False) -> dict[str, int]:
             parameter.requires_grad_("lora_" in name)
     model.vision_tower.eval()  # frozen: no dropout, no batch statistics
     counts = {part: sum(p.numel() for p in getattr(model, part).parameters() if p.requires_grad) for part in TRAINABLE[stage]}
+    if getattr(model, "image_newline", None) is not None:  # AnyRes: the row-end embedding is new, like W; it trains with W
+        model.image_newline.requires_grad_(TRAINABLE[stage]["projector"])
+        counts["image_newline"] = model.image_newline.numel() if model.image_newline.requires_grad else 0
     logger.info("stage %d%s trains %s", stage, " (LoRA)" if lora else "", ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     return counts
 
 
 def parameter_groups(model: nn.Module, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
-    projector = [p for p in model.projector.parameters() if p.requires_grad]
-    others = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("projector.")]
+    mine = ("projector.", "image_newline")  # W and (AnyRes) its row-end embedding, at the projector's rate
+    projector = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith(mine)]
+    others = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith(mine)]
     groups = [{"params": projector, "lr": projector_lr or lr, "weight_decay": weight_decay}]
     if others:
         groups.append({"params": others, "lr": lr, "weight_decay": weight_decay})

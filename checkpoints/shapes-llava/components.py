@@ -108,11 +108,13 @@ def assemble(
     dtype: torch.dtype | None = None,
     system_prompt: str | None = None,
     image_after_text: bool = False,
+    image_grid_pinpoints: list | None = None,
     **hub_kwargs,
 ):
     """Loads both towers, adds the image token, builds W fresh; returns (model, processor). `system_prompt` replaces
     LLaVA v1's default system prompt in the processor's chat template; `image_after_text` makes that template render
-    each turn's image after its text (`llava_v1_chat_template`)."""
+    each turn's image after its text (`llava_v1_chat_template`). `image_grid_pinpoints` makes it an AnyRes
+    (LLaVA-NeXT) model, [[height, width], ...] in multiples of the tower's size, with a fresh `image_newline`."""
     if vision.startswith(OPEN_CLIP_PREFIX):
         tower, vision_config, mean, std = load_open_clip_tower(vision, dtype)
     else:
@@ -135,6 +137,7 @@ def assemble(
         image_aspect=image_aspect,
         image_token_id=tokenizer.convert_tokens_to_ids(image_token),
         dtype=dtype,
+        image_grid_pinpoints=image_grid_pinpoints,
     )
     config._attn_implementation = attention  # the composite's init resets its parts' choice: restore what each loaded with
     model = model_class(config, vision_tower=tower, language_model=language_model)
@@ -145,7 +148,8 @@ def assemble(
     # The image token is an input marker, never an output.
     model.generation_config.suppress_tokens = [config.image_token_id]
     image_processor = LlavaPluginImageProcessor(
-        image_aspect=image_aspect, image_size=vision_config.image_size, image_mean=mean, image_std=std
+        image_aspect=image_aspect, image_size=vision_config.image_size, image_mean=mean, image_std=std,
+        image_grid_pinpoints=image_grid_pinpoints,
     )
     template = None
     if system_prompt is not None or image_after_text:

@@ -10,6 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import torch_compilable_check
 from transformers.utils.deprecation import deprecate_kwarg
 
+from . import anyres
 from .configuration_llava_plugin import LlavaPluginConfig
 from .vision_tower import OpenClipVisionTower, build_vision_tower, tower_hidden_state
 
@@ -60,6 +61,8 @@ class LlavaPluginPreTrainedModel(PreTrainedModel):
         tower = getattr(self, "vision_tower", None)
         if isinstance(tower, OpenClipVisionTower) and module is tower.visual:
             tower.init_bare_parameters()
+        if getattr(module, "image_newline", None) is not None:  # AnyRes: as llava_next draws it
+            init.normal_(module.image_newline, mean=0.0, std=self.config.text_config.hidden_size ** -0.5)
 
     @torch.no_grad()
     @init.guard_torch_init_functions()
@@ -90,6 +93,9 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         vision_width = config.vision_config.hidden_size * len(config.feature_layers)  # several layers: side by side
         self.projector = LlavaPluginProjector(vision_width, config.text_config.hidden_size, config.projector_depth)
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        # AnyRes only: the embedding that ends each row of an image's tile grid (see anyres.py).
+        anyres_model = config.image_grid_pinpoints is not None
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if anyres_model else None
         self.post_init()
         # The towers' lists name classes of models they belong to (CLIP's names its text embeddings): keep the ones
         # present, since FSDP's wrapping policy refuses a class it cannot find.
@@ -115,10 +121,13 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
     def set_output_embeddings(self, value: nn.Module):
         self.language_model.set_output_embeddings(value)
 
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_vision_features(self, pixel_values: torch.Tensor, image_sizes=None) -> torch.Tensor:
         """(num_images, 3, H, W) -> the tower's selected hidden states (num_images, image_seq_length, vision hidden x
-        feature layers): what W consumes. The tower is frozen in both stages, so these can be computed once and cached."""
+        feature layers): what W consumes. The tower is frozen in both stages, so these can be computed once and cached.
+        AnyRes: tiles in, one row per tile out; llava-hf's padded (images, max_tiles, 3, H, W) needs image_sizes."""
         size = self.config.vision_config.image_size
+        if self.config.image_grid_pinpoints is not None and pixel_values.dim() == 5:
+            pixel_values = anyres.split_tiles(pixel_values, image_sizes, self.config.image_grid_pinpoints, size)
         if tuple(pixel_values.shape[-2:]) != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the tower takes {size}px squares: use the processor")
         tower_dtype = next(self.vision_tower.parameters()).dtype
@@ -130,17 +139,25 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
             hidden = hidden[:, 1:]  # drop CLS
         return hidden
 
-    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = True) -> BaseModelOutputWithPooling | tuple:
+    def get_image_features(self, pixel_values: torch.Tensor, return_dict: bool = True, image_sizes=None
+                           ) -> BaseModelOutputWithPooling | tuple:
         """(num_images, 3, H, W) -> as transformers' vision-language models return it: `pooler_output` the image
-        tokens' embeddings (num_images, image_seq_length, text hidden size), `last_hidden_state` the tower's
-        selected hidden states W consumed. `generate` calls this once, before the prefill (`mm_encoder_outputs`)."""
-        vision_features = self.get_vision_features(pixel_values)
-        out = BaseModelOutputWithPooling(last_hidden_state=vision_features, pooler_output=self.project_vision_features(vision_features))
+        tokens' embeddings (num_images, image_seq_length, text hidden size; AnyRes: (all images' tokens, text hidden
+        size), each image's tiles packed by anyres.pack_all), `last_hidden_state` the tower's selected hidden states W
+        consumed. `generate` calls this once, before the prefill (`mm_encoder_outputs`)."""
+        vision_features = self.get_vision_features(pixel_values, image_sizes)
+        out = BaseModelOutputWithPooling(last_hidden_state=vision_features,
+                                         pooler_output=self.project_vision_features(vision_features, image_sizes))
         return out if return_dict else out.to_tuple()
 
-    def project_vision_features(self, vision_features: torch.Tensor) -> torch.Tensor:
-        """W: the tower's selected hidden states (see get_vision_features) -> (num_images, image_seq_length, text hidden)."""
-        return self.projector(vision_features.to(self.projector[0].weight.dtype))
+    def project_vision_features(self, vision_features: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        """W: the tower's selected hidden states (see get_vision_features) -> (num_images, image_seq_length, text
+        hidden); AnyRes models pack each image's tiles with its row ends (image_sizes needed)."""
+        features = self.projector(vision_features.to(self.projector[0].weight.dtype))
+        if self.config.image_grid_pinpoints is None:
+            return features
+        pinpoints, tile_size = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        return anyres.pack_all(features, image_sizes, self.image_newline, pinpoints, tile_size)
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, image_features) -> torch.Tensor:
         """Writes the features, in order, over the embeddings of the image tokens. `image_features`: (num_images,
@@ -157,7 +174,7 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.device, inputs_embeds.dtype))
 
-    def select_image_features(self, pixel_values, vision_features, mm_encoder_outputs, inputs_embeds=None):
+    def select_image_features(self, pixel_values, vision_features, mm_encoder_outputs, inputs_embeds=None, image_sizes=None):
         """The image tokens' embeddings from whichever image input was given, or None for a text-only forward."""
         encoded = (mm_encoder_outputs or {}).get("image")
         given = [name for name, value in (("pixel_values", pixel_values), ("vision_features", vision_features),
@@ -169,9 +186,9 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         if encoded is not None:
             return encoded.pooler_output
         if pixel_values is not None:
-            return self.get_image_features(pixel_values).pooler_output
+            return self.get_image_features(pixel_values, image_sizes=image_sizes).pooler_output
         if vision_features is not None:
-            return self.project_vision_features(vision_features)
+            return self.project_vision_features(vision_features, image_sizes)
         return None
 
     def check_image_tokens_have_features(self, input_ids: torch.Tensor, cache: Cache | None):
@@ -219,14 +236,16 @@ class LlavaPluginForConditionalGeneration(LlavaPluginPreTrainedModel, Generation
         logits_to_keep: int | torch.Tensor = 0,
         vision_features: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        image_sizes: torch.Tensor | None = None,
         **kwargs,
     ):
         """Labels follow transformers: -100 is ignored, the shift happens inside the language model's loss.
         One image input at most: `pixel_values`, `vision_features` (the tower's cached output, see
-        get_vision_features) or `mm_encoder_outputs` (get_image_features' output under "image", as generate passes it)."""
+        get_vision_features) or `mm_encoder_outputs` (get_image_features' output under "image", as generate passes it).
+        `image_sizes` ((num_images, 2) original height, width) is needed by AnyRes models only."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        image_features = self.select_image_features(pixel_values, vision_features, mm_encoder_outputs, inputs_embeds)
+        image_features = self.select_image_features(pixel_values, vision_features, mm_encoder_outputs, inputs_embeds, image_sizes)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
             if image_features is not None:  # the prefill

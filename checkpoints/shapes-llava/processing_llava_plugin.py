@@ -7,9 +7,11 @@ This file ships as remote code.
 """
 
 import json
+import math
 
 from transformers import ProcessorMixin
 
+from .anyres import image_token_count
 from .image_processing_llava_plugin import LlavaPluginImageProcessor  # noqa: F401  (AutoProcessor resolves it by name)
 
 DEFAULT_SYSTEM = (
@@ -114,7 +116,18 @@ class LlavaPluginProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or LLAVA_V1_CHAT_TEMPLATE)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * self.image_seq_length
+        pinpoints = getattr(self.image_processor, "image_grid_pinpoints", None)
+        if pinpoints is None:
+            return self.image_token * self.image_seq_length
+        return self.image_token * self.anyres_token_count(*image_inputs["image_sizes"][image_idx])
+
+    def anyres_token_count(self, height: int, width: int) -> int:
+        """AnyRes: image tokens for an image of this original size (image_seq_length is one tile's patches)."""
+        side = math.isqrt(self.image_seq_length)
+        if side * side != self.image_seq_length:
+            raise ValueError(f"AnyRes needs a square patch grid per tile; image_seq_length is {self.image_seq_length}")
+        processor = self.image_processor
+        return image_token_count(int(height), int(width), processor.image_grid_pinpoints, processor.image_size, side)
 
     def get_text_with_replacements(self, text, images_replacements=(), *args, **kwargs):
         """With `split_text_at_images`, each image that text follows gets the prefix that makes that text tokenize
@@ -160,9 +173,10 @@ class LlavaPluginProcessor(ProcessorMixin):
         for index, (row, sample) in enumerate(zip(rows, texts)):
             length = sum(masks[index]) if masks is not None else len(row)  # padding does not count
             if length > context:
+                images, image_tokens = sample.count(self.image_token), list(row).count(self.image_token_id)
                 raise ValueError(
-                    f"prompt {index} is {length} tokens ({sample.count(self.image_token)} images x {self.image_seq_length} "
-                    f"image tokens) but the model's context is {context}; shorten it or pass truncation=True"
+                    f"prompt {index} is {length} tokens ({image_tokens} of them for {images} images) but the model's "
+                    f"context is {context}; shorten it or pass truncation=True"
                 )
 
 def _as_lists(values):
