@@ -1,4 +1,4 @@
-"""llava-convert: checkpoints in, checkpoints out, with the weights untouched.
+"""Checkpoints in, checkpoints out, with the weights untouched (the `llava-convert` command is trainer/convert_cli.py).
 
     llava-convert SRC DST                    llava-hf (LLaVA or LLaVA-NeXT) or original LLaVA  ->  llava_plugin
     llava-convert SRC DST --to llava-hf      llava_plugin  ->  llava-hf (transformers' LlavaForConditionalGeneration, or
@@ -8,11 +8,9 @@ SRC is a folder or a hub id; the format is read from its config. DST is written 
 into place, so a failed conversion leaves nothing behind. Not shipped as remote code: nothing in the model imports it.
 """
 
-import argparse
 import ast
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -323,23 +321,3 @@ def convert(source: str, destination: str, to: str = "llava_plugin", vision_towe
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return found
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llava-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", metavar="SRC", help="checkpoint folder or hub id (llava-hf, original LLaVA or llava_plugin)")
-    parser.add_argument("destination", metavar="DST", help="new folder to write")
-    parser.add_argument("--to", choices=("llava_plugin", "llava-hf"), default="llava_plugin", help="output format (default: %(default)s)")
-    parser.add_argument("--vision-tower", help="original LLaVA only: the tower to use instead of the config's mm_vision_tower")
-    args = parser.parse_args(argv)
-    try:
-        found = convert(args.source, args.destination, args.to, args.vision_tower)
-    except (OSError, ValueError) as error:
-        print(f"llava-convert: {error}", file=sys.stderr)
-        return 2
-    print(f"converted {args.source} ({found}) -> {args.destination} ({args.to})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

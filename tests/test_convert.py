@@ -174,7 +174,7 @@ def test_a_failed_conversion_leaves_nothing_behind(original, tmp_path):
 
 
 def test_command_documents_itself():
-    result = subprocess.run([sys.executable, "-m", "llava_plugin.convert", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "trainer.convert_cli", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--to {llava_plugin,llava-hf}" in result.stdout and "--vision-tower" in result.stdout
 
 
