@@ -11,7 +11,8 @@ from tiny_components import save_tiny_world
 from transformers import AutoProcessor
 
 from trainer.batching import Collator
-from trainer.data import encode, load_records
+from trainer.data import encode
+from trainer.sources import load_records
 
 PINPOINTS = "32x64,64x32,64x64"
 
@@ -38,7 +39,7 @@ def test_a_batch_holds_samples_of_different_image_token_counts(stage1, world):
     output, _ = stage1
     processor = AutoProcessor.from_pretrained(output)
     records = load_records([str(world / "captions.json")], 0)
-    items = [encode(record, processor, 0, 512, str(world / "images")) for record in records[:4]]
+    items = [encode(record, processor, 0, 512, str(world / "images")) for record in (records[index] for index in range(4))]
     counts = {int((item.input_ids == processor.image_token_id).sum()) for item in items}
     assert len(counts) > 1  # the world's images differ in aspect, so in tokens
     batch = Collator(processor.tokenizer.pad_token_id)([{"id": str(i), "input_ids": item.input_ids, "labels": item.labels,
