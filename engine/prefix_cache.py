@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from .sessions import Session
 
 
-@dataclass
+@dataclass(eq=False)  # entries are compared by identity (their tensors have no truth value)
 class _Entry:
     image_key: str | None
     tokens: torch.Tensor  # (T,) ids whose keys and values are in `layers`

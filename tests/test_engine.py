@@ -83,7 +83,7 @@ def three_turns(engine, session: str) -> tuple[list[int], int, str]:
 
 
 def test_later_turns_prefill_only_the_new_tokens_and_match_a_full_recompute(saved_checkpoint):
-    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", prefix_cache_tokens=0)  # one-off answers recompute all
     first_prefills, tower_runs, prompt = three_turns(engine, "alice")
     full_prompt = engine.processor(images=IMAGE, text=prompt)
     assert first_prefills[0] > 16 and max(first_prefills[1:]) < len(full_prompt["input_ids"][0]) // 2
@@ -98,7 +98,7 @@ def test_a_template_that_moves_the_image_to_the_newest_question_still_reuses_the
     folder = tmp_path / "image-after-text"
     shutil.copytree(saved_checkpoint, folder)
     (folder / "chat_template.jinja").write_text(llava_v1_chat_template("Shapes.", image_after_text=True))
-    engine = ChatEngine(str(folder), device="cpu", static_slots=static_slots)
+    engine = ChatEngine(str(folder), device="cpu", static_slots=static_slots, prefix_cache_tokens=0)
     first_prefills, tower_runs, prompt = three_turns(engine, "dora")
     assert prompt.endswith("And then 1?\n<image> ASSISTANT:")
     full_prompt = engine.processor(images=IMAGE, text=prompt)
@@ -145,9 +145,10 @@ def test_a_reader_that_stops_early_stops_decoding_and_keeps_the_cache(saved_chec
         stream = engine.stream([user_turn("What is in the picture?")], IMAGE, temperature=0.0, max_new_tokens=50, session_id="dan")
         next(stream)
         stream.close()  # what Gradio does on Stop
-        steps = len(prefills)
+        steps = len(prefills)  # the scheduler may have decoded a few tokens ahead of the reader, no more
         session = engine.sessions.get("dan")
-        assert steps == 1 and session.cache is not None and session.cached_tokens == session.cache.get_seq_length()
+        assert steps < 50 and session.cache is not None and session.cached_tokens == session.cache.get_seq_length()
+        assert len(prefills) == steps  # closed: nothing decodes for it any more
         prefills.clear()
         answer(engine, [user_turn("What is in the picture?")], session="dan")
         assert prefills[0] == 1  # the stopped turn's prompt was reused
@@ -183,8 +184,11 @@ def test_static_slots_answer_as_the_dynamic_cache_does_with_padded_steps(saved_c
     assert isinstance(engine.sessions.get("alice").cache, StaticSlot) and len(engine.slots) == 1
     assert set(prefills[1:]) <= set(BUCKETS) and prefills.count(1) > 10  # every step after the image prefill is padded
     assert len(tower) == 1
-    assert answer(engine, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # a one-off answer, own slot
-    assert len(engine.slots) == 2 and engine.slots.acquire(Session(), evict=False) is not None  # and freed it
+    assert answer(engine, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # one-off: the prefix cache's
+    assert len(engine.slots) == 1 and len(engine.prefixes) == 1  # DynamicCache, batched, not a slot
+    no_prefixes = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=1, prefix_cache_tokens=0)
+    assert answer(no_prefixes, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # a one-off answer, own slot
+    assert len(no_prefixes.slots) == 1 and no_prefixes.slots.acquire(Session(), evict=False) is not None  # and freed it
 
 
 def test_more_sessions_than_slots_take_turns_and_still_answer_the_same(saved_checkpoint, dynamic_replies):
