@@ -149,6 +149,7 @@ class Scheduler:
         self._batch = DecodeBatch(model)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self.peak_batch = 0  # the most rows one decode step ever had (tests and benchmarks read it)
 
     def submit(self, sequence: Sequence) -> Sequence:
         with self._wake:
@@ -190,7 +191,7 @@ class Scheduler:
                 for sequence in arrivals:
                     self._prefill(sequence)
                 self._decode()
-            except BaseException as error:  # a bug of ours: fail what is running, keep serving the next ones
+            except Exception as error:  # a bug of ours: fail what is running, keep serving the next ones
                 for sequence in [*self._alone, *arrivals]:
                     if not sequence.done.is_set():
                         sequence.finish(error)
@@ -244,6 +245,7 @@ class Scheduler:
         self._leave([index for index, row in enumerate(batch.rows) if row.cancelled])
         if not batch.rows:
             return
+        self.peak_batch = max(self.peak_batch, len(batch.rows))
         try:
             logits = batch.step()
         except Exception as error:
