@@ -1,7 +1,7 @@
 """llava-serve under load: aggregate completion tokens/s with 1, 4, 8 and 16 concurrent streams, against the same
 requests one at a time (1 stream) in the same run, and time to first token (p50/p95) under each load.
 
-python bench/bench_serve.py [--model checkpoints/shapes-llava] [--requests 32] [--max-tokens 64]
+python bench/bench_serve.py [--model checkpoints/shapes-llava] [--requests 32] [--max-tokens 64] [--rounds 3]
 
 The server runs in its own process (as in production: the client's threads do not share its interpreter), on a
 free loopback port, and is stopped at the end. Each load level gets its own system prompt, so no level finds the
@@ -53,13 +53,19 @@ def one(client, model: str, messages, max_tokens: int) -> tuple[float, int]:
     return first if first is not None else time.perf_counter() - start, tokens
 
 
-def load(client, model: str, streams: int, batch: list, max_tokens: int) -> dict:
+def load(client, model: str, streams: int, batch: list, max_tokens: int) -> tuple[float, int, list[float]]:
+    """(wall seconds, completion tokens, TTFTs) of `batch` sent over `streams` concurrent streams."""
     start = time.perf_counter()
     with ThreadPoolExecutor(streams) as pool:
         results = list(pool.map(lambda messages: one(client, model, messages, max_tokens), batch))
-    wall = time.perf_counter() - start
-    ttfts = sorted(ttft for ttft, _ in results)
-    tokens = sum(count for _, count in results)
+    return time.perf_counter() - start, sum(count for _, count in results), [ttft for ttft, _ in results]
+
+
+def summary(streams: int, runs: list[tuple[float, int, list[float]]]) -> dict:
+    """The median round's throughput (the CPU is shared: rounds vary), TTFT percentiles over every round."""
+    walls = sorted(runs)
+    wall, tokens, _ = walls[len(walls) // 2]
+    ttfts = sorted(ttft for _, _, round_ttfts in runs for ttft in round_ttfts)
     return {"streams": streams, "tokens": tokens, "wall": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
 
@@ -70,6 +76,7 @@ def main():
     parser.add_argument("--requests", type=int, default=32, help="requests per load level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.server", "--model", args.model, "--port", str(port)],
@@ -88,12 +95,17 @@ def main():
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         load(client, model, 4, requests(8, "warm-up"), args.max_tokens)
-        rows = [load(client, model, streams, requests(args.requests, f"level {streams}"), args.max_tokens) for streams in args.levels]
+        runs = {streams: [] for streams in args.levels}
+        for round_ in range(args.rounds):  # the levels interleaved, so that a busy minute does not favour one
+            for streams in args.levels:
+                runs[streams].append(load(client, model, streams, requests(args.requests, f"round {round_}, {streams} streams"), args.max_tokens))
+        rows = [summary(streams, runs[streams]) for streams in args.levels]
     finally:
         server.terminate()
         server.wait(30)
     base = rows[0]["tokens_per_s"]
-    print(f"{args.requests} greedy streamed requests per level, at most {args.max_tokens} tokens each, model {Path(args.model).name}")
+    print(f"{args.requests} greedy streamed requests per level and round, at most {args.max_tokens} tokens each, "
+          f"model {Path(args.model).name}, median of {args.rounds} rounds")
     print("| streams | completion tokens | wall s | tokens/s | x one at a time | TTFT p50 ms | TTFT p95 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:

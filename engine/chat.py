@@ -191,12 +191,12 @@ class ChatEngine:
         holdback = max((len(word) for word in stop), default=1) - 1  # what could be the start of a stop string
         try:
             with closing(self.scheduler.tokens(sequence)) as stream:
-                for token in stream:
-                    tokens.append(token)
-                    text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                    cut = min((text.find(word) for word in stop if word in text), default=-1)
-                    if cut >= 0:
-                        text, finish = text[:cut].rstrip(), "stop"
+                for arrived in stream:
+                    tokens += arrived
+                    text = self._text(tokens)
+                    if any(word in text for word in stop):
+                        tokens, text = self._until_stop(tokens, len(tokens) - len(arrived), stop)
+                        finish = "stop"
                         break
                     shown = text[: len(text) - holdback].rstrip("\ufffd")  # not half a character, not half a stop
                     yield Progress(shown, completion_tokens=len(tokens), **counts)
@@ -213,6 +213,19 @@ class ChatEngine:
                 if self.prefixes is not None:
                     self.prefixes.store(session)
                 session.drop_cache()  # frees its slot at once
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def _until_stop(self, tokens: list[int], known: int, stop: tuple[str, ...]) -> tuple[list[int], str]:
+        """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
+        that text cut before it."""
+        for count in range(known + 1, len(tokens) + 1):
+            text = self._text(tokens[:count])
+            cuts = [text.find(word) for word in stop if word in text]
+            if cuts:
+                return tokens[:count], text[: min(cuts)].rstrip()
+        raise AssertionError("the stop string was in the whole text")
 
     def _inputs(self, prompt: str, image, have_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's token ids, and the image's pixels unless its features are already computed. Then only the

@@ -68,30 +68,72 @@ class Sequence:
 
 
 class DecodeBatch:
-    """The sequences decoding together and their keys and values, left-padded into one DynamicCache."""
+    """The sequences decoding together and their keys and values in one DynamicCache. Row i's tokens are the
+    columns where mask[i] is 1, in order; the others are padding (left of everything, and, after a batched prefill,
+    between a row's cached prefix and the tokens it prefilled)."""
 
     def __init__(self, model):
         self.model, self.config = model, model.config.get_text_config()
         self.rows: list[Sequence] = []
         self.cache = self.mask = self.lengths = None  # mask (B, L): 1 on real tokens; lengths (B,): real tokens per row
+        self.padded = False
 
-    def add(self, sequence: Sequence):
-        layers = [(layer.keys, layer.values) for layer in sequence.cache.layers]
-        length = sequence.cache.get_seq_length()
-        ones = torch.ones((1, length), dtype=torch.long, device=layers[0][0].device)
-        if not self.rows:
-            self.cache = DynamicCache(ddp_cache_data=layers, config=self.config)
-            self.mask, self.lengths = ones, torch.tensor([length], device=ones.device)
+    @classmethod
+    def prefill(cls, model, sequences: list[Sequence]) -> tuple["DecodeBatch", torch.Tensor]:
+        """Feeds every sequence's pending tokens after its cached prefix in one forward: row i is [padding][prefix i]
+        [padding][pending i], so that every row's last token is in the last column. Returns the batch the sequences
+        now form and the logits (B, vocab) after each one's last token."""
+        batch, device = cls(model), sequences[0].pending.device
+        prefixes = [sequence.cache.get_seq_length() for sequence in sequences]
+        pending = [sequence.pending.shape[1] for sequence in sequences]
+        width, new = max(prefixes), max(pending)
+        shaped = next((sequence.cache for sequence in sequences if sequence.cache.get_seq_length()), None)
+        if shaped is None:  # nothing cached in any row
+            cache = DynamicCache(config=batch.config)
         else:
-            width = max(self.mask.shape[1], length)
-            merged = [(torch.cat([pad_left(layer.keys, width), pad_left(keys, width)]),
-                       torch.cat([pad_left(layer.values, width), pad_left(values, width)]))
-                      for layer, (keys, values) in zip(self.cache.layers, layers)]
-            self.cache = DynamicCache(ddp_cache_data=merged, config=self.config)
-            self.mask = torch.cat([pad_left(self.mask, width), pad_left(ones, width)])
-            self.lengths = torch.cat([self.lengths, self.lengths.new_tensor([length])])
-        self.rows.append(sequence)
-        sequence.cache = None  # its keys and values live in the batch until it leaves
+            def tensor(sequence, layer, name):
+                if sequence.cache.get_seq_length():
+                    return getattr(sequence.cache.layers[layer], name)
+                like = getattr(shaped.layers[layer], name)
+                return like.new_zeros((1, like.shape[1], 0, like.shape[3]))
+
+            cache = DynamicCache(config=batch.config, ddp_cache_data=[
+                tuple(torch.cat([pad_left(tensor(sequence, layer, name), width) for sequence in sequences]) for name in ("keys", "values"))
+                for layer in range(len(shaped.layers))])
+        ids = torch.zeros((len(sequences), new), dtype=torch.long, device=device)  # 0 is never the image token
+        mask = torch.zeros((len(sequences), width + new), dtype=torch.long, device=device)
+        positions = torch.zeros((len(sequences), new), dtype=torch.long, device=device)
+        for row, (sequence, prefix, count) in enumerate(zip(sequences, prefixes, pending)):
+            ids[row, new - count:] = sequence.pending[0]
+            mask[row, width - prefix: width] = 1
+            mask[row, width + new - count:] = 1
+            positions[row] = prefix + torch.arange(new, device=device) - (new - count)
+        positions.clamp_(min=0)  # the padding's positions: any, it is masked out
+        # the images' features in row order, as merge_image_features fills the image tokens row after row
+        features = [sequence.image_inputs["vision_features"] for sequence in sequences if sequence.image_inputs]
+        extra = {"vision_features": torch.cat(features)} if features else {}
+        batch.padded = bool((mask == 0).any())
+        logits = model(input_ids=ids, cache=cache, attention_mask=mask if batch.padded else None, position_ids=positions,
+                       use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+        batch.rows, batch.cache, batch.mask = list(sequences), cache, mask
+        batch.lengths = torch.tensor([prefix + count for prefix, count in zip(prefixes, pending)], device=device)
+        for sequence in sequences:
+            sequence.cache, sequence.image_inputs = None, {}  # its keys and values live in the batch until it leaves
+        return batch, logits
+
+    def join(self, other: "DecodeBatch"):
+        """Takes in the rows of `other`, both sides left-padded to the longer one."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.lengths, self.padded = other.rows, other.cache, other.mask, other.lengths, other.padded
+            return
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.cache = DynamicCache(config=self.config, ddp_cache_data=[
+            (torch.cat([pad_left(mine.keys, width), pad_left(theirs.keys, width)]),
+             torch.cat([pad_left(mine.values, width), pad_left(theirs.values, width)]))
+            for mine, theirs in zip(self.cache.layers, other.cache.layers)])
+        self.mask = torch.cat([pad_left(self.mask, width), pad_left(other.mask, width)])
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.rows = self.rows + other.rows
         self.padded = bool((self.mask == 0).any())
 
     def step(self) -> torch.Tensor:
@@ -106,19 +148,17 @@ class DecodeBatch:
 
     def remove(self, leaving: list[int]):
         """Takes rows out; each leaving sequence gets its own cache back, unpadded (a copy: the batch moves on)."""
-        width = self.mask.shape[1]
         for index in leaving:
-            length = int(self.lengths[index])
+            columns = self.mask[index].nonzero()[:, 0]
             self.rows[index].cache = DynamicCache(config=self.config, ddp_cache_data=[
-                (layer.keys[index: index + 1, :, width - length:].clone(), layer.values[index: index + 1, :, width - length:].clone())
-                for layer in self.cache.layers])
+                (layer.keys[index: index + 1, :, columns], layer.values[index: index + 1, :, columns]) for layer in self.cache.layers])
         staying = [index for index in range(len(self.rows)) if index not in set(leaving)]
         self.rows = [self.rows[index] for index in staying]
         if not self.rows:
             self.cache = self.mask = self.lengths = None
             return
         rows = torch.tensor(staying, device=self.mask.device)
-        start = width - int(self.lengths[rows].max())  # columns that are padding in every row left are dropped
+        start = int(self.mask[rows].any(dim=0).nonzero()[0])  # columns that are padding in every row left are dropped
         self.cache = DynamicCache(config=self.config, ddp_cache_data=[
             (layer.keys[rows, :, start:], layer.values[rows, :, start:]) for layer in self.cache.layers])
         self.mask, self.lengths = self.mask[rows, start:], self.lengths[rows]
@@ -162,12 +202,20 @@ class Scheduler:
             self._wake.notify()
         return sequence
 
-    def tokens(self, sequence: Sequence) -> Iterator[int]:
-        """The sequence's tokens as they come. Closing this early cancels the sequence and returns once the
-        scheduler has let go of it (its cache is then final)."""
+    def tokens(self, sequence: Sequence) -> Iterator[list[int]]:
+        """The sequence's tokens as they come, in lists: all that arrived since the last read (a busy reader, or a
+        busy CPU, then decodes and sends text once for several tokens). Closing this early cancels the sequence and
+        returns once the scheduler has let go of it (its cache is then final)."""
         try:
-            while (item := sequence.out.get()) is not END:
-                yield item
+            ended = False
+            while not ended:
+                tokens = [sequence.out.get()]
+                while not sequence.out.empty():
+                    tokens.append(sequence.out.get())
+                if ended := tokens[-1] is END:
+                    tokens.pop()
+                if tokens:
+                    yield tokens
             if sequence.error is not None:
                 raise sequence.error
         finally:
@@ -189,7 +237,9 @@ class Scheduler:
                 arrivals = self._admit()
             try:
                 for sequence in arrivals:
-                    self._prefill(sequence)
+                    if sequence.cancelled:  # its reader left while it waited
+                        sequence.finish()
+                self._prefill([sequence for sequence in arrivals if not sequence.done.is_set()])
                 self._decode()
             except Exception as error:  # a bug of ours: fail what is running, keep serving the next ones
                 for sequence in [*self._alone, *arrivals]:
@@ -207,24 +257,33 @@ class Scheduler:
         return arrivals
 
     @torch.no_grad()
-    def _prefill(self, sequence: Sequence):
-        if sequence.cancelled:
-            return sequence.finish()
-        try:
-            if isinstance(sequence.cache, StaticSlot):
+    def _prefill(self, arrivals: list[Sequence]):
+        """Slot sequences one by one through their slots; all others in one batched forward, then into the batch."""
+        for sequence in [sequence for sequence in arrivals if isinstance(sequence.cache, StaticSlot)]:
+            try:
                 logits = sequence.cache.forward(sequence.pending, sequence.image_inputs)
+            except Exception as error:
+                sequence.finish(error)
+                continue
+            sequence.image_inputs = {}  # the image entered the cache with the prompt
+            if sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress)[0]):
+                sequence.finish()
             else:
-                logits = self.model(input_ids=sequence.pending, cache=sequence.cache, use_cache=True, logits_to_keep=1,
-                                    **sequence.image_inputs).logits[:, -1]
+                self._alone.append(sequence)
+        batched = [sequence for sequence in arrivals if not isinstance(sequence.cache, StaticSlot)]
+        if not batched:
+            return
+        try:
+            joining, logits = DecodeBatch.prefill(self.model, batched)
         except Exception as error:
-            return sequence.finish(error)
-        sequence.image_inputs = {}  # the image entered the cache with the prompt
-        if sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress)[0]):
-            return sequence.finish()
-        if isinstance(sequence.cache, StaticSlot):
-            self._alone.append(sequence)
-        else:
-            self._batch.add(sequence)
+            for sequence in batched:
+                sequence.finish(error)
+            return
+        tokens = next_tokens(logits, [sequence.sampling for sequence in batched], [sequence.generator for sequence in batched],
+                             self.suppress)
+        offset = len(self._batch.rows)
+        self._batch.join(joining)
+        self._leave([offset + row for row, (sequence, token) in enumerate(zip(batched, tokens)) if sequence.emit(token)])
 
     @torch.no_grad()
     def _decode(self):
