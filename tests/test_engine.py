@@ -302,3 +302,25 @@ def test_concurrent_users_with_fewer_slots_than_users_answer_as_alone(saved_chec
     engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=2)
     concurrent_users_answer_as_alone(engine)
     assert len(engine.slots) == 2
+
+
+def test_one_off_answers_reuse_earlier_prefixes_within_a_bound(saved_checkpoint):
+    """Without a session (an API client sending the whole conversation), a follow-up finds the first answer's cache
+    by prefix and the image's features by hash; the prefix cache stays under its token bound however many come."""
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", prefix_cache_tokens=200)
+    reference = ChatEngine(str(saved_checkpoint), device="cpu", prefix_cache_tokens=0)
+    first = [user_turn("What is in the picture?")]
+    follow_up = first + [{"role": "assistant", "content": answer(engine, first)}, {"role": "user", "content": "Why?"}]
+    prefills, tower, hooks = record_calls(engine)
+    try:
+        assert answer(engine, follow_up) == answer(reference, follow_up)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    full = engine.processor(images=IMAGE, text=engine.processor.apply_chat_template(follow_up, add_generation_prompt=True))
+    assert prefills[0] < len(full["input_ids"][0]) // 2 and tower == []
+    for user in range(6):
+        image = Image.new("RGB", (40, 30), (40 * user, 100, 90))
+        assert answer(engine, [user_turn(f"Question {user}?")], image=image) == answer(reference, [user_turn(f"Question {user}?")], image=image)
+        assert engine.prefixes.cached_tokens <= 200
+    assert len(engine.prefixes) >= 1
