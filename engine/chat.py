@@ -80,10 +80,11 @@ class ChatEngine:
 
     def __init__(self, model_path: str, device: str | None = None, max_sessions: int = 64, max_cached_tokens: int = 65_536,
                  static_slots: int | None = None, slot_tokens: int = 2048, prefix_cache_tokens: int = 65_536,
-                 max_batch: int = 32, max_waiting: int = 256):
+                 max_batch: int = 32, max_waiting: int = 256, dtype: str | torch.dtype = "auto"):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_path = resolve_checkpoint(model_path)
-        self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(self.device).eval()
+        # "auto": the checkpoint's dtype
+        self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         self.sessions = SessionStore(max_sessions, max_cached_tokens)
         text_config = self.model.config.get_text_config()

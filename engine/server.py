@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (auto: the checkpoint's; float16 is slow on most CPUs)")
     parser.add_argument("--allowed-local-media-path", type=Path,
                         help="allow file:// image URLs inside this folder (nothing outside it, links resolved)")
     parser.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (size and time limited)")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.allowed_local_media_path and not args.allowed_local_media_path.is_dir():
         parser.error(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
-    engine = ChatEngine(args.model, device=args.device)
+    engine = ChatEngine(args.model, device=args.device, dtype=args.dtype)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes)
     app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent)
