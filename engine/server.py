@@ -34,6 +34,9 @@ from .scheduler import QueueFull
 log = logging.getLogger("llava-serve")
 MAX_BODY_BYTES = 30_000_000  # a 20 MB image, base64-encoded, and its conversation
 MAX_COMPLETION_TOKENS = 4096
+# A stream's chunks at least this far apart (the tokens of the pause go together): on a busy CPU, a chunk per token
+# per stream costs the scheduler's thread its time; 50 updates a second still read as smooth streaming.
+STREAM_INTERVAL = 0.02
 
 
 def error_response(error: APIError) -> JSONResponse:
@@ -41,8 +44,10 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy = MediaPolicy(), api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, max_concurrent: int = 64) -> FastAPI:
-    """The API over `engine`. More than `max_concurrent` requests at once are answered 503."""
+               max_body_bytes: int = MAX_BODY_BYTES, max_concurrent: int = 64, stream_interval: float = STREAM_INTERVAL) -> FastAPI:
+    """The API over `engine`. More than `max_concurrent` requests at once are answered 503. A stream sends at most
+    one chunk per `stream_interval` seconds (the tokens of the pause go together): fewer chunks to encode and send
+    when the CPU is busy."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         # each request's blocking reads of the engine take a worker thread: allow one per admitted request
@@ -106,15 +111,12 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy = MediaP
         completion = Completion(model_name)
         if not chat.stream:
             try:
-                progress = first
-                while progress.finish_reason is None:
-                    progress = await run_in_threadpool(advance, answer)
-                return completion.whole(progress)
+                return completion.whole(first if first.finish_reason else await run_in_threadpool(last, answer))
             finally:
                 state["active"] -= 1
                 await close(answer)
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return StreamingResponse(events(answer, first, completion, usage, state), media_type="text/event-stream")
+        return StreamingResponse(events(answer, first, completion, usage, state, stream_interval), media_type="text/event-stream")
 
     return app
 
@@ -129,12 +131,19 @@ def advance(answer):
         raise APIError(503, str(error), code="queue_full", kind="server_error") from None
 
 
+def last(answer):
+    """The final Progress, read to the end in one worker thread's call."""
+    while (progress := advance(answer)).finish_reason is None:
+        pass
+    return progress
+
+
 async def close(answer):
     with anyio.CancelScope(shield=True):  # also when the client went away: the engine must let go of the sequence
         await run_in_threadpool(answer.close)
 
 
-async def events(answer, progress, completion: Completion, with_usage: bool, state: dict):
+async def events(answer, progress, completion: Completion, with_usage: bool, state: dict, interval: float):
     """Server-sent events: the role, the text as it grows, the finish reason, the usage if asked, then [DONE]."""
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -148,6 +157,8 @@ async def events(answer, progress, completion: Completion, with_usage: bool, sta
                 sent = progress.text
             if progress.finish_reason is not None:
                 break
+            if interval:
+                await anyio.sleep(interval)
             progress = await run_in_threadpool(advance, answer)
         yield sse(completion.chunk({}, progress.finish_reason, with_usage=with_usage))
         if with_usage:
@@ -212,6 +223,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--max-image-bytes", type=int, default=MediaPolicy.max_bytes)
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     parser.add_argument("--max-concurrent", type=int, default=64, help="requests at once; more are answered 503")
+    parser.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL,
+                        help="seconds between a stream's chunks at least (0: a chunk per token as soon as it comes)")
     parser.add_argument("--api-key", default=os.environ.get("LLAVA_SERVE_API_KEY"),
                         help="require this bearer key (default: $LLAVA_SERVE_API_KEY; none: open)")
     args = parser.parse_args(argv)
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None):
     engine = ChatEngine(args.model, device=args.device, dtype=args.dtype)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes)
-    app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent)
+    app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent, args.stream_interval)
     print(f"llava-serve: {name} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
