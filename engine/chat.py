@@ -110,15 +110,16 @@ class ChatEngine:
             yield progress.text
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
-                 stop: tuple[str, ...] = ()) -> Iterator[Progress]:
-        """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it)."""
+                 stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
+        """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
+        With `interval`, at most one Progress per that many seconds (the end is never held back)."""
         if not session_id:
-            yield from self._turn(None, messages, image, sampling, stop)
+            yield from self._turn(None, messages, image, sampling, stop, interval)
             return
         session = self.sessions.get(session_id)
         with session.lock:
             answer = ""
-            turn = self._turn(session, messages, image, sampling, stop)
+            turn = self._turn(session, messages, image, sampling, stop, interval)
             try:
                 for progress in turn:
                     answer = progress.text
@@ -155,7 +156,8 @@ class ChatEngine:
             raise ChatError(str(error)) from error
         return image, fingerprint(image), prompt  # the fingerprint hashes every pixel: once per turn
 
-    def _turn(self, session: Session | None, messages, image, sampling: Sampling, stop: tuple[str, ...]) -> Iterator[Progress]:
+    def _turn(self, session: Session | None, messages, image, sampling: Sampling, stop: tuple[str, ...],
+              interval: float) -> Iterator[Progress]:
         """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
         image, key, prompt = self._prompt(messages, image)
         if session is not None and key != session.image_key:
@@ -177,11 +179,12 @@ class ChatEngine:
                 ids, pixel_values = self._inputs(prompt, image, False)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free
-                yield from self._decode(session, ids, pixel_values, sampling, stop, one_off)
+                yield from self._decode(session, ids, pixel_values, sampling, stop, one_off, interval)
         else:  # generate holds the session's lock
-            yield from self._decode(session, ids, pixel_values, sampling, stop, one_off)
+            yield from self._decode(session, ids, pixel_values, sampling, stop, one_off, interval)
 
-    def _decode(self, session: Session, ids, pixel_values, sampling: Sampling, stop: tuple[str, ...], one_off: bool) -> Iterator[Progress]:
+    def _decode(self, session: Session, ids, pixel_values, sampling: Sampling, stop: tuple[str, ...], one_off: bool,
+                interval: float) -> Iterator[Progress]:
         # a one-off answer takes a slot only without a prefix cache, which keeps DynamicCaches
         extra = self._reuse(session, ids[0], pixel_values, sampling.max_new_tokens, evict=not one_off,
                             use_slot=not (one_off and self.prefixes is not None))
@@ -191,7 +194,7 @@ class ChatEngine:
         tokens, text, finish = [], "", None
         holdback = max((len(word) for word in stop), default=1) - 1  # what could be the start of a stop string
         try:
-            with closing(self.scheduler.tokens(sequence)) as stream:
+            with closing(self.scheduler.tokens(sequence, interval)) as stream:
                 for arrived in stream:
                     tokens += arrived
                     text = self._text(tokens)

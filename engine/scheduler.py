@@ -202,10 +202,12 @@ class Scheduler:
             self._wake.notify()
         return sequence
 
-    def tokens(self, sequence: Sequence) -> Iterator[list[int]]:
-        """The sequence's tokens as they come, in lists: all that arrived since the last read (a busy reader, or a
-        busy CPU, then decodes and sends text once for several tokens). Closing this early cancels the sequence and
-        returns once the scheduler has let go of it (its cache is then final)."""
+    def tokens(self, sequence: Sequence, interval: float = 0.0) -> Iterator[list[int]]:
+        """The sequence's tokens as they come, in lists: all that arrived since the last read. With `interval`, the
+        reader sleeps that long between reads (waking at once when the sequence ends): a reader woken for every
+        token takes the interpreter from the scheduler's thread once per token, which on a busy CPU costs the
+        whole batch its speed. Closing this early cancels the sequence and returns once the scheduler has let go
+        of it (its cache is then final)."""
         try:
             ended = False
             while not ended:
@@ -216,6 +218,8 @@ class Scheduler:
                     tokens.pop()
                 if tokens:
                     yield tokens
+                if interval and not ended:
+                    sequence.done.wait(interval)
             if sequence.error is not None:
                 raise sequence.error
         finally:

@@ -101,7 +101,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy = MediaP
         answer = None
         try:
             messages, image = await run_in_threadpool(engine_messages, chat, policy)
-            answer = engine.generate(messages, image, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops)
+            interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
+            answer = engine.generate(messages, image, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops, interval=interval)
             first = await run_in_threadpool(advance, answer)  # input errors surface here, before any byte is sent
         except BaseException:
             state["active"] -= 1
@@ -116,7 +117,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy = MediaP
                 state["active"] -= 1
                 await close(answer)
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return StreamingResponse(events(answer, first, completion, usage, state, stream_interval), media_type="text/event-stream")
+        return StreamingResponse(events(answer, first, completion, usage, state), media_type="text/event-stream")
 
     return app
 
@@ -143,7 +144,7 @@ async def close(answer):
         await run_in_threadpool(answer.close)
 
 
-async def events(answer, progress, completion: Completion, with_usage: bool, state: dict, interval: float):
+async def events(answer, progress, completion: Completion, with_usage: bool, state: dict):
     """Server-sent events: the role, the text as it grows, the finish reason, the usage if asked, then [DONE]."""
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -157,8 +158,6 @@ async def events(answer, progress, completion: Completion, with_usage: bool, sta
                 sent = progress.text
             if progress.finish_reason is not None:
                 break
-            if interval:
-                await anyio.sleep(interval)
             progress = await run_in_threadpool(advance, answer)
         yield sse(completion.chunk({}, progress.finish_reason, with_usage=with_usage))
         if with_usage:

@@ -179,7 +179,7 @@ class Gate:
     def __init__(self):
         self.release, self.entered = threading.Event(), threading.Event()
 
-    def generate(self, messages, image, sampling, stop=()):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0):
         self.entered.set()
         assert self.release.wait(30)
         yield Progress("ok", prompt_tokens=3, cached_tokens=0, completion_tokens=1, finish_reason="stop")
