@@ -23,6 +23,7 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -98,26 +99,26 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy = MediaP
             raise APIError(503, f"the server is busy ({max_concurrent} requests at once); retry shortly", code="queue_full",
                            kind="server_error")
         state["active"] += 1
-        answer = None
+        release = Release(state)
         try:
             messages, image = await run_in_threadpool(engine_messages, chat, policy)
             interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
-            answer = engine.generate(messages, image, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops, interval=interval)
-            first = await run_in_threadpool(advance, answer)  # input errors surface here, before any byte is sent
+            release.answer = engine.generate(messages, image, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops,
+                                             interval=interval)
+            first = await run_in_threadpool(advance, release.answer)  # input errors surface here, before any byte is sent
         except BaseException:
-            state["active"] -= 1
-            if answer is not None:
-                await close(answer)
+            await release()
             raise
         completion = Completion(model_name)
         if not chat.stream:
             try:
-                return completion.whole(first if first.finish_reason else await run_in_threadpool(last, answer))
+                return completion.whole(first if first.finish_reason else await run_in_threadpool(last, release.answer))
             finally:
-                state["active"] -= 1
-                await close(answer)
+                await release()
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        return StreamingResponse(events(answer, first, completion, usage, state), media_type="text/event-stream")
+        # the release also as a background task: a client gone before the stream's first byte never starts `events`
+        return StreamingResponse(events(release, first, completion, usage), media_type="text/event-stream",
+                                 background=BackgroundTask(release))
 
     return app
 
@@ -139,12 +140,23 @@ def last(answer):
     return progress
 
 
-async def close(answer):
-    with anyio.CancelScope(shield=True):  # also when the client went away: the engine must let go of the sequence
-        await run_in_threadpool(answer.close)
+class Release:
+    """Frees a request's place and has the engine let go of its answer: once, from whichever path gets there first."""
+
+    def __init__(self, state: dict):
+        self.state, self.answer, self.done = state, None, False
+
+    async def __call__(self):
+        if self.done:
+            return
+        self.done = True
+        self.state["active"] -= 1
+        if self.answer is not None:
+            with anyio.CancelScope(shield=True):  # also when the client went away
+                await run_in_threadpool(self.answer.close)
 
 
-async def events(answer, progress, completion: Completion, with_usage: bool, state: dict):
+async def events(release: Release, progress, completion: Completion, with_usage: bool):
     """Server-sent events: the role, the text as it grows, the finish reason, the usage if asked, then [DONE]."""
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -158,7 +170,7 @@ async def events(answer, progress, completion: Completion, with_usage: bool, sta
                 sent = progress.text
             if progress.finish_reason is not None:
                 break
-            progress = await run_in_threadpool(advance, answer)
+            progress = await run_in_threadpool(advance, release.answer)
         yield sse(completion.chunk({}, progress.finish_reason, with_usage=with_usage))
         if with_usage:
             yield sse(completion.usage_chunk(progress))
@@ -168,8 +180,7 @@ async def events(answer, progress, completion: Completion, with_usage: bool, sta
         log.exception("a stream failed")
         yield sse(APIError(500, "internal server error", kind="server_error").body())
     finally:
-        state["active"] -= 1
-        await close(answer)
+        await release()
     yield "data: [DONE]\n\n"
 
 

@@ -4,6 +4,7 @@ shapes and colours, so answers can be checked against the image)."""
 import base64
 import struct
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -197,6 +198,44 @@ def test_a_full_server_answers_503_and_recovers():
             gate.release.set()
             assert first.result().choices[0].message.content == "ok"
         assert ask(client, CIRCLES).choices[0].message.content == "ok"
+
+
+class SlowGate(Gate):
+    """Its answers give a first chunk, then wait for `release` before the end; `closed` once the server let go."""
+
+    def __init__(self):
+        super().__init__()
+        self.closed = threading.Event()
+
+    def generate(self, messages, image, sampling, stop=(), interval=0.0):
+        try:
+            yield Progress("first", prompt_tokens=3, cached_tokens=0, completion_tokens=1)
+            self.entered.set()
+            assert self.release.wait(30)
+            yield Progress("first and last", prompt_tokens=3, cached_tokens=0, completion_tokens=2, finish_reason="stop")
+        finally:
+            self.closed.set()
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_place():
+    gate = SlowGate()
+    with running(create_app(gate, MODEL, max_concurrent=1)) as base_url:
+        body = {"model": MODEL, "messages": CIRCLES, "stream": True}
+        with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=30) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+            assert gate.entered.wait(30)
+        gate.release.set()  # the client is gone; the server notices and lets go of the answer
+        assert gate.closed.wait(30)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        for _ in range(100):  # bounded: the place is freed right after the answer is closed
+            try:
+                assert ask(client, CIRCLES).choices[0].message.content == "first and last"
+                break
+            except openai.APIStatusError as error:
+                assert error.status_code == 503
+                time.sleep(0.05)
+        else:
+            pytest.fail("the server never freed the departed client's place")
 
 
 def test_local_files_only_inside_the_allowed_folder(engine, tmp_path):
