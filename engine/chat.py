@@ -190,7 +190,7 @@ class ChatEngine:
                             use_slot=not (one_off and self.prefixes is not None))
         keep = session.cached_tokens
         sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids))
-        counts = dict(prompt_tokens=ids.shape[1], cached_tokens=keep)
+        counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
         tokens, text, finish = [], "", None
         holdback = max((len(word) for word in stop), default=1) - 1  # what could be the start of a stop string
         try:

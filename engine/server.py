@@ -44,11 +44,12 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
-def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy = MediaPolicy(), api_key: str | None = None,
+def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None = None, api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_concurrent: int = 64, stream_interval: float = STREAM_INTERVAL) -> FastAPI:
     """The API over `engine`. More than `max_concurrent` requests at once are answered 503. A stream sends at most
     one chunk per `stream_interval` seconds (the tokens of the pause go together): fewer chunks to encode and send
     when the CPU is busy."""
+    policy = policy or MediaPolicy()  # default: data URLs only
     @contextlib.asynccontextmanager
     async def lifespan(app):
         # each request's blocking reads of the engine take a worker thread: allow one per admitted request

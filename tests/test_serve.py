@@ -113,7 +113,7 @@ def test_concurrent_greedy_streams_each_equal_their_answer_alone(client, engine)
 
 
 def test_a_seed_gives_the_same_sample_alone_and_in_a_batch(client):
-    sample = dict(temperature=1.0, seed=7, max_tokens=30)
+    sample = {"temperature": 1.0, "seed": 7, "max_tokens": 30}
     kwargs = {"model": MODEL, "messages": CIRCLES, **sample}
     alone = client.chat.completions.create(**kwargs).choices[0].message.content
     with ThreadPoolExecutor(4) as pool:
@@ -249,7 +249,7 @@ def test_local_files_only_inside_the_allowed_folder(engine, tmp_path):
         answer = ask(client, question("What color is the circle?", (allowed / "shapes.png").as_uri()))
         assert "red" in answer.choices[0].message.content
         for escape in (f"file://{allowed}/../outside/secret.png", (allowed / "link.png").as_uri(), f"file://{allowed}/missing.png"):
-            error = refused(lambda: ask(client, question("What color is the circle?", escape)))
+            error = refused(lambda url=escape: ask(client, question("What color is the circle?", url)))
             assert error.status_code == 400 and error.body["code"] == "invalid_image", escape
 
 
@@ -261,3 +261,14 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         right = openai.OpenAI(base_url=base_url, api_key="s3cret-key", max_retries=0, timeout=30)
         assert [model.id for model in right.models.list()] == [MODEL]
         assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # health needs no key
+
+
+def test_the_command_documents_itself_and_refuses_a_missing_media_folder(tmp_path):
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "engine.server", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--allowed-local-media-path" in shown.stdout and "--allow-image-urls" in shown.stdout
+    refused = subprocess.run([sys.executable, "-m", "engine.server", "--model", str(ROOT / "checkpoints" / MODEL),
+                              "--allowed-local-media-path", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "is not a folder" in refused.stderr

@@ -1,13 +1,14 @@
 """RemoteChat, the app's front end for any OpenAI-compatible server, against llava-serve on loopback."""
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from tiny_components import user_turn
 
 from engine import ChatEngine, ChatError
 from engine.remote import RemoteChat
 from engine.server import create_app, running
-from tiny_components import user_turn
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "examples" / "red_circle_blue_square.png"
@@ -25,7 +26,7 @@ def test_remote_chat_streams_what_the_local_engine_answers(engine, tmp_path):
         remote = RemoteChat(base_url)  # no model named: the server's first
         chunks = list(remote.stream(messages, str(IMAGE), temperature=0.0, max_new_tokens=30, session_id="s1"))
         assert chunks[-1] == local[-1] and "red" in chunks[-1]
-        assert all(later.startswith(earlier) for earlier, later in zip(chunks, chunks[1:]))
+        assert all(later.startswith(earlier) for earlier, later in pairwise(chunks))
         history, image = remote.conversation("s1")  # for clients that send one turn at a time
         assert history[-1] == {"role": "assistant", "content": local[-1]} and image == str(IMAGE)
         follow_up = [*history, {"role": "user", "content": "Where is the square?"}]
