@@ -333,7 +333,10 @@ def test_a_batched_prefill_and_steps_give_every_row_its_own_logits(engine):
     together, one leaving: each row's logits equal one forward over that row's tokens alone."""
     model, image_id = engine.model, engine.model.config.image_token_id
     torch.manual_seed(0)
-    text = lambda n: torch.randint(3, image_id, (1, n))  # noqa: E731
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(3, image_id, (1, n))
+
     pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         features = model.get_vision_features(pixels)
