@@ -3,17 +3,21 @@ session's KV cache and vision features across turns (the original LLaVA worker r
 
 import hashlib
 import os
-import threading
 from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from transformers import AutoModel, AutoProcessor, DynamicCache
 
 from llava_plugin import ImageLoadError, load_image
 from llava_plugin.convert import convert, detect_format, local_folder
 
-from .decoding import decode
+from .decoding import Sampling
+from .prefix_cache import PrefixCache, common_prefix
+from .scheduler import Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
 from .untrusted import MAX_CONVERSATION_CHARS, UntrustedInputError, check_text, open_image, plain_messages
@@ -41,14 +45,6 @@ class ChatError(ValueError):
     """A problem with the user's input, worded for the user."""
 
 
-def common_prefix(cached: torch.Tensor | None, ids: torch.Tensor) -> int:
-    if cached is None:
-        return 0
-    length = min(len(cached), len(ids))
-    differ = (cached[:length] != ids[:length]).nonzero()
-    return int(differ[0]) if len(differ) else length
-
-
 def conversation_text(messages: list[dict]) -> str:
     return "".join(message["content"] if isinstance(message["content"], str)
                    else "".join(part.get("text", "") for part in message["content"]) for message in messages)
@@ -58,24 +54,45 @@ def fingerprint(image) -> str:
     return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
 
 
+@dataclass
+class Progress:
+    """The answer so far and what it cost: `prompt_tokens` in all, `cached_tokens` of them reused from earlier
+    requests, `completion_tokens` generated; `finish_reason` ("stop" or "length") on the last one only."""
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
 class ChatEngine:
-    """Streams answers; with a session id, each turn reuses what earlier turns computed: the KV cache up to where
-    the new prompt departs from the cached tokens (so regenerate and undo crop it), and the image's vision features
-    (the tower runs once per image per session).
+    """Streams answers; every answer being generated decodes in one batch with the others (see scheduler).
+
+    Each turn reuses what was computed before: with a session id, that session's KV cache up to where the new
+    prompt departs from the cached tokens (so regenerate and undo crop it) and its image's vision features; without
+    one (API clients, which send the whole conversation each time), the longest matching prefix of any earlier
+    answer's cache (see prefix_cache; `prefix_cache_tokens=0` turns it off).
 
     On CUDA, up to `static_slots` sessions at a time keep their cache in a fixed-address slot of `slot_tokens`
     tokens whose steps replay as CUDA graphs (see static_slots); the others, and conversations longer than a slot,
-    use a growing DynamicCache and eager steps. `static_slots=0` turns slots off; on the CPU they are off by default
-    and, when asked for, run eagerly (graphs need CUDA)."""
+    use a growing DynamicCache and batched steps. `static_slots=0` turns slots off; on the CPU they are off by
+    default and, when asked for, run eagerly (graphs need CUDA)."""
 
     def __init__(self, model_path: str, device: str | None = None, max_sessions: int = 64, max_cached_tokens: int = 65_536,
-                 static_slots: int | None = None, slot_tokens: int = 2048):
+                 static_slots: int | None = None, slot_tokens: int = 2048, prefix_cache_tokens: int = 65_536,
+                 max_batch: int = 32, max_waiting: int = 256, dtype: str | torch.dtype = "auto"):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model_path = resolve_checkpoint(model_path)
-        self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True).to(self.device).eval()
+        # "auto": the checkpoint's dtype
+        self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         self.sessions = SessionStore(max_sessions, max_cached_tokens)
-        self._generation = threading.Lock()  # one step at a time on the shared model
+        text_config = self.model.config.get_text_config()
+        self.prefixes = PrefixCache(text_config, self.model.config.image_token_id, prefix_cache_tokens) if prefix_cache_tokens else None
+        generation = self.model.generation_config
+        self.stop_ids = {generation.eos_token_id} if isinstance(generation.eos_token_id, int) else set(generation.eos_token_id or [])
+        self.stop_ids.add(self.processor.tokenizer.eos_token_id)
+        self.scheduler = Scheduler(self.model, list(generation.suppress_tokens or []), max_batch, max_waiting)
         on_cuda = torch.device(self.device).type == "cuda"
         static_slots = (4 if on_cuda else 0) if static_slots is None else static_slots
         self.slots = None
@@ -84,18 +101,31 @@ class ChatEngine:
 
     def stream(self, messages: list[dict], image, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512,
                session_id: str | None = None) -> Iterator[str]:
-        """Yields the growing answer to `messages` (chat-template format, one image part in the first user turn)."""
-        session = self.sessions.get(session_id) if session_id else Session()
+        """Yields the growing answer to `messages` (chat-template format, one image part in a user turn)."""
+        try:
+            sampling = Sampling(temperature, top_p, max_new_tokens)
+        except ValueError as error:
+            raise ChatError(str(error)) from error
+        for progress in self.generate(messages, image, sampling, session_id=session_id):
+            yield progress.text
+
+    def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
+                 stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
+        """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
+        With `interval`, at most one Progress per that many seconds (the end is never held back)."""
+        if not session_id:
+            yield from self._turn(None, messages, image, sampling, stop, interval)
+            return
+        session = self.sessions.get(session_id)
         with session.lock:
             answer = ""
-            turn = self._stream(session, messages, image, temperature, top_p, max_new_tokens, evict=bool(session_id))
+            turn = self._turn(session, messages, image, sampling, stop, interval)
             try:
-                for answer in turn:
-                    yield answer
+                for progress in turn:
+                    answer = progress.text
+                    yield progress
             finally:
                 turn.close()  # its own cleanup first: it records what the cache holds
-                if not session_id:
-                    session.drop_cache()  # a one-off answer frees its slot at once
             session.messages, session.image = [*messages, {"role": "assistant", "content": answer}], image
         self.sessions.trim(keep=session)
 
@@ -107,7 +137,8 @@ class ChatEngine:
     def reset(self, session_id: str):
         self.sessions.reset(session_id)
 
-    def _stream(self, session: Session, messages, image, temperature, top_p, max_new_tokens, evict: bool) -> Iterator[str]:
+    def _prompt(self, messages, image):
+        """The checked image, its fingerprint and the prompt text; ChatError for input we refuse."""
         try:
             # A huge photo: the tower sees 336 px anyway, keep memory and time flat. A file is measured from its
             # header before decoding (untrusted); an image object in memory was the caller's to decode.
@@ -120,41 +151,90 @@ class ChatEngine:
                     image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
             check_text(conversation_text(messages), MAX_CONVERSATION_CHARS, "the conversation")
             messages = plain_messages(messages, self.processor.tokenizer.all_special_tokens)
-            key = fingerprint(image)  # hashes every pixel: once per turn
-            if key != session.image_key:
-                session.forget_image()
-                session.image_key = key
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            ids, pixel_values = self._inputs(prompt, image, session.vision_features is not None)
-        except (ImageLoadError, UntrustedInputError, ValueError) as error:  # unreadable or huge image, too long
+        except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
+            raise ChatError(str(error)) from error
+        return image, fingerprint(image), prompt  # the fingerprint hashes every pixel: once per turn
+
+    def _turn(self, session: Session | None, messages, image, sampling: Sampling, stop: tuple[str, ...],
+              interval: float) -> Iterator[Progress]:
+        """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
+        image, key, prompt = self._prompt(messages, image)
+        if session is not None and key != session.image_key:
+            session.forget_image()
+            session.image_key = key
+        if session is not None:
+            have_features = session.vision_features is not None
+        else:
+            have_features = self.prefixes is not None and self.prefixes.has_features(key)
+        try:
+            ids, pixel_values = self._inputs(prompt, image, have_features)
+        except ValueError as error:  # too long for the model
             raise ChatError(str(error)) from error
         ids = ids.to(self.device)
-        extra = self._reuse(session, ids[0], pixel_values, max_new_tokens, evict)
-        if extra and self.model.config.image_grid_pinpoints is not None:  # AnyRes: the tiles are laid out by the image's size
-            extra["image_sizes"] = torch.tensor([[image.height, image.width]], device=self.device)
+        # AnyRes: the tiles, and so the image tokens, are laid out by the image's size
+        anyres = self.model.config.image_grid_pinpoints is not None
+        image_sizes = torch.tensor([[image.height, image.width]], device=self.device) if anyres else None
+        one_off = session is None
+        if one_off:
+            session = self.prefixes.session(key, ids[0]) if self.prefixes is not None else Session(image_key=key)
+            if session.vision_features is None and pixel_values is None:  # forgotten meanwhile
+                ids, pixel_values = self._inputs(prompt, image, False)
+                ids = ids.to(self.device)
+            with session.lock:  # a slot's eviction takes only a session whose lock is free
+                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, stop, one_off, interval)
+        else:  # generate holds the session's lock
+            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, stop, one_off, interval)
+
+    def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, stop: tuple[str, ...],
+                one_off: bool, interval: float) -> Iterator[Progress]:
+        # a one-off answer takes a slot only without a prefix cache, which keeps DynamicCaches
+        extra = self._reuse(session, ids[0], pixel_values, sampling.max_new_tokens, evict=not one_off,
+                            use_slot=not (one_off and self.prefixes is not None))
+        if extra and image_sizes is not None:
+            extra["image_sizes"] = image_sizes
         keep = session.cached_tokens
-        generation = self.model.generation_config
-        stop_ids = {generation.eos_token_id} if isinstance(generation.eos_token_id, int) else set(generation.eos_token_id or [])
-        stop_ids.add(self.processor.tokenizer.eos_token_id)
-        tokens: list[int] = []
-        consistent = False
+        sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids))
+        counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
+        tokens, text, finish = [], "", None
+        holdback = max((len(word) for word in stop), default=1) - 1  # what could be the start of a stop string
         try:
-            for token in decode(self._step(session.cache), ids, keep, max_new_tokens, temperature, top_p, stop_ids,
-                                list(generation.suppress_tokens or []), self._generation, **extra):
-                tokens.append(token)
-                yield self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            consistent = True
-            if not tokens:
-                yield ""
-        except GeneratorExit:  # the reader stopped (Stop button, disconnect): decoding stops here, the cache is sound
-            consistent = True
-            raise
+            with closing(self.scheduler.tokens(sequence, interval)) as stream:
+                for arrived in stream:
+                    tokens += arrived
+                    text = self._text(tokens)
+                    if any(word in text for word in stop):
+                        tokens, text = self._until_stop(tokens, len(tokens) - len(arrived), stop)
+                        finish = "stop"
+                        break
+                    shown = text[: len(text) - holdback].rstrip("\ufffd")  # not half a character, not half a stop
+                    yield Progress(shown, completion_tokens=len(tokens), **counts)
+            yield Progress(text, completion_tokens=len(tokens), finish_reason=finish or sequence.finish_reason or "stop", **counts)
         finally:
-            if consistent:  # the cache holds the prompt and every generated token but the last (never fed back)
-                generated = torch.tensor(tokens, device=ids.device, dtype=ids.dtype)
-                session.tokens = torch.cat([ids[0], generated])[: session.cache.get_seq_length()]
-            else:
+            # once `stream` is closed the scheduler has let go: the cache holds the prompt and the tokens fed back
+            session.cache = sequence.cache
+            if session.cache is None:
                 session.drop_cache()  # a step failed half-way: start clean next turn
+            else:
+                generated = torch.tensor(sequence.tokens, device=ids.device, dtype=ids.dtype)
+                session.tokens = torch.cat([ids[0], generated])[: session.cache.get_seq_length()]
+            if one_off:
+                if self.prefixes is not None:
+                    self.prefixes.store(session)
+                session.drop_cache()  # frees its slot at once
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def _until_stop(self, tokens: list[int], known: int, stop: tuple[str, ...]) -> tuple[list[int], str]:
+        """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
+        that text cut before it."""
+        for count in range(known + 1, len(tokens) + 1):
+            text = self._text(tokens[:count])
+            cuts = [text.find(word) for word in stop if word in text]
+            if cuts:
+                return tokens[:count], text[: min(cuts)].rstrip()
+        raise AssertionError("the stop string was in the whole text")
 
     def _inputs(self, prompt: str, image, have_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's token ids, and the image's pixels unless its features are already computed. Then only the
@@ -176,13 +256,8 @@ class ChatEngine:
             raise ValueError(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")
         return ids, None
 
-    def _step(self, cache):
-        if isinstance(cache, StaticSlot):
-            return cache.forward
-        return lambda step_ids, image_inputs: self.model(input_ids=step_ids, cache=cache, use_cache=True, logits_to_keep=1,
-                                                         **image_inputs).logits[:, -1]
-
-    def _reuse(self, session: Session, ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int, evict: bool) -> dict:
+    def _reuse(self, session: Session, ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int, evict: bool,
+               use_slot: bool = True) -> dict:
         """Crops the session's cache to the prefix it shares with `ids` (or gives it a fresh one); returns the image
         input the rest needs."""
         keep = common_prefix(session.tokens, ids)
@@ -191,7 +266,7 @@ class ChatEngine:
         if first_image is not None and keep <= int(image_positions[-1]):
             keep = min(keep, first_image)  # an image span is recomputed whole or not at all
         keep = min(keep, len(ids) - 1)  # generate needs at least one new token to run
-        fits_a_slot = self.slots is not None and len(ids) + max_new_tokens <= self.slots.capacity
+        fits_a_slot = use_slot and self.slots is not None and len(ids) + max_new_tokens <= self.slots.capacity
         if isinstance(session.cache, StaticSlot) and not fits_a_slot:
             session.drop_cache()  # the conversation outgrew its slot: recompute it once into a DynamicCache
         if session.cache is None or keep == 0:

@@ -1,41 +1,57 @@
-"""A lean decoding loop over a KV cache: one forward per token and nothing else per step, so the session's cache
-stays in our hands (no copy, no worker thread) and Python overhead stays below transformers' generate."""
+"""Choosing the next token of every sequence in a batch at once, each with its own temperature, top-p and seed.
 
-from collections.abc import Callable, Iterator
+The scaling and the nucleus cut are one tensor operation over the batch; only the draw itself is per row, since a
+seeded sequence draws from its own generator so that its answer does not depend on who else was in the batch."""
+
+from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 
-def logits_processors(temperature: float, top_p: float, suppress: list[int], device) -> LogitsProcessorList:
-    processors = LogitsProcessorList()
-    if suppress:
-        processors.append(SuppressTokensLogitsProcessor(suppress, device=device))
-    if temperature > 0:
-        processors.append(TemperatureLogitsWarper(temperature))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-    return processors
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence picks its tokens; temperature 0 is greedy."""
+    temperature: float = 0.2
+    top_p: float = 0.7
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature is {self.temperature}; it must be between 0 and 2")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p is {self.top_p}; it must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
+
+    def generator(self, device) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)
+
+
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """(B, V) probabilities with, per row, everything outside the smallest set holding `top_p` of the mass zeroed
+    (the most likely token always stays)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs[before >= top_p[:, None]] = 0
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 @torch.no_grad()
-def decode(step: Callable[[torch.Tensor, dict], torch.Tensor], ids: torch.Tensor, keep: int, max_new_tokens: int,
-           temperature: float, top_p: float, stop_ids: set[int], suppress: list[int], lock, **image_inputs) -> Iterator[int]:
-    """Yields new token ids. `ids` (1, T) is the whole prompt; the first `keep` of it are already in the cache that
-    `step(new_ids, image_inputs)` extends, returning the logits (1, vocab) of the last new token."""
-    processors = logits_processors(temperature, top_p, suppress, ids.device)
-    step_ids, sequence = ids[:, keep:], ids
-    for _ in range(max_new_tokens):
-        with lock:  # steps of different sessions interleave; each forward has the model to itself
-            logits = step(step_ids, image_inputs)
-        image_inputs = {}  # the image entered the cache with the prompt
-        scores = processors(sequence, logits.float())
-        if temperature > 0:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1)
-        else:
-            token = scores.argmax(dim=-1, keepdim=True)
-        token_id = int(token)
-        if token_id in stop_ids:
-            return
-        yield token_id
-        step_ids, sequence = token, torch.cat([sequence, token], dim=1)
+def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
+                suppress: list[int]) -> list[int]:
+    """One token per row of `logits` (B, V), row i following samplings[i] and drawing from generators[i] (None: the
+    global generator)."""
+    logits = logits.float()
+    if suppress:
+        logits[:, suppress] = -float("inf")
+    tokens = logits.argmax(dim=-1)
+    sampled = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        temperature = torch.tensor([samplings[row].temperature for row in sampled], device=logits.device)
+        top_p = torch.tensor([samplings[row].top_p for row in sampled], device=logits.device)
+        probs = nucleus(torch.softmax(logits[rows] / temperature[:, None], dim=-1), top_p)
+        for index, row in enumerate(sampled):
+            tokens[row] = torch.multinomial(probs[index], 1, generator=generators[row])[0]
+    return tokens.tolist()

@@ -263,3 +263,25 @@ def test_remote_drafting_is_off_by_default_and_a_spaces_variables_can_turn_it_on
     policy = policy_from(parse_args([]))
     assert policy.remote and policy.base_urls == ["http://127.0.0.1:8000/v1", "https://api.openai.com/v1"]
     assert policy.operator_key is None  # the operator's key only with --draft-with-operator-key
+
+
+def test_the_app_is_a_front_end_for_an_openai_compatible_server(saved_checkpoint, tmp_path):
+    """`python app.py --backend-url URL`: the chat answers through llava-serve (here on loopback) as it would itself,
+    follow-ups included, and the app loads no model of its own."""
+    from engine import ChatEngine
+    from engine.server import create_app, running
+
+    picture = tmp_path / "teal.png"
+    Image.new("RGB", (50, 40), (0, 128, 128)).save(picture)
+    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    with running(create_app(engine, "tiny")) as base_url:
+        with running_app(["--backend-url", base_url, "--backend-model", "tiny"], tmp_path / "front.log") as (url, _):
+            client = Client(url, verbose=False)
+            first = client.predict({"text": "What is it?", "files": [handle_file(str(picture))]}, 0.0, 0.7, 8, api_name="/chat")
+            second = client.predict({"text": "Are you sure?", "files": []}, 0.0, 0.7, 8, api_name="/chat")
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    image = Image.open(picture).convert("RGB")
+    assert first == direct_answer(saved_checkpoint, turns, image)
+    turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "Are you sure?"}]
+    assert second == direct_answer(saved_checkpoint, turns, image)
+    assert "Loading weights" not in (tmp_path / "front.log").read_text()

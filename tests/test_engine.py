@@ -8,6 +8,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 from engine import ChatEngine, ChatError
+from engine.decoding import Sampling
+from engine.scheduler import DecodeBatch, Sequence
 from engine.sessions import Session
 from engine.static_slots import BUCKETS, StaticSlot, supports_static_slots
 from llava_plugin import llava_v1_chat_template
@@ -83,7 +85,7 @@ def three_turns(engine, session: str) -> tuple[list[int], int, str]:
 
 
 def test_later_turns_prefill_only_the_new_tokens_and_match_a_full_recompute(saved_checkpoint):
-    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", prefix_cache_tokens=0)  # one-off answers recompute all
     first_prefills, tower_runs, prompt = three_turns(engine, "alice")
     full_prompt = engine.processor(images=IMAGE, text=prompt)
     assert first_prefills[0] > 16 and max(first_prefills[1:]) < len(full_prompt["input_ids"][0]) // 2
@@ -98,7 +100,7 @@ def test_a_template_that_moves_the_image_to_the_newest_question_still_reuses_the
     folder = tmp_path / "image-after-text"
     shutil.copytree(saved_checkpoint, folder)
     (folder / "chat_template.jinja").write_text(llava_v1_chat_template("Shapes.", image_after_text=True))
-    engine = ChatEngine(str(folder), device="cpu", static_slots=static_slots)
+    engine = ChatEngine(str(folder), device="cpu", static_slots=static_slots, prefix_cache_tokens=0)
     first_prefills, tower_runs, prompt = three_turns(engine, "dora")
     assert prompt.endswith("And then 1?\n<image> ASSISTANT:")
     full_prompt = engine.processor(images=IMAGE, text=prompt)
@@ -145,9 +147,10 @@ def test_a_reader_that_stops_early_stops_decoding_and_keeps_the_cache(saved_chec
         stream = engine.stream([user_turn("What is in the picture?")], IMAGE, temperature=0.0, max_new_tokens=50, session_id="dan")
         next(stream)
         stream.close()  # what Gradio does on Stop
-        steps = len(prefills)
+        steps = len(prefills)  # the scheduler may have decoded a few tokens ahead of the reader, no more
         session = engine.sessions.get("dan")
-        assert steps == 1 and session.cache is not None and session.cached_tokens == session.cache.get_seq_length()
+        assert steps < 50 and session.cache is not None and session.cached_tokens == session.cache.get_seq_length()
+        assert len(prefills) == steps  # closed: nothing decodes for it any more
         prefills.clear()
         answer(engine, [user_turn("What is in the picture?")], session="dan")
         assert prefills[0] == 1  # the stopped turn's prompt was reused
@@ -183,8 +186,11 @@ def test_static_slots_answer_as_the_dynamic_cache_does_with_padded_steps(saved_c
     assert isinstance(engine.sessions.get("alice").cache, StaticSlot) and len(engine.slots) == 1
     assert set(prefills[1:]) <= set(BUCKETS) and prefills.count(1) > 10  # every step after the image prefill is padded
     assert len(tower) == 1
-    assert answer(engine, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # a one-off answer, own slot
-    assert len(engine.slots) == 2 and engine.slots.acquire(Session(), evict=False) is not None  # and freed it
+    assert answer(engine, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # one-off: the prefix cache's
+    assert len(engine.slots) == 1 and len(engine.prefixes) == 1  # DynamicCache, batched, not a slot
+    no_prefixes = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=1, prefix_cache_tokens=0)
+    assert answer(no_prefixes, [user_turn("What is in the picture?")]) == dynamic_replies[0]  # a one-off answer, own slot
+    assert len(no_prefixes.slots) == 1 and no_prefixes.slots.acquire(Session(), evict=False) is not None  # and freed it
 
 
 def test_more_sessions_than_slots_take_turns_and_still_answer_the_same(saved_checkpoint, dynamic_replies):
@@ -298,3 +304,65 @@ def test_concurrent_users_with_fewer_slots_than_users_answer_as_alone(saved_chec
     engine = ChatEngine(str(saved_checkpoint), device="cpu", static_slots=2)
     concurrent_users_answer_as_alone(engine)
     assert len(engine.slots) == 2
+
+
+def test_one_off_answers_reuse_earlier_prefixes_within_a_bound(saved_checkpoint):
+    """Without a session (an API client sending the whole conversation), a follow-up finds the first answer's cache
+    by prefix and the image's features by hash; the prefix cache stays under its token bound however many come."""
+    engine = ChatEngine(str(saved_checkpoint), device="cpu", prefix_cache_tokens=200)
+    reference = ChatEngine(str(saved_checkpoint), device="cpu", prefix_cache_tokens=0)
+    first = [user_turn("What is in the picture?")]
+    follow_up = first + [{"role": "assistant", "content": answer(engine, first)}, {"role": "user", "content": "Why?"}]
+    prefills, tower, hooks = record_calls(engine)
+    try:
+        assert answer(engine, follow_up) == answer(reference, follow_up)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    full = engine.processor(images=IMAGE, text=engine.processor.apply_chat_template(follow_up, add_generation_prompt=True))
+    assert prefills[0] < len(full["input_ids"][0]) // 2 and tower == []
+    for user in range(6):
+        image = Image.new("RGB", (40, 30), (40 * user, 100, 90))
+        assert answer(engine, [user_turn(f"Question {user}?")], image=image) == answer(reference, [user_turn(f"Question {user}?")], image=image)
+        assert engine.prefixes.cached_tokens <= 200
+    assert len(engine.prefixes) >= 1
+
+
+def test_a_batched_prefill_and_steps_give_every_row_its_own_logits(engine):
+    """Rows with and without a cached prefix, one with an image among its new tokens, prefilled together, stepped
+    together, one leaving: each row's logits equal one forward over that row's tokens alone."""
+    model, image_id = engine.model, engine.model.config.image_token_id
+    torch.manual_seed(0)
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(3, image_id, (1, n))
+
+    pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        features = model.get_vision_features(pixels)
+        image = torch.full((1, features.shape[1]), image_id)
+        rows = [(text(10), text(5), {}), (None, torch.cat([text(3), image, text(4)], 1), {"vision_features": features}),
+                (text(20), text(1), {})]
+        sequences, full = [], []
+        for prefix, pending, image_inputs in rows:
+            cache = DynamicCache(config=model.config.get_text_config())
+            if prefix is not None:
+                model(input_ids=prefix, cache=cache, use_cache=True)
+            sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
+            full.append(pending if prefix is None else torch.cat([prefix, pending], 1))
+
+        def alone(row: int) -> torch.Tensor:
+            return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
+
+        batch, logits = DecodeBatch.prefill(model, sequences)
+        for step in range(3):
+            for row, sequence in enumerate(batch.rows):
+                index = sequences.index(sequence)
+                torch.testing.assert_close(logits[row], alone(index), atol=1e-4, rtol=1e-4)
+                token = int(logits[row].argmax())
+                sequence.tokens.append(token)
+                full[index] = torch.cat([full[index], torch.tensor([[token]])], 1)
+            if step == 1:
+                batch.remove([1])  # the image row leaves with its own cache: every token but the one not yet fed
+                assert sequences[1].cache.get_seq_length() == full[1].shape[1] - 1
+            logits = batch.step()

@@ -1,0 +1,120 @@
+"""llava-serve under load: aggregate completion tokens/s with 1, 4, 8 and 16 concurrent streams, against the same
+requests one at a time (1 stream) in the same run, and time to first token (p50/p95) under each load.
+
+python bench/bench_serve.py [--model checkpoints/shapes-llava] [--requests 32] [--max-tokens 64] [--rounds 3] [--dtype auto] [--stream-interval S]
+
+The server runs in its own process (as in production: the client's threads do not share its interpreter), on a
+free loopback port, and is stopped at the end. Each load level gets its own system prompt, so no level finds the
+requests of another in the prefix cache: every level prefills the same amount."""
+
+import argparse
+import base64
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ["Describe the image in detail.", "What color is the circle?", "How many shapes are in the image?",
+             "Where is the yellow triangle?", "Is there a blue square in the image?", "Describe the image.",
+             "What shapes are in the image?", "What color is the square?"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def requests(count: int, tag: str) -> list[list[dict]]:
+    images = [base64.b64encode(path.read_bytes()).decode() for path in sorted((ROOT / "examples").glob("*.png"))]
+    return [[{"role": "system", "content": f"A chat about a picture of shapes ({tag})."},
+             {"role": "user", "content": [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]},
+                                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{images[index % len(images)]}"}}]}]
+            for index in range(count)]
+
+
+def one(client, model: str, messages, max_tokens: int) -> tuple[float, int]:
+    """(seconds to the first content, completion tokens) of one streamed greedy request."""
+    start, first, tokens = time.perf_counter(), None, 0
+    for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens, stream=True,
+                                                stream_options={"include_usage": True}):
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return first if first is not None else time.perf_counter() - start, tokens
+
+
+def load(client, model: str, streams: int, batch: list, max_tokens: int) -> tuple[float, int, list[float]]:
+    """(wall seconds, completion tokens, TTFTs) of `batch` sent over `streams` concurrent streams."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        results = list(pool.map(lambda messages: one(client, model, messages, max_tokens), batch))
+    return time.perf_counter() - start, sum(count for _, count in results), [ttft for ttft, _ in results]
+
+
+def summary(streams: int, runs: list[tuple[float, int, list[float]]]) -> dict:
+    """The median round's throughput (the CPU is shared: rounds vary), TTFT percentiles over every round."""
+    walls = sorted(runs)
+    wall, tokens, _ = walls[len(walls) // 2]
+    ttfts = sorted(ttft for _, _, round_ttfts in runs for ttft in round_ttfts)
+    return {"streams": streams, "tokens": tokens, "wall": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(ROOT / "checkpoints" / "shapes-llava"))
+    parser.add_argument("--requests", type=int, default=32, help="requests per load level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtype", default="auto", help="llava-serve's --dtype")
+    parser.add_argument("--stream-interval", help="llava-serve's --stream-interval (default: its own)")
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "engine.serve_cli", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
+                               *(["--stream-interval", args.stream_interval] if args.stream_interval else [])],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"llava-serve did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        load(client, model, 4, requests(8, "warm-up"), args.max_tokens)
+        runs = {streams: [] for streams in args.levels}
+        for round_ in range(args.rounds):  # the levels interleaved, so that a busy minute does not favour one
+            for streams in args.levels:
+                runs[streams].append(load(client, model, streams, requests(args.requests, f"round {round_}, {streams} streams"), args.max_tokens))
+        rows = [summary(streams, runs[streams]) for streams in args.levels]
+    finally:
+        server.terminate()
+        server.wait(30)
+    base = rows[0]["tokens_per_s"]
+    print(f"{args.requests} greedy streamed requests per level and round, at most {args.max_tokens} tokens each, "
+          f"model {Path(args.model).name} ({args.dtype}, stream interval {args.stream_interval or 'default'}), median of {args.rounds} rounds")
+    print("| streams | completion tokens | wall s | tokens/s | x one at a time | TTFT p50 ms | TTFT p95 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['streams']} | {row['tokens']} | {row['wall']:.2f} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / base:.2f} | "
+              f"{row['ttft_p50'] * 1000:.0f} | {row['ttft_p95'] * 1000:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

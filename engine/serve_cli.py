@@ -1,0 +1,54 @@
+"""llava-serve: the command line of the OpenAI-compatible server (engine/server.py). It parses its arguments before
+the server, torch and the model load, so that --help and a wrong flag answer at once; the server's limits live here
+for the same reason."""
+
+import argparse
+import os
+from pathlib import Path
+
+from .media import MediaPolicy
+
+MAX_BODY_BYTES = 30_000_000  # a 20 MB image, base64-encoded, and its conversation
+# A stream's chunks at least this far apart (the tokens of the pause go together): on a busy CPU, a chunk per token
+# per stream costs the scheduler's thread its time; 50 updates a second still read as smooth streaming.
+STREAM_INTERVAL = 0.02
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="llava-serve", description="An OpenAI-compatible chat-completions server on "
+                                     "the engine: /v1/chat/completions, /v1/models, /health.")
+    parser.add_argument("--model", required=True, help="a llava_plugin, llava-hf or original LLaVA checkpoint (folder or hub id)")
+    parser.add_argument("--served-model-name", help="the model id clients ask for (default: the checkpoint folder's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype (auto: the checkpoint's; float16 is slow on most CPUs)")
+    parser.add_argument("--allowed-local-media-path", type=Path,
+                        help="allow file:// image URLs inside this folder (nothing outside it, links resolved)")
+    parser.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (size and time limited)")
+    parser.add_argument("--max-image-bytes", type=int, default=MediaPolicy.max_bytes)
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
+    parser.add_argument("--max-concurrent", type=int, default=64, help="requests at once; more are answered 503")
+    parser.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL,
+                        help="seconds between a stream's chunks at least (0: a chunk per token as soon as it comes)")
+    parser.add_argument("--api-key", default=os.environ.get("LLAVA_SERVE_API_KEY"),
+                        help="require this bearer key (default: $LLAVA_SERVE_API_KEY; none: open)")
+    args = parser.parse_args(argv)
+    if args.allowed_local_media_path and not args.allowed_local_media_path.is_dir():
+        parser.error(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
+    import uvicorn
+
+    from .chat import ChatEngine
+    from .server import create_app
+
+    engine = ChatEngine(args.model, device=args.device, dtype=args.dtype)
+    name = args.served_model_name or Path(args.model.rstrip("/")).name
+    policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes)
+    app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent, args.stream_interval)
+    print(f"llava-serve: {name} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""llava-serve: an OpenAI-compatible HTTP API on the chat engine (chat completions, streamed or not; models; health).
+
+llava-serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--allowed-local-media-path DIR] [--allow-image-urls]
+
+Thin, as app.py is: requests become ChatEngine.generate calls, whose answers the scheduler decodes in one batch with
+everyone else's, and whose prompts reuse cached prefixes (clients send the whole conversation every time).
+Everything a client sends is hostile: the body is read up to a limit before parsing, images are checked by
+engine.media and engine.untrusted before decoding, and the API key, if any, is compared and never logged or echoed.
+"""
+
+import contextlib
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+
+import anyio
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from .chat import ChatEngine, ChatError
+from .media import MediaPolicy
+from .openai_api import APIError, Completion, engine_messages, parse_request
+from .scheduler import QueueFull
+
+from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL
+
+log = logging.getLogger("llava-serve")
+MAX_COMPLETION_TOKENS = 4096
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None = None, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, max_concurrent: int = 64, stream_interval: float = STREAM_INTERVAL) -> FastAPI:
+    """The API over `engine`. More than `max_concurrent` requests at once are answered 503. A stream sends at most
+    one chunk per `stream_interval` seconds (the tokens of the pause go together): fewer chunks to encode and send
+    when the CPU is busy."""
+    policy = policy or MediaPolicy()  # default: data URLs only
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # each request's blocking reads of the engine take a worker thread: allow one per admitted request
+        anyio.to_thread.current_default_thread_limiter().total_tokens = max(40, max_concurrent + 8)
+        yield
+
+    app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    state = {"active": 0}
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):  # unknown routes, wrong methods
+        return error_response(APIError(error.status_code, str(error.detail), code=None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        log.exception("internal error on %s", request.url.path)  # the path only: never the headers
+        return error_response(APIError(500, "internal server error", kind="server_error"))
+
+    def authorize(request: Request):
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "a valid API key is needed (Authorization: Bearer ...)", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llava-plugin"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await read_body(request, max_body_bytes)
+        chat = parse_request(body)
+        if chat.model != model_name:
+            raise APIError(404, f"the model {chat.model!r} does not exist here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        if state["active"] >= max_concurrent:
+            raise APIError(503, f"the server is busy ({max_concurrent} requests at once); retry shortly", code="queue_full",
+                           kind="server_error")
+        state["active"] += 1
+        release = Release(state)
+        try:
+            messages, image = await run_in_threadpool(engine_messages, chat, policy)
+            interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
+            release.answer = engine.generate(messages, image, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops,
+                                             interval=interval)
+            first = await run_in_threadpool(advance, release.answer)  # input errors surface here, before any byte is sent
+        except BaseException:
+            await release()
+            raise
+        completion = Completion(model_name)
+        if not chat.stream:
+            try:
+                return completion.whole(first if first.finish_reason else await run_in_threadpool(last, release.answer))
+            finally:
+                await release()
+        usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        # the release also as a background task: a client gone before the stream's first byte never starts `events`
+        return StreamingResponse(events(release, first, completion, usage), media_type="text/event-stream",
+                                 background=BackgroundTask(release))
+
+    return app
+
+
+def advance(answer):
+    """The next Progress of a ChatEngine.generate iterator, with the engine's refusals as API errors."""
+    try:
+        return next(answer)
+    except ChatError as error:
+        raise APIError(400, str(error), param="messages") from None
+    except QueueFull as error:
+        raise APIError(503, str(error), code="queue_full", kind="server_error") from None
+
+
+def last(answer):
+    """The final Progress, read to the end in one worker thread's call."""
+    while (progress := advance(answer)).finish_reason is None:
+        pass
+    return progress
+
+
+class Release:
+    """Frees a request's place and has the engine let go of its answer: once, from whichever path gets there first."""
+
+    def __init__(self, state: dict):
+        self.state, self.answer, self.done = state, None, False
+
+    async def __call__(self):
+        if self.done:
+            return
+        self.done = True
+        self.state["active"] -= 1
+        if self.answer is not None:
+            with anyio.CancelScope(shield=True):  # also when the client went away
+                await run_in_threadpool(self.answer.close)
+
+
+async def events(release: Release, progress, completion: Completion, with_usage: bool):
+    """Server-sent events: the role, the text as it grows, the finish reason, the usage if asked, then [DONE]."""
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    sent = ""
+    try:
+        yield sse(completion.chunk({"role": "assistant", "content": ""}, with_usage=with_usage))
+        while True:
+            if progress.text.startswith(sent) and len(progress.text) > len(sent):
+                yield sse(completion.chunk({"content": progress.text[len(sent):]}, with_usage=with_usage))
+                sent = progress.text
+            if progress.finish_reason is not None:
+                break
+            progress = await run_in_threadpool(advance, release.answer)
+        yield sse(completion.chunk({}, progress.finish_reason, with_usage=with_usage))
+        if with_usage:
+            yield sse(completion.usage_chunk(progress))
+    except APIError as error:
+        yield sse(error.body())
+    except Exception:
+        log.exception("a stream failed")
+        yield sse(APIError(500, "internal server error", kind="server_error").body())
+    finally:
+        await release()
+    yield "data: [DONE]\n\n"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared):,} bytes; the limit is {limit:,}", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():  # also without a Content-Length (chunked): never more than the limit
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over the limit of {limit:,} bytes", code="request_too_large")
+    return bytes(body)
+
+
+@contextlib.contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0):
+    """Serves `app` on a thread for the `with` block; yields its base URL (`port=0`: a free port)."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        yield f"http://{host}:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

@@ -1,0 +1,274 @@
+"""llava-serve through the official openai client on loopback, with the embedded shapes model (it answers about
+shapes and colours, so answers can be checked against the image)."""
+
+import base64
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engine import ChatEngine
+from engine.chat import Progress
+from engine.media import MediaPolicy
+from engine.server import create_app, running
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+MODEL = "shapes-llava"
+
+
+def data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def question(text: str, url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+CIRCLES = question("What color is the circle?", data_url(EXAMPLES / "red_circle_blue_square.png"))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ChatEngine(str(ROOT / "checkpoints" / MODEL), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with running(create_app(engine, MODEL, max_body_bytes=2_000_000)) as base_url:
+        yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+def ask(client, messages, **options) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model=MODEL, messages=messages, **{"temperature": 0, "max_tokens": 40, **options})
+
+
+def streamed(client, messages, **options) -> tuple[str, object]:
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True,
+                                            stream_options={"include_usage": True}, **options)
+    text, usage = "", None
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        usage = chunk.usage or usage
+    return text, usage
+
+
+def test_an_image_question_is_answered_about_that_image(client):
+    assert [model.id for model in client.models.list()] == [MODEL]
+    red = ask(client, CIRCLES)
+    assert "red" in red.choices[0].message.content and red.choices[0].finish_reason == "stop"
+    yellow = ask(client, question("What color is the circle?", data_url(EXAMPLES / "three_shapes.png")))
+    assert "yellow" in yellow.choices[0].message.content  # the same question, another image: another answer
+    assert red.usage.prompt_tokens > 16 and 0 < red.usage.completion_tokens <= 40
+
+
+def test_streaming_equals_non_streaming_at_temperature_0(client):
+    whole = ask(client, CIRCLES)
+    text, usage = streamed(client, CIRCLES)
+    assert text == whole.choices[0].message.content
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+
+def test_a_follow_up_with_history_reuses_the_cached_prefix(client):
+    first = ask(client, CIRCLES).choices[0].message.content
+    follow_up = CIRCLES + [{"role": "assistant", "content": first}, {"role": "user", "content": "Where is the square?"}]
+    answer = ask(client, follow_up)
+    assert "square" in answer.choices[0].message.content
+    assert answer.usage.prompt_tokens_details.cached_tokens > 16  # the system prompt and the first question at least
+    again = ask(client, follow_up)  # a retry: everything but the last prompt token comes from the cache
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == answer.choices[0].message.content
+
+
+def test_stop_strings_and_token_limits(client):
+    full = ask(client, CIRCLES).choices[0].message.content  # "The circle is red."
+    cut = ask(client, CIRCLES, stop=[" is"])
+    assert cut.choices[0].message.content == full.split(" is")[0] and cut.choices[0].finish_reason == "stop"
+    short = ask(client, CIRCLES, max_completion_tokens=2)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+
+
+def conversations() -> list[list[dict]]:
+    texts = ["What color is the circle?", "How many shapes are in the image?", "Where is the yellow triangle?",
+             "Describe the image.", "Is there a blue square in the image?", "What color is the square?"]
+    images = sorted(EXAMPLES.glob("*.png"))
+    return [question(text, data_url(images[index % len(images)])) for index, text in enumerate(texts + texts[:2])]
+
+
+def test_concurrent_greedy_streams_each_equal_their_answer_alone(client, engine):
+    requests = conversations()
+    alone = [ask(client, messages).choices[0].message.content for messages in requests]
+    engine.scheduler.peak_batch = 0
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda messages: streamed(client, messages)[0], requests))
+    assert together == alone
+    assert engine.scheduler.peak_batch > 1  # they did decode in one batch
+
+
+def test_a_seed_gives_the_same_sample_alone_and_in_a_batch(client):
+    sample = {"temperature": 1.0, "seed": 7, "max_tokens": 30}
+    kwargs = {"model": MODEL, "messages": CIRCLES, **sample}
+    alone = client.chat.completions.create(**kwargs).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(client.chat.completions.create, model=MODEL, messages=messages, temperature=1.0, max_tokens=30)
+                  for messages in conversations()[:3]]
+        again = pool.submit(client.chat.completions.create, **kwargs).result().choices[0].message.content
+        [other.result() for other in others]
+    assert again == alone
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A 70-byte PNG whose header declares width x height pixels: a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+
+
+def refused(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as caught:
+        call()
+    return caught.value
+
+
+def test_bad_input_gets_openai_errors_while_other_streams_go_on(client):
+    requests = conversations()[:4]
+    alone = [ask(client, messages).choices[0].message.content for messages in requests]
+    streams = [client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True)
+               for messages in requests]
+    firsts = [next(iter(stream)) for stream in streams]  # every stream is open
+    bomb = "data:image/png;base64," + base64.b64encode(png_header(8_000, 8_000)).decode()
+    cases = [
+        (400, "invalid_image", lambda: ask(client, question("Hi?", "data:image/png;base64,not base64!"))),
+        (400, None, lambda: ask(client, question("Hi?", "data:image/png;base64," + base64.b64encode(b"GIF89a junk").decode()))),
+        (400, None, lambda: ask(client, question("Hi?", bomb))),
+        (400, "invalid_image", lambda: ask(client, question("Hi?", "https://example.com/cat.png"))),  # URLs are off
+        (400, "invalid_image", lambda: ask(client, question("Hi?", (EXAMPLES / "three_shapes.png").as_uri()))),  # files too
+        (400, None, lambda: ask(client, CIRCLES + CIRCLES[:1])),  # two images
+        (400, None, lambda: ask(client, [{"role": "user", "content": "no image"}])),
+        (400, None, lambda: ask(client, CIRCLES, temperature=3)),
+        (404, "model_not_found", lambda: client.chat.completions.create(model="gpt-4o", messages=CIRCLES)),
+        (413, "request_too_large", lambda: ask(client, question("x" * 2_500_000, CIRCLES[0]["content"][1]["image_url"]["url"]))),
+    ]
+    for status, code, call in cases:
+        error = refused(call)
+        assert error.status_code == status and set(error.body) == {"message", "type", "param", "code"}, error.body
+        assert error.body["type"] == "invalid_request_error" and error.body["message"]
+        if code:
+            assert error.body["code"] == code
+    assert "8000x8000" in refused(cases[2][2]).body["message"]  # refused from its header, before decoding
+    raw = httpx.post(str(client.base_url) + "chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "error" in raw.json()
+    assert httpx.get(str(client.base_url) + "nowhere").json()["error"]["message"]
+    texts = []
+    for first, stream in zip(firsts, streams):
+        texts.append("".join(chunk.choices[0].delta.content or "" for chunk in [first, *stream] if chunk.choices))
+    assert texts == alone
+
+
+class Gate:
+    """An engine whose answers wait for `release`: requests stay in flight as long as a test needs."""
+
+    def __init__(self):
+        self.release, self.entered = threading.Event(), threading.Event()
+
+    def generate(self, messages, image, sampling, stop=(), interval=0.0):
+        self.entered.set()
+        assert self.release.wait(30)
+        yield Progress("ok", prompt_tokens=3, cached_tokens=0, completion_tokens=1, finish_reason="stop")
+
+
+def test_a_full_server_answers_503_and_recovers():
+    gate = Gate()
+    with running(create_app(gate, MODEL, max_concurrent=1)) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(ask, client, CIRCLES)
+            assert gate.entered.wait(30)
+            busy = refused(lambda: ask(client, CIRCLES))
+            assert busy.status_code == 503 and busy.body["code"] == "queue_full"
+            gate.release.set()
+            assert first.result().choices[0].message.content == "ok"
+        assert ask(client, CIRCLES).choices[0].message.content == "ok"
+
+
+class SlowGate(Gate):
+    """Its answers give a first chunk, then wait for `release` before the end; `closed` once the server let go."""
+
+    def __init__(self):
+        super().__init__()
+        self.closed = threading.Event()
+
+    def generate(self, messages, image, sampling, stop=(), interval=0.0):
+        try:
+            yield Progress("first", prompt_tokens=3, cached_tokens=0, completion_tokens=1)
+            self.entered.set()
+            assert self.release.wait(30)
+            yield Progress("first and last", prompt_tokens=3, cached_tokens=0, completion_tokens=2, finish_reason="stop")
+        finally:
+            self.closed.set()
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_place():
+    gate = SlowGate()
+    with running(create_app(gate, MODEL, max_concurrent=1)) as base_url:
+        body = {"model": MODEL, "messages": CIRCLES, "stream": True}
+        with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=30) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+            assert gate.entered.wait(30)
+        gate.release.set()  # the client is gone; the server notices and lets go of the answer
+        assert gate.closed.wait(30)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        for _ in range(100):  # bounded: the place is freed right after the answer is closed
+            try:
+                assert ask(client, CIRCLES).choices[0].message.content == "first and last"
+                break
+            except openai.APIStatusError as error:
+                assert error.status_code == 503
+                time.sleep(0.05)
+        else:
+            pytest.fail("the server never freed the departed client's place")
+
+
+def test_local_files_only_inside_the_allowed_folder(engine, tmp_path):
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir(), outside.mkdir()
+    (allowed / "shapes.png").write_bytes((EXAMPLES / "red_circle_blue_square.png").read_bytes())
+    (outside / "secret.png").write_bytes((EXAMPLES / "three_shapes.png").read_bytes())
+    (allowed / "link.png").symlink_to(outside / "secret.png")
+    with running(create_app(engine, MODEL, MediaPolicy(allowed_local_path=allowed))) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        answer = ask(client, question("What color is the circle?", (allowed / "shapes.png").as_uri()))
+        assert "red" in answer.choices[0].message.content
+        for escape in (f"file://{allowed}/../outside/secret.png", (allowed / "link.png").as_uri(), f"file://{allowed}/missing.png"):
+            error = refused(lambda url=escape: ask(client, question("What color is the circle?", url)))
+            assert error.status_code == 400 and error.body["code"] == "invalid_image", escape
+
+
+def test_an_api_key_is_required_and_never_echoed(engine):
+    with running(create_app(engine, MODEL, api_key="s3cret-key")) as base_url:
+        wrong = openai.OpenAI(base_url=base_url, api_key="guessed-key", max_retries=0, timeout=30)
+        error = refused(lambda: wrong.models.list())
+        assert error.status_code == 401 and "guessed-key" not in str(error.body) and "s3cret" not in str(error.body)
+        right = openai.OpenAI(base_url=base_url, api_key="s3cret-key", max_retries=0, timeout=30)
+        assert [model.id for model in right.models.list()] == [MODEL]
+        assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # health needs no key
+
+
+def test_the_command_documents_itself_and_refuses_a_missing_media_folder(tmp_path):
+    import subprocess
+    import sys
+
+    shown = subprocess.run([sys.executable, "-m", "engine.serve_cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "--allowed-local-media-path" in shown.stdout and "--allow-image-urls" in shown.stdout
+    refused = subprocess.run([sys.executable, "-m", "engine.serve_cli", "--model", str(ROOT / "checkpoints" / MODEL),
+                              "--allowed-local-media-path", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "is not a folder" in refused.stderr

@@ -1,0 +1,40 @@
+"""RemoteChat, the app's front end for any OpenAI-compatible server, against llava-serve on loopback."""
+
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from tiny_components import user_turn
+
+from engine import ChatEngine, ChatError
+from engine.remote import RemoteChat
+from engine.server import create_app, running
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "examples" / "red_circle_blue_square.png"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return ChatEngine(str(ROOT / "checkpoints" / "shapes-llava"), device="cpu")
+
+
+def test_remote_chat_streams_what_the_local_engine_answers(engine, tmp_path):
+    messages = [user_turn("What color is the circle?", image_first=False)]
+    local = list(engine.stream(messages, str(IMAGE), temperature=0.0, max_new_tokens=30))
+    with running(create_app(engine, "shapes-llava")) as base_url:
+        remote = RemoteChat(base_url)  # no model named: the server's first
+        chunks = list(remote.stream(messages, str(IMAGE), temperature=0.0, max_new_tokens=30, session_id="s1"))
+        assert chunks[-1] == local[-1] and "red" in chunks[-1]
+        assert all(later.startswith(earlier) for earlier, later in pairwise(chunks))
+        history, image = remote.conversation("s1")  # for clients that send one turn at a time
+        assert history[-1] == {"role": "assistant", "content": local[-1]} and image == str(IMAGE)
+        follow_up = [*history, {"role": "user", "content": "Where is the square?"}]
+        assert list(remote.stream(follow_up, image, temperature=0.0, max_new_tokens=30))[-1] == list(
+            engine.stream(follow_up, str(IMAGE), temperature=0.0, max_new_tokens=30))[-1]
+        bogus = tmp_path / "x.png"
+        bogus.write_bytes(b"\x89PNG broken")
+        with pytest.raises(ChatError, match="x.png"):  # refused here, as the local engine would
+            list(remote.stream(messages, str(bogus)))
+        with pytest.raises(ChatError, match="temperature"):  # refused by the server: a ChatError the app shows
+            list(remote.stream(messages, str(IMAGE), temperature=5.0))
