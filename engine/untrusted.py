@@ -54,9 +54,12 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = M
                 rgb = image.copy()  # outlives the `with`, which closes the file
     except UntrustedInputError:
         raise
+    except Image.DecompressionBombError as error:  # PIL refuses at open past twice its own limit: ours is lower
+        raise UntrustedInputError(f"the image {name} declares far more pixels than the limit of {max_pixels / 1e6:g} "
+                                  f"megapixels ({error})") from error
     except UnidentifiedImageError as error:
         raise UntrustedInputError(f"cannot read image {name}: not an image in one of {', '.join(ALLOWED_FORMATS)}") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError) as error:
         raise UntrustedInputError(f"cannot read image {name}: {error}") from error
     if max_side and max(rgb.size) > max_side:
         rgb.thumbnail((max_side, max_side))

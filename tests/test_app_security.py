@@ -145,6 +145,13 @@ def test_a_huge_question_is_refused_before_it_is_tokenized(app, tmp_path):
     assert not follow.startswith(("Sorry", "Please")), follow  # the refused question is not in the next prompt
 
 
+def test_an_image_past_pils_own_bomb_limit_gets_our_message(tmp_path):
+    from engine.untrusted import UntrustedInputError, open_image
+
+    with pytest.raises(UntrustedInputError, match="limit of 40 megapixels"):
+        open_image(bomb(tmp_path, side=20000))  # 400 megapixels: PIL itself refuses to open it
+
+
 def test_uploads_of_other_formats_are_refused(tmp_path):
     from engine.untrusted import UntrustedInputError, open_image
 
