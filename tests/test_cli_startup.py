@@ -34,3 +34,13 @@ def test_help_and_a_wrong_flag_answer_within_two_seconds_without_loading_torch(s
     assert seconds < 2.0, f"{script} --help took {seconds:.1f} s"
     refused, seconds = run(SCRIPTS[script], "--no-such-flag")  # argparse names it, or first the arguments missing
     assert refused.returncode == 2 and f"{script}: error:" in refused.stderr and seconds < 2.0, (seconds, refused.stderr[-300:])
+
+
+@pytest.mark.parametrize("script, args", [
+    ("llava-train", ["--stage", "2", "--model", "./no/such/checkpoint", "--data", "d.json", "--output", "out"]),
+    ("llava-eval", ["shapes", "--model", "./no/such/checkpoint", "--output", "out"]),
+])
+def test_a_mistyped_model_path_is_named_in_one_line_before_anything_loads(script, args):
+    result, seconds = run(SCRIPTS[script], *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and seconds < 3.0, result.stderr[-500:]
+    assert "./no/such/checkpoint: no such folder" in result.stderr and "Repo id must be" not in result.stderr

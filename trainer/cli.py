@@ -22,7 +22,7 @@ def main(argv=None) -> int:
         if settings.check_data:
             return check_data(settings)
         train(settings)
-    except (DataError, ValueError) as error:
+    except (DataError, ValueError, OSError) as error:  # OSError: a model or file that cannot be read, named
         print(f"llava-train: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:

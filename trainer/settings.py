@@ -4,6 +4,7 @@ setting is declared once; precedence is defaults < preset/YAML < command line.""
 import argparse
 import dataclasses
 import importlib.util
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +16,17 @@ SAVE_DTYPES = ("float32", "float16", "bfloat16")
 # Accelerate's trackers and the packages each needs; Accelerate itself drops a missing one without a word.
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
             "comet_ml": ("comet_ml",), "aim": ("aim",)}
+
+
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def check_model_source(flag: str, value: str | None):
+    """A model named on the command line is a folder or a hub id (NAME or OWNER/NAME); say which it is not before
+    anything loads (the hub's own message for a mistyped path is "Repo id must be in the form ...")."""
+    if not value or value.startswith("open_clip:") or Path(value).expanduser().is_dir() or HUB_ID.fullmatch(value):
+        return
+    raise ValueError(f"{flag} {value}: no such folder (and not a hub id, which reads NAME or OWNER/NAME)")
 
 
 @dataclass
@@ -75,6 +87,8 @@ class TrainSettings:
     def validate(self) -> "TrainSettings":
         if self.stage not in (1, 2):
             raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
+        for flag, value in (("--model", self.model), ("--llm", self.llm), ("--vision", self.vision)):
+            check_model_source(flag, value)
         if not self.model and not (self.vision and self.llm):
             raise ValueError(f"stage {self.stage} needs --model (a llava_plugin checkpoint: for stage 2 usually the stage 1 "
                              "output) or --vision and --llm (a fresh projector; for stage 2 that skips feature alignment)")

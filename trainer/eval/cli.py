@@ -160,6 +160,9 @@ def shapes_probe_command(args) -> dict:
 
 
 def make_candidate(args):
+    from trainer.settings import check_model_source
+
+    check_model_source("--model", args.model)
     if not args.model_url and (args.model_name or args.api_key):
         raise ValueError("--model-name and --api-key are for a model behind --model-url")
     if args.model_url:
