@@ -115,6 +115,14 @@ def tiny_data(folder: Path):
     (folder / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(captions))
     (folder / "llava_v1_5_mix665k.json").write_text(json.dumps(chats))
     datagen_inputs(folder)
+    (folder / "my_questions.jsonl").write_text(shown_file(ROOT / "docs" / "eval.md", "my_questions.jsonl"))
+
+
+def shown_file(guide: Path, name: str) -> str:
+    """The ```json block that follows the guide's first mention of `name`: the file its commands read."""
+    text = guide.read_text()
+    start = text.index("```json\n", text.index(f"`{name}`")) + len("```json\n")
+    return text[start:text.index("```", start)]
 
 
 def datagen_inputs(folder: Path):
