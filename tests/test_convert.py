@@ -7,21 +7,18 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tiny_components import original_as_llava_hf, save_llava_hf, save_original_llava
 from transformers import (
     AutoProcessor,
     CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaImageProcessorPil,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
 )
 
 from llava_plugin import LlavaPluginForConditionalGeneration
 from llava_plugin.convert import convert
 from llava_plugin.processing_llava_plugin import DEFAULT_SYSTEM
-from tiny_components import IMAGE_SIZE, llava_hf_parts, original_as_llava_hf, save_original_llava
 
 IMAGES = {"square": (40, 40), "odd": (33, 17), "wide": (300, 41)}
 
@@ -41,17 +38,7 @@ def parity(ours, theirs, input_ids, pixel_values):
 
 @pytest.fixture(scope="module")
 def llava_hf(parts, tmp_path_factory):
-    """A tiny llava-hf checkpoint: CLIP tower, LLaMA, <image> in the vocabulary, pad-to-square preprocessing."""
-    folder = tmp_path_factory.mktemp("llava-hf")
-    tokenizer, vision, text = llava_hf_parts(folder, parts["clip"])
-    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = LlavaImageProcessorPil(do_pad=True, size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False,
-                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1).save_pretrained(folder)
-    return folder
+    return save_llava_hf(tmp_path_factory.mktemp("llava-hf"), parts["clip"])
 
 
 def test_llava_hf_to_plugin_matches_transformers(llava_hf, tmp_path):

@@ -6,15 +6,13 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tiny_components import IMAGE_SIZE, llava_hf_parts, original_as_llava_hf, save_original_llava
+from tiny_components import IMAGE_SIZE, original_as_llava_hf, save_llava_next_hf, save_original_llava
 from transformers import (
     AutoProcessor,
     CLIPVisionModel,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessor,
-    LlavaNextProcessor,
 )
 
 from llava_plugin import LlavaPluginForConditionalGeneration, anyres
@@ -52,20 +50,7 @@ def parity(ours, theirs, mine, reference):
 @pytest.fixture(scope="module")
 def llava_next(parts, tmp_path_factory):
     """A tiny llava-hf LLaVA-NeXT checkpoint: CLIP tower, LLaMA, three grid pinpoints of the tower's 32px tiles."""
-    folder = tmp_path_factory.mktemp("llava-next-hf")
-    tokenizer, vision, text = llava_hf_parts(folder, parts["clip"], max_position_embeddings=512)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
-                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16)
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config)
-    with torch.no_grad():
-        model.model.image_newline.normal_()  # well away from zero, so a misplaced newline would show in the logits
-    model.save_pretrained(folder)
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                              image_grid_pinpoints=PINPOINTS)
-    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                       num_additional_image_tokens=1, chat_template=MISTRAL_LIKE).save_pretrained(folder)
-    return folder
+    return save_llava_next_hf(tmp_path_factory.mktemp("llava-next-hf"), parts["clip"], PINPOINTS, MISTRAL_LIKE)
 
 
 def compare(ours, ours_processor, theirs, their_processor, pictures, prompt, name):

@@ -55,6 +55,45 @@ def llava_hf_parts(folder: Path, clip: str, max_position_embeddings: int = 256):
     return tokenizer, CLIPVisionConfig.from_pretrained(clip).to_dict(), text.to_dict()
 
 
+def save_llava_hf(folder: Path, clip: str) -> Path:
+    """A tiny llava-hf checkpoint: CLIP tower, LLaMA, <image> in the vocabulary, pad-to-square preprocessing."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessorPil, LlavaProcessor
+
+    tokenizer, vision, text = llava_hf_parts(folder, clip)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=16, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    image_processor = LlavaImageProcessorPil(do_pad=True, size=square, do_center_crop=False, crop_size=square)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
+
+
+def save_llava_next_hf(folder: Path, clip: str, pinpoints: list, chat_template: str | None = None) -> Path:
+    """A tiny llava-hf LLaVA-NeXT checkpoint: CLIP tower, LLaMA, grid pinpoints of the tower's 32px tiles."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer, vision, text = llava_hf_parts(folder, clip, max_position_embeddings=512)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.image_newline.normal_()  # well away from zero, so a misplaced newline would show in the logits
+    model.save_pretrained(folder)
+    image_processor = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                              image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+                       num_additional_image_tokens=1, chat_template=chat_template).save_pretrained(folder)
+    return folder
+
+
 def save_original_llava(folder: Path, seed: int, max_position_embeddings: int = 256, extra_weights: dict | None = None,
                         **config) -> dict:
     """An original LLaVA layout (LlavaLlamaForCausalLM, mm_* keys, .bin weights, no tower inside, CLIP-24 features
