@@ -1,7 +1,5 @@
 """llava-convert: checkpoints in, checkpoints out, with the weights untouched (the work is llava_plugin.convert's).
 
-llava-convert: checkpoints in, checkpoints out, with the weights untouched.
-
     llava-convert SRC DST                    llava-hf (LLaVA or LLaVA-NeXT) or original LLaVA  ->  llava_plugin
     llava-convert SRC DST --to llava-hf      llava_plugin  ->  llava-hf (transformers' LlavaForConditionalGeneration, or
                                              LlavaNextForConditionalGeneration for an AnyRes model)
