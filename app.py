@@ -19,12 +19,16 @@ import gradio as gr
 import openai
 
 from engine import ChatEngine, ChatError
-from engine.untrusted import MAX_QUESTION_CHARS, UntrustedInputError, check_text, open_image
+from engine.untrusted import MAX_QUESTION_CHARS, UntrustedInputError, check_text, image_size, open_image
 from trainer.datagen import KINDS, AnnotationError, draft_records
 from trainer.datagen.openai_backend import DEFAULT_MODEL as DEFAULT_DRAFT_MODEL
 from trainer.datagen.preview import annotation_from_text, as_chat, draw_boxes
 
 MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio with a message
+# Gradio keeps every upload (of any type: the file filter is the browser's) and every output in its cache: files
+# older than an hour go, checked every hour, so the disk a visitor can fill is bounded.
+DELETE_CACHE = (3600, 3600)
+PREVIEW_SIDE = 1024  # the Data tab's picture with its boxes
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_FOLDER = os.path.join(HERE, "examples")
 EXAMPLES = [
@@ -174,8 +178,10 @@ def make_draft(policy: DraftPolicy):
     def draft(record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed):
         """The data tab's action: the same drafting API as llava-datagen. The key is used for this call only."""
         try:
-            picture = open_image(image) if image else None  # a file path: measured before it is decoded
-            size = picture.size if picture is not None else (width, height)
+            # A file path: measured from its header before it is decoded, and decoded no larger than the preview needs
+            # (draw_boxes scales the annotation's boxes to the picture it is given).
+            size = image_size(image) if image else (width, height)
+            picture = open_image(image, max_side=PREVIEW_SIDE) if image else None
             annotation = annotation_from_text(record_json, captions, boxes, *size)
             options = policy.options(backend, api_key, base_url)
             records, rejects = draft_records(annotation, kinds=kinds or KINDS, backend=backend, seed=int(seed or 0),
@@ -235,7 +241,7 @@ def build_demo(engine, notice: str = "", policy: DraftPolicy | None = None, abou
                defaults: dict | None = None) -> gr.Blocks:
     """The page. `engine` is a ChatEngine (or anything with its `stream`), or None with a `notice` to show instead."""
     policy, defaults = policy or DraftPolicy(), defaults or GENERATION_DEFAULTS
-    with gr.Blocks(title="llava-plugin") as demo:
+    with gr.Blocks(title="llava-plugin", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# llava-plugin\nVisual instruction tuning: chat about an image, or draft instruction data.")
         with gr.Tab("Chat"):
             for text in (notice, about):

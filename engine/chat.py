@@ -1,6 +1,7 @@
 """Streaming multi-turn image chat on any llava_plugin, llava-hf or original LLaVA checkpoint, reusing each
 session's KV cache and vision features across turns (the original LLaVA worker re-encoded everything every turn)."""
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from .prefix_cache import PrefixCache, common_prefix
 from .scheduler import Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
-from .untrusted import MAX_CONVERSATION_CHARS, UntrustedInputError, check_text, open_image, plain_messages
+from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD, UntrustedInputError, conversation_size, open_image, plain_messages
 
 CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
 MAX_IMAGE_SIDE = 2048
@@ -43,11 +44,6 @@ def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
 
 class ChatError(ValueError):
     """A problem with the user's input, worded for the user."""
-
-
-def conversation_text(messages: list[dict]) -> str:
-    return "".join(message["content"] if isinstance(message["content"], str)
-                   else "".join(part.get("text", "") for part in message["content"]) for message in messages)
 
 
 def fingerprint(image) -> str:
@@ -149,7 +145,9 @@ class ChatEngine:
                 if max(image.size) > MAX_IMAGE_SIDE:
                     image = image.copy()
                     image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-            check_text(conversation_text(messages), MAX_CONVERSATION_CHARS, "the conversation")
+            if conversation_size(messages) > MAX_CONVERSATION_CHARS:
+                raise UntrustedInputError(f"the conversation ({len(messages):,} messages) is over the limit of "
+                                          f"{MAX_CONVERSATION_CHARS:,} characters (each message counts {MESSAGE_OVERHEAD} more)")
             messages = plain_messages(messages, self.processor.tokenizer.all_special_tokens)
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
@@ -172,6 +170,11 @@ class ChatEngine:
         except ValueError as error:  # too long for the model
             raise ChatError(str(error)) from error
         ids = ids.to(self.device)
+        room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
+        if room < 1:
+            raise ChatError(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
+        if sampling.max_new_tokens > room:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size
         anyres = self.model.config.image_grid_pinpoints is not None
         image_sizes = torch.tensor([[image.height, image.width]], device=self.device) if anyres else None

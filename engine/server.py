@@ -19,10 +19,11 @@ import time
 import anyio
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
 from .media import MediaPolicy
@@ -61,6 +62,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):  # unknown routes, wrong methods
         return error_response(APIError(error.status_code, str(error.detail), code=None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, error: ClientDisconnect):  # nobody to answer, nothing to log
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception):

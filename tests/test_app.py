@@ -285,3 +285,15 @@ def test_the_app_is_a_front_end_for_an_openai_compatible_server(saved_checkpoint
     turns += [{"role": "assistant", "content": first}, {"role": "user", "content": "Are you sure?"}]
     assert second == direct_answer(saved_checkpoint, turns, image)
     assert "Loading weights" not in (tmp_path / "front.log").read_text()
+
+
+def test_the_data_tab_previews_a_large_picture_reduced_with_its_boxes_where_they_belong(tmp_path):
+    from app import PREVIEW_SIDE, DraftPolicy, make_draft
+
+    picture = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000), "white").save(picture)
+    boxed, _, text, _ = make_draft(DraftPolicy())("", "A square.", "square: [1500, 1000, 2400, 1800]", str(picture), None,
+                                                   None, ["detail"], "offline", "", "", "gpt-4.1", 0)
+    assert boxed.size == (PREVIEW_SIDE, round(PREVIEW_SIDE * 2 / 3))  # decoded no larger than the preview
+    assert boxed.getpixel((512, 400)) == (255, 0, 255)  # the box's left edge, scaled from 3000 px wide to 1024
+    assert '"id": "pasted_detail"' in text

@@ -272,3 +272,20 @@ def test_the_command_documents_itself_and_refuses_a_missing_media_folder(tmp_pat
     refused = subprocess.run([sys.executable, "-m", "engine.serve_cli", "--model", str(ROOT / "checkpoints" / MODEL),
                               "--allowed-local-media-path", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "is not a folder" in refused.stderr
+
+
+def test_what_review_found_is_refused_cheaply(client):
+    """From an attack on loopback: a seed past 64 bits was a 500 that reset the connection; 400,000 empty messages
+    (a 25 MB body) took 45 s and 1.3 GB to template before the context check; an answer could run past the context."""
+    import time
+
+    error = refused(lambda: ask(client, CIRCLES, seed=2**64))
+    assert error.status_code == 400 and error.body["param"] == "seed"
+    assert ask(client, CIRCLES, max_tokens=3).choices[0].message.content is not None  # the connection still serves
+    empty = [*CIRCLES, *[{"role": "assistant", "content": ""}, {"role": "user", "content": ""}] * 10_000]
+    started = time.monotonic()
+    error = refused(lambda: ask(client, empty, max_tokens=2))
+    assert error.status_code == 400 and "20,001 messages" in error.message and time.monotonic() - started < 5
+    long_text = question("q " * 492 + "Describe the image.", data_url(EXAMPLES / "three_shapes.png"))
+    answer = ask(client, long_text, max_tokens=200, temperature=0)
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens <= 1024  # the model's context
