@@ -79,37 +79,43 @@ def _parts(content) -> tuple[list[str], list[str]]:
     return texts, files
 
 
-def conversation_from(message: dict, history: list[dict]) -> tuple[list[dict], str | None]:
-    """Gradio's history + the new message -> (chat-template messages of the current conversation, its image path).
+def conversation_from(message: dict, history: list[dict], keep_images: bool = False) -> tuple[list[dict], object]:
+    """Gradio's history + the new message -> (chat-template messages of the current conversation, its image path;
+    with `keep_images`, the list of its images' paths).
 
     The current conversation starts at the newest user message that brought an image (a new image starts a new
-    conversation, as in LLaVA); what came before it is not in the prompt. The app's own notices, and the question
-    each one answered, are left out too. The image goes in the conversation's first user turn."""
+    conversation, as in LLaVA): what came before it is not in the prompt. With `keep_images` (a model trained on
+    several images per conversation) it starts at the first one instead, and every image stays where it was sent.
+    The app's own notices, and the question each one answered, are left out."""
     files = [{"path": file} if isinstance(file, str) else file for file in message.get("files") or []]
     new = {"role": "user", "content": [*files, message.get("text") or ""]}
     items = [(item.get("role"), *_parts(item.get("content"))) for item in [*history, new]]
     starts = [index for index, (role, _, files) in enumerate(items) if role == "user" and files]
     if not starts:
         return [], None
-    items = items[starts[-1]:]
-    image = items[0][2][-1]
+    items = items[starts[0] if keep_images else starts[-1]:]
+    images = [path for role, _, paths in items if role == "user" for path in paths] if keep_images else [items[0][2][-1]]
     turns: list[dict] = []
-    for index, (role, texts, _) in enumerate(items):
+    for index, (role, texts, paths) in enumerate(items):
         text = "\n".join(text for text in texts if text.strip())
         answered_by_notice = role == "user" and index + 1 < len(items) and items[index + 1][0] == "assistant" and \
             "\n".join(items[index + 1][1]).startswith(NOTICES)
-        if role not in ("user", "assistant") or not text or answered_by_notice or text.startswith(NOTICES):
+        if answered_by_notice or text.startswith(NOTICES):
+            text = ""
+        brought = (len(paths) if keep_images else int(index == 0)) if role == "user" else 0
+        if role not in ("user", "assistant") or not (text or brought):
             continue
         if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] += "\n" + text
+            turns[-1]["text"] = "\n".join(part for part in (turns[-1]["text"], text) if part)
+            turns[-1]["images"] += brought
         else:
-            turns.append({"role": role, "content": text})
-    if turns and turns[0]["role"] == "user":
-        turns[0]["content"] = [{"type": "image"}, {"type": "text", "text": turns[0]["content"]}]
-    return turns, image
+            turns.append({"role": role, "text": text, "images": brought})
+    messages = [{"role": turn["role"], "content": [*[{"type": "image"}] * turn["images"], {"type": "text", "text": turn["text"]}]
+                 if turn["images"] else turn["text"]} for turn in turns]
+    return messages, (images if keep_images else images[0])
 
 
-def respond_with(engine, notice: str = "", max_question_chars: int = MAX_QUESTION_CHARS):
+def respond_with(engine, notice: str = "", max_question_chars: int = MAX_QUESTION_CHARS, keep_images: bool = False):
     """The chat function: checks the visitor's input, then streams the engine's answer."""
     def respond(message, history, temperature, top_p, max_new_tokens, request: gr.Request = None):
         if engine is None:
@@ -124,8 +130,8 @@ def respond_with(engine, notice: str = "", max_question_chars: int = MAX_QUESTIO
         if not text.strip():
             yield ASK_FOR_QUESTION
             return
-        messages, image = conversation_from(message, history)
-        if image is None:
+        messages, image = conversation_from(message, history, keep_images)
+        if not image:
             yield ASK_FOR_IMAGE
             return
         session = request.session_hash if request else None
@@ -238,8 +244,9 @@ def data_tab(policy: DraftPolicy):
 
 
 def build_demo(engine, notice: str = "", policy: DraftPolicy | None = None, about: str = "",
-               defaults: dict | None = None) -> gr.Blocks:
-    """The page. `engine` is a ChatEngine (or anything with its `stream`), or None with a `notice` to show instead."""
+               defaults: dict | None = None, multi_image: bool = False) -> gr.Blocks:
+    """The page. `engine` is a ChatEngine (or anything with its `stream`), or None with a `notice` to show instead.
+    `multi_image`: a new image joins the conversation instead of starting a new one (for models trained so)."""
     policy, defaults = policy or DraftPolicy(), defaults or GENERATION_DEFAULTS
     with gr.Blocks(title="llava-plugin", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown("# llava-plugin\nVisual instruction tuning: chat about an image, or draft instruction data.")
@@ -253,7 +260,7 @@ def build_demo(engine, notice: str = "", policy: DraftPolicy | None = None, abou
                 gr.Slider(1, 1024, value=defaults["max_new_tokens"], step=1, label="Max new tokens", render=False),
             ]
             chat = gr.ChatInterface(
-                respond_with(engine, notice),
+                respond_with(engine, notice, keep_images=multi_image),
                 multimodal=True,
                 api_name="chat",
                 textbox=gr.MultimodalTextbox(file_types=["image"], file_count="single", render=False,
@@ -322,6 +329,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
+    parser.add_argument("--multi-image", action="store_true",
+                        help="a new image joins the conversation (for models trained on several images per "
+                             "conversation, e.g. LLaVA-NeXT-Interleave); by default it starts a new one, as LLaVA")
     # Each also from an environment variable, as a Space's settings set them (Spaces pass no flags).
     drafting = parser.add_argument_group("the Data tab's remote backend (off by default)")
     drafting.add_argument("--remote-drafting", action="store_true", default=_env_flag("LLAVA_REMOTE_DRAFTING"),
@@ -339,6 +349,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.draft_base_url = [url for url in os.environ["LLAVA_DRAFT_BASE_URLS"].split(",") if url.strip()]
     if args.draft_with_operator_key and not os.environ.get("OPENAI_API_KEY"):
         parser.error("--draft-with-operator-key needs OPENAI_API_KEY in the environment")
+    if args.multi_image and args.backend_url:
+        parser.error("--multi-image needs a model of our engine: --backend-url servers take one image a request")
     if (args.draft_base_url or args.draft_with_operator_key) and not args.remote_drafting:
         parser.error("--draft-base-url and --draft-with-operator-key need --remote-drafting")
     return args
@@ -361,7 +373,7 @@ def page_for(args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     args = parse_args()
-    demo = build_demo(load_backend(args), policy=policy_from(args), **page_for(args))
+    demo = build_demo(load_backend(args), policy=policy_from(args), multi_image=args.multi_image, **page_for(args))
     demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
                         run_history=False)
 else:  # imported (`gradio app.py`, a notebook, the tests): the model of $LLAVA_MODEL or the embedded one

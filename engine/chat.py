@@ -134,17 +134,10 @@ class ChatEngine:
         self.sessions.reset(session_id)
 
     def _prompt(self, messages, image):
-        """The checked image, its fingerprint and the prompt text; ChatError for input we refuse."""
+        """The checked images (`image` is one, or a list for a conversation with several), their fingerprint and the
+        prompt text; ChatError for input we refuse."""
         try:
-            # A huge photo: the tower sees 336 px anyway, keep memory and time flat. A file is measured from its
-            # header before decoding (untrusted); an image object in memory was the caller's to decode.
-            if isinstance(image, (str, os.PathLike, bytes)):
-                image = open_image(image, max_side=MAX_IMAGE_SIDE)
-            else:
-                image = load_image(image)
-                if max(image.size) > MAX_IMAGE_SIDE:
-                    image = image.copy()
-                    image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+            images = [self._decoded(source) for source in (image if isinstance(image, (list, tuple)) else [image])]
             if conversation_size(messages) > MAX_CONVERSATION_CHARS:
                 raise UntrustedInputError(f"the conversation ({len(messages):,} messages) is over the limit of "
                                           f"{MAX_CONVERSATION_CHARS:,} characters (each message counts {MESSAGE_OVERHEAD} more)")
@@ -152,12 +145,24 @@ class ChatEngine:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
             raise ChatError(str(error)) from error
-        return image, fingerprint(image), prompt  # the fingerprint hashes every pixel: once per turn
+        return images, "+".join(map(fingerprint, images)), prompt  # fingerprints hash every pixel: once per turn
+
+    @staticmethod
+    def _decoded(image):
+        """A huge photo: the tower sees 336 px anyway, keep memory and time flat. A file is measured from its header
+        before decoding (untrusted); an image object in memory was the caller's to decode."""
+        if isinstance(image, (str, os.PathLike, bytes)):
+            return open_image(image, max_side=MAX_IMAGE_SIDE)
+        image = load_image(image)
+        if max(image.size) > MAX_IMAGE_SIDE:
+            image = image.copy()
+            image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+        return image
 
     def _turn(self, session: Session | None, messages, image, sampling: Sampling, stop: tuple[str, ...],
               interval: float) -> Iterator[Progress]:
         """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
-        image, key, prompt = self._prompt(messages, image)
+        images, key, prompt = self._prompt(messages, image)
         if session is not None and key != session.image_key:
             session.forget_image()
             session.image_key = key
@@ -166,7 +171,7 @@ class ChatEngine:
         else:
             have_features = self.prefixes is not None and self.prefixes.has_features(key)
         try:
-            ids, pixel_values = self._inputs(prompt, image, have_features)
+            ids, pixel_values = self._inputs(prompt, images, have_features)
         except ValueError as error:  # too long for the model
             raise ChatError(str(error)) from error
         ids = ids.to(self.device)
@@ -177,12 +182,12 @@ class ChatEngine:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size
         anyres = self.model.config.image_grid_pinpoints is not None
-        image_sizes = torch.tensor([[image.height, image.width]], device=self.device) if anyres else None
+        image_sizes = torch.tensor([[image.height, image.width] for image in images], device=self.device) if anyres else None
         one_off = session is None
         if one_off:
             session = self.prefixes.session(key, ids[0]) if self.prefixes is not None else Session(image_key=key)
             if session.vision_features is None and pixel_values is None:  # forgotten meanwhile
-                ids, pixel_values = self._inputs(prompt, image, False)
+                ids, pixel_values = self._inputs(prompt, images, False)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free
                 yield from self._decode(session, ids, pixel_values, image_sizes, sampling, stop, one_off, interval)
@@ -239,15 +244,16 @@ class ChatEngine:
                 return tokens[:count], text[: min(cuts)].rstrip()
         raise AssertionError("the stop string was in the whole text")
 
-    def _inputs(self, prompt: str, image, have_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _inputs(self, prompt: str, images: list, have_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's token ids, and the image's pixels unless its features are already computed. Then only the
         image's token layout is needed, which is the processor's: its marker, a special token, repeated
         image_seq_length times. Preprocessing the pixels again, or tokenizing the repeated markers, would cost more
         than the whole step on a GPU."""
         marker = self.processor.image_token
-        if not have_features or prompt.count(marker) != 1:
-            inputs = self.processor(images=image, text=prompt, return_tensors="pt")
+        if not have_features or prompt.count(marker) != 1 or len(images) != 1:
+            inputs = self.processor(images=images if len(images) > 1 else images[0], text=prompt, return_tensors="pt")
             return inputs["input_ids"], inputs["pixel_values"]
+        image = images[0]
         ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
         at = int((ids[0] == self.processor.image_token_id).nonzero()[0])
         count = self.processor.image_seq_length

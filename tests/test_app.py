@@ -297,3 +297,42 @@ def test_the_data_tab_previews_a_large_picture_reduced_with_its_boxes_where_they
     assert boxed.size == (PREVIEW_SIDE, round(PREVIEW_SIDE * 2 / 3))  # decoded no larger than the preview
     assert boxed.getpixel((512, 400)) == (255, 0, 255)  # the box's left edge, scaled from 3000 px wide to 1024
     assert '"id": "pasted_detail"' in text
+
+
+def test_with_multi_image_a_new_image_joins_the_conversation():
+    history = [
+        {"role": "user", "content": [{"path": "/tmp/a.png"}, "What is it?"]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": [{"file": {"path": "/tmp/b.png"}}]},
+        {"role": "user", "content": "And this?"},
+        {"role": "assistant", "content": "A dog."},
+    ]
+    messages, images = conversation_from({"text": "Which is bigger?", "files": []}, history, keep_images=True)
+    assert images == ["/tmp/a.png", "/tmp/b.png"]
+    assert messages == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+        {"role": "assistant", "content": "A dog."},
+        {"role": "user", "content": "Which is bigger?"},
+    ]
+
+
+def test_a_multi_image_app_answers_about_both_images(saved_checkpoint, tmp_path):
+    first, second = tmp_path / "one.png", tmp_path / "two.png"
+    Image.new("RGB", (40, 40), (250, 0, 0)).save(first)
+    Image.new("RGB", (30, 50), (0, 0, 250)).save(second)
+    with running_app(["--model", str(saved_checkpoint), "--multi-image"], tmp_path / "multi.log") as (url, _):
+        client = Client(url, verbose=False)
+        answer_one = client.predict({"text": "What is it?", "files": [handle_file(str(first))]}, 0.0, 0.7, 16, api_name="/chat")
+        answer_two = client.predict({"text": "And this?", "files": [handle_file(str(second))]}, 0.0, 0.7, 16, api_name="/chat")
+    from engine import ChatEngine
+
+    engine = ChatEngine(str(saved_checkpoint), device="cpu")
+    both = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": answer_one},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    pictures = [Image.open(first).convert("RGB"), Image.open(second).convert("RGB")]
+    assert answer_two == list(engine.stream(both, pictures, temperature=0.0, max_new_tokens=16))[-1]
+    alone = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
+    assert answer_two != list(engine.stream(alone, pictures[1], temperature=0.0, max_new_tokens=16))[-1]  # can tell

@@ -279,7 +279,7 @@ def test_slot_steps_give_the_logits_of_one_full_forward(engine):
 def test_a_turn_with_computed_features_has_the_processors_tokens(engine):
     messages = [user_turn("What is in the picture?"), {"role": "assistant", "content": "A square."}, {"role": "user", "content": "Why?"}]
     prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
-    ids, pixels = engine._inputs(prompt, IMAGE, have_features=True)
+    ids, pixels = engine._inputs(prompt, [IMAGE], have_features=True)
     assert pixels is None and ids.tolist() == engine.processor(images=IMAGE, text=prompt)["input_ids"]
 
 
@@ -366,3 +366,21 @@ def test_a_batched_prefill_and_steps_give_every_row_its_own_logits(engine):
                 batch.remove([1])  # the image row leaves with its own cache: every token but the one not yet fed
                 assert sequences[1].cache.get_seq_length() == full[1].shape[1] - 1
             logits = batch.step()
+
+
+def test_a_conversation_with_two_images_answers_as_generate_and_reuses_its_cache(engine):
+    """Several images in one conversation (a marker in each user turn that brought one): the answer equals
+    transformers' generate on the processor's inputs for both images, and a follow-up prefills only its new tokens."""
+    other = Image.new("RGB", (24, 52), (200, 40, 160))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                {"role": "assistant", "content": "A shape."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this one?"}]}]
+    answer = list(engine.stream(messages, [IMAGE, other], temperature=0.0, max_new_tokens=8, session_id="two"))[-1]
+    prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = engine.processor(images=[IMAGE, other], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        ids = engine.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert answer == engine.processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    follow_up = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "Are you sure?"}]
+    progress = list(engine.generate(follow_up, [IMAGE, other], Sampling(0.0, 1.0, 4), session_id="two"))[-1]
+    assert progress.cached_tokens >= inputs["input_ids"].shape[1]  # both images' spans came from the cache

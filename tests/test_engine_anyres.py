@@ -46,7 +46,7 @@ def test_turns_reuse_the_features_and_answer_as_generate_does(engine):
 
 def test_a_turn_with_computed_features_has_the_processors_tokens(engine):
     prompt = engine.processor.apply_chat_template([user_turn("Why?")], add_generation_prompt=True)
-    ids, pixels = engine._inputs(prompt, WIDE, have_features=True)
+    ids, pixels = engine._inputs(prompt, [WIDE], have_features=True)
     expected = engine.processor(images=WIDE, text=prompt)["input_ids"]
     assert pixels is None and ids.tolist() == expected
     assert int((ids == engine.processor.image_token_id).sum()) == engine.processor.anyres_token_count(31, 45) != 16
