@@ -29,6 +29,7 @@ MAX_UPLOAD = "25mb"  # larger uploads are refused by Gradio with a message
 # older than an hour go, checked every hour, so the disk a visitor can fill is bounded.
 DELETE_CACHE = (3600, 3600)
 PREVIEW_SIDE = 1024  # the Data tab's picture with its boxes
+MAX_DRAFT_FIELD_CHARS = 100_000  # a pasted record, captions or boxes: far more than any image's annotation
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES_FOLDER = os.path.join(HERE, "examples")
 EXAMPLES = [
@@ -184,6 +185,8 @@ def make_draft(policy: DraftPolicy):
     def draft(record_json, captions, boxes, image, width, height, kinds, backend, api_key, base_url, model, seed):
         """The data tab's action: the same drafting API as llava-datagen. The key is used for this call only."""
         try:
+            for what, text in (("the pasted record", record_json), ("the captions field", captions), ("the boxes field", boxes)):
+                check_text(text or "", MAX_DRAFT_FIELD_CHARS, what)
             # A file path: measured from its header before it is decoded, and decoded no larger than the preview needs
             # (draw_boxes scales the annotation's boxes to the picture it is given).
             size = image_size(image) if image else (width, height)

@@ -75,8 +75,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     def authorize(request: Request):
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")  # the scheme's case is free (RFC 9110)
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
             raise APIError(401, "a valid API key is needed (Authorization: Bearer ...)", code="invalid_api_key")
 
     @app.get("/health")

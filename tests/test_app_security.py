@@ -152,6 +152,16 @@ def test_an_image_past_pils_own_bomb_limit_gets_our_message(tmp_path):
         open_image(bomb(tmp_path, side=20000))  # 400 megapixels: PIL itself refuses to open it
 
 
+def test_the_data_tabs_text_fields_are_capped_before_parsing():
+    import gradio
+
+    from app import MAX_DRAFT_FIELD_CHARS, DraftPolicy, make_draft
+
+    boxes = "square: [1, 1, 2, 2]\n" * (MAX_DRAFT_FIELD_CHARS // 10)
+    with pytest.raises(gradio.Error, match="the boxes field is .* characters long; the limit is 100,000"):
+        make_draft(DraftPolicy())("", "A square.", boxes, None, 100, 100, ["detail"], "offline", "", "", "gpt-4.1", 0)
+
+
 def test_uploads_of_other_formats_are_refused(tmp_path):
     from engine.untrusted import UntrustedInputError, open_image
 

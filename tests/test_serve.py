@@ -261,6 +261,9 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         right = openai.OpenAI(base_url=base_url, api_key="s3cret-key", max_retries=0, timeout=30)
         assert [model.id for model in right.models.list()] == [MODEL]
         assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # health needs no key
+        lower = httpx.get(base_url + "/models", headers={"authorization": "bearer s3cret-key"})  # the scheme's case is free
+        assert lower.status_code == 200
+        assert httpx.get(base_url + "/models", headers={"authorization": "Basic s3cret-key"}).status_code == 401
 
 
 def test_the_command_documents_itself_and_refuses_a_missing_media_folder(tmp_path):
