@@ -11,7 +11,6 @@ where the operator allowed, with the key the visitor typed (never the operator's
 import argparse
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -46,7 +45,6 @@ EXAMPLES = [
 # The embedded default: a miniature LLaVA trained on the shapes world (`llava-shapes`), committed with the code.
 EMBEDDED_MODEL = os.path.join(HERE, "checkpoints", "shapes-llava")
 DEFAULT_MODEL = os.environ.get("LLAVA_MODEL", EMBEDDED_MODEL)
-HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 EMBEDDED_MODEL_NOTE = (
     "The demo model is a miniature LLaVA trained only on the *shapes world*: red, green, blue and yellow circles, "
     "squares and triangles on a plain background. It answers what colour, which shape, how many, where, yes/no and "
@@ -295,14 +293,14 @@ def load_engine(model: str):
     if os.path.abspath(folder) == EMBEDDED_MODEL and not os.path.isdir(folder):
         raise SystemExit(f"app.py: the embedded model {model} is missing: rebuild it with "
                          "`llava-shapes --export checkpoints/shapes-llava`, or pass --model PATH_OR_ID")
-    if not os.path.isdir(folder) and not HUB_ID.fullmatch(model):
-        raise SystemExit(f"app.py: --model {model}: no such folder (and not a hub id, which reads NAME or OWNER/NAME)")
     try:
-        return ChatEngine(folder if os.path.isdir(folder) else model)
+        return ChatEngine(model)
     except Exception as error:  # noqa: BLE001 (the command line's edge: whatever failed, say it in one line)
         reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if os.path.isdir(folder):
             raise SystemExit(f"app.py: cannot load --model {model}: {reason}") from None
+        if isinstance(error, ValueError):  # neither a folder nor a hub id: local_folder's message names it
+            raise SystemExit(f"app.py: --model {error}") from None
         raise SystemExit(f"app.py: --model {model}: no such folder, and no such model on the hub, or the hub is "
                          f"unreachable ({reason})") from None
 

@@ -114,21 +114,12 @@ class ChatEngine:
             return
         session = self.sessions.get(session_id)
         with session.lock:
-            answer = ""
             turn = self._turn(session, messages, image, sampling, stop, interval)
             try:
-                for progress in turn:
-                    answer = progress.text
-                    yield progress
+                yield from turn
             finally:
                 turn.close()  # its own cleanup first: it records what the cache holds
-            session.messages, session.image = [*messages, {"role": "assistant", "content": answer}], image
         self.sessions.trim(keep=session)
-
-    def conversation(self, session_id: str) -> tuple[list[dict], object]:
-        """The session's conversation so far and its image ([] and None when there is none)."""
-        session = self.sessions.get(session_id)
-        return list(session.messages), session.image
 
     def reset(self, session_id: str):
         self.sessions.reset(session_id)

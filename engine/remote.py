@@ -2,13 +2,12 @@
 end for an engine elsewhere: the same `stream` generator, the image sent as a data URL, the official openai client
 (its own timeouts and retries).
 
-The server keeps no state between requests; what it needs again it finds by prefix (llava-serve and vLLM both
-cache prefixes), so this side keeps only each session's conversation, for clients that send one turn at a time."""
+The server keeps no state between requests and neither does this side: every call sends the whole conversation, and
+the server finds what it computed before by prefix (llava-serve and vLLM both cache prefixes)."""
 
 import base64
 import io
 import os
-from collections import OrderedDict
 from collections.abc import Iterator
 
 import openai
@@ -45,12 +44,10 @@ class RemoteChat:
     """`stream` answers through the server at `base_url` (e.g. http://127.0.0.1:8000/v1); `model` None: the first
     model the server lists."""
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, max_sessions: int = 256,
-                 timeout: float = 120.0):
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 120.0):
         # a placeholder key for servers that need none: the client refuses to start without one
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout)
-        self._model, self.max_sessions = model, max_sessions
-        self._sessions: OrderedDict[str, tuple[list[dict], object]] = OrderedDict()
+        self._model = model
 
     @property
     def model(self) -> str:
@@ -60,7 +57,8 @@ class RemoteChat:
 
     def stream(self, messages: list[dict], image, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512,
                session_id: str | None = None) -> Iterator[str]:
-        """Yields the growing answer, as ChatEngine.stream does; ChatError when the server refuses the input."""
+        """Yields the growing answer, as ChatEngine.stream does; ChatError when the server refuses the input.
+        `session_id` is ChatEngine's: taken and unused, since the server finds a session's prefix by itself."""
         answer = ""
         try:
             chunks = self.client.chat.completions.create(
@@ -75,15 +73,3 @@ class RemoteChat:
             raise ChatError(error.body.get("message", str(error)) if isinstance(error.body, dict) else str(error)) from error
         if not answer:
             yield ""
-        if session_id:
-            self._sessions[session_id] = ([*messages, {"role": "assistant", "content": answer}], image)
-            self._sessions.move_to_end(session_id)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-
-    def conversation(self, session_id: str) -> tuple[list[dict], object]:
-        messages, image = self._sessions.get(session_id, ([], None))
-        return list(messages), image
-
-    def reset(self, session_id: str):
-        self._sessions.pop(session_id, None)

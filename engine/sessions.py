@@ -14,13 +14,10 @@ class Session:
     vision_features: torch.Tensor | None = None  # (1, S, C) the tower's output for this session's image
     cache: object | None = None  # transformers Cache holding the keys/values of `tokens`
     tokens: torch.Tensor | None = None  # (T,) ids whose keys/values are in `cache`
-    messages: list = field(default_factory=list)  # the conversation so far, for API clients that send one turn
-    image: object | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def forget_image(self):
-        self.image_key = self.vision_features = self.cache = self.tokens = self.image = None
-        self.messages = []
+        self.image_key = self.vision_features = self.cache = self.tokens = None
 
     def drop_cache(self):
         self.cache = self.tokens = None

@@ -48,11 +48,7 @@ def open_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = M
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream, formats=ALLOWED_FORMATS)  # reads the header only
         with image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise UntrustedInputError(
-                    f"the image {name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
-                    f"the limit is {max_pixels / 1e6:g} megapixels")
+            refuse_if_too_large(image.size, max_pixels, name)
             if max_side and image.format == "JPEG":
                 image.draft("RGB", (max_side, max_side))
             with DECODES_AT_ONCE:
@@ -84,10 +80,15 @@ def image_size(source: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple
                 width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UntrustedInputError(f"cannot read image {name}: {error}") from error
+    refuse_if_too_large((width, height), max_pixels, name)
+    return width, height
+
+
+def refuse_if_too_large(size: tuple[int, int], max_pixels: int, name: str):
+    width, height = size
     if width * height > max_pixels:
         raise UntrustedInputError(f"the image {name} is {width}x{height} pixels ({width * height / 1e6:.1f} megapixels); "
                                   f"the limit is {max_pixels / 1e6:g} megapixels")
-    return width, height
 
 
 def conversation_size(messages: list[dict]) -> int:

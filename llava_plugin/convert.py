@@ -10,6 +10,7 @@ into place, so a failed conversion leaves nothing behind. Not shipped as remote 
 
 import ast
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -66,9 +67,18 @@ def rename(state: dict, table) -> dict:
     return renamed
 
 
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
 def local_folder(source: str) -> Path:
-    path = Path(source)
-    return path if path.is_dir() else Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]))
+    """A checkpoint folder, or a hub id's snapshot; a path that is neither is named as such (the hub's own message
+    for it is "Repo id must be in the form ...")."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if not HUB_ID.fullmatch(source):
+        raise ValueError(f"{source}: no such folder (and not a hub id, which reads NAME or OWNER/NAME)")
+    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja"]))
 
 
 def detect_format(folder: Path) -> str:
