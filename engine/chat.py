@@ -16,6 +16,7 @@ from transformers import AutoModel, AutoProcessor, DynamicCache
 from llava_plugin import ImageLoadError, load_image
 from llava_plugin.convert import convert, detect_format, local_folder
 
+from .decoded_images import DecodedImages
 from .decoding import Sampling
 from .prefix_cache import PrefixCache, common_prefix
 from .scheduler import Scheduler, Sequence
@@ -83,6 +84,7 @@ class ChatEngine:
         self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
         self.sessions = SessionStore(max_sessions, max_cached_tokens)
+        self._images = DecodedImages()
         text_config = self.model.config.get_text_config()
         self.prefixes = PrefixCache(text_config, self.model.config.image_token_id, prefix_cache_tokens) if prefix_cache_tokens else None
         generation = self.model.generation_config
@@ -128,7 +130,8 @@ class ChatEngine:
         """The checked images (`image` is one, or a list for a conversation with several), their fingerprint and the
         prompt text; ChatError for input we refuse."""
         try:
-            images = [self._decoded(source) for source in (image if isinstance(image, (list, tuple)) else [image])]
+            decoded = [self._decoded(source) for source in (image if isinstance(image, (list, tuple)) else [image])]
+            images = [image for image, _ in decoded]
             if conversation_size(messages) > MAX_CONVERSATION_CHARS:
                 raise UntrustedInputError(f"the conversation ({len(messages):,} messages) is over the limit of "
                                           f"{MAX_CONVERSATION_CHARS:,} characters (each message counts {MESSAGE_OVERHEAD} more)")
@@ -136,19 +139,23 @@ class ChatEngine:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
             raise ChatError(str(error)) from error
-        return images, "+".join(map(fingerprint, images)), prompt  # fingerprints hash every pixel: once per turn
+        return images, "+".join(key for _, key in decoded), prompt
 
-    @staticmethod
-    def _decoded(image):
-        """A huge photo: the tower sees 336 px anyway, keep memory and time flat. A file is measured from its header
-        before decoding (untrusted); an image object in memory was the caller's to decode."""
-        if isinstance(image, (str, os.PathLike, bytes)):
-            return open_image(image, max_side=MAX_IMAGE_SIDE)
+    def _decoded(self, image) -> tuple:
+        """The image and its fingerprint (a hash of every pixel). A huge photo: the tower sees 336 px anyway, keep
+        memory and time flat. Encoded bytes (API requests) are measured from their header before decoding
+        (untrusted), and decoded once however often a conversation sends them again; a file too; an image object
+        in memory was the caller's to decode."""
+        if isinstance(image, bytes):
+            return self._images.get(image, lambda data: open_image(data, max_side=MAX_IMAGE_SIDE), fingerprint)
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image(image, max_side=MAX_IMAGE_SIDE)
+            return image, fingerprint(image)
         image = load_image(image)
         if max(image.size) > MAX_IMAGE_SIDE:
             image = image.copy()
             image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-        return image
+        return image, fingerprint(image)
 
     def _turn(self, session: Session | None, messages, image, sampling: Sampling, stop: tuple[str, ...],
               interval: float) -> Iterator[Progress]:

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--max-concurrent", type=int, default=64, help="requests at once; more are answered 503")
     parser.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL,
                         help="seconds between a stream's chunks at least (0: a chunk per token as soon as it comes)")
+    parser.add_argument("--single-process", action="store_true",
+                        help="run the model in the server's own process (default: a process of its own, see engine_process)")
+    parser.add_argument("--threads", type=int,
+                        help="threads for the model on the CPU (default: $OMP_NUM_THREADS, else one fewer than the cores)")
     parser.add_argument("--api-key", default=os.environ.get("LLAVA_SERVE_API_KEY"),
                         help="require this bearer key (default: $LLAVA_SERVE_API_KEY; none: open)")
     args = parser.parse_args(argv)
@@ -39,10 +43,16 @@ def main(argv: list[str] | None = None):
         parser.error(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
     import uvicorn
 
-    from .chat import ChatEngine
     from .server import create_app
 
-    engine = ChatEngine(args.model, device=args.device, dtype=args.dtype)
+    if args.single_process:
+        from .chat import ChatEngine
+
+        engine = ChatEngine(args.model, device=args.device, dtype=args.dtype)
+    else:
+        from .engine_process import EngineProcess
+
+        engine = EngineProcess(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes)
     app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent, args.stream_interval)

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
+from .engine_process import EngineStopped
 from .media import MediaPolicy
 from .openai_api import APIError, Completion, engine_messages, parse_request
 from .scheduler import QueueFull
@@ -81,6 +82,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
     @app.get("/health")
     async def health():
+        if not getattr(engine, "alive", True):  # the engine's process is gone: a supervisor should restart us
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -132,6 +135,8 @@ def advance(answer):
         raise APIError(400, str(error), param="messages") from None
     except QueueFull as error:
         raise APIError(503, str(error), code="queue_full", kind="server_error") from None
+    except EngineStopped as error:
+        raise APIError(503, str(error), code="engine_stopped", kind="server_error") from None
 
 
 def last(answer):

@@ -1,0 +1,197 @@
+"""The chat engine in a process of its own, for llava-serve: HTTP on one interpreter, the model on another.
+
+Why: one Python process runs one thread at a time. With the HTTP server (parsing, validation, server-sent events)
+and the scheduler's thread in one process, every request's web work waits for the model's Python and the other way
+round, and a second core stays idle however many clients there are. vLLM splits its API server from its engine
+core for the same reason. Here the parent keeps the web work; the child owns the model, the scheduler, the prefix
+cache, templating and tokenizing, and answers over a pipe.
+
+`EngineProcess.generate` has ChatEngine.generate's signature and behaviour as the server uses it: an iterator of
+Progress, ChatError and QueueFull raised as themselves, and closing it early cancels the answer in the child."""
+
+import itertools
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import traceback
+
+from .chat import ChatError
+from .decoding import Sampling
+from .scheduler import QueueFull
+
+_ERRORS = {"ChatError": ChatError, "QueueFull": QueueFull}
+_END = object()
+
+
+class EngineStopped(RuntimeError):
+    """The engine's process is gone (it crashed, or was killed): nothing more can be answered."""
+
+
+class EngineProcess:
+    """A ChatEngine(model_path, **engine_options) in a spawned child process (spawn, not fork: the child starts clean
+    of the parent's threads, and CUDA can only start in a fresh process)."""
+
+    def __init__(self, model_path: str, threads: int | None = None, timeout: float = 900.0, **engine_options):
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(target=_child, args=(child_end, model_path, engine_options, threads), name="llava-engine",
+                                        daemon=True)
+        self._process.start()
+        child_end.close()
+        if not self._pipe.poll(timeout):
+            self._process.kill()
+            raise EngineStopped(f"the engine did not load the model in {timeout:g} s")
+        try:
+            kind, *detail = self._pipe.recv()
+        except EOFError:
+            self._process.join(5)
+            raise EngineStopped(f"the engine's process stopped while loading the model (exit code {self._process.exitcode})") from None
+        if kind != "ready":
+            self._process.join(5)
+            raise EngineStopped(f"the engine could not load {model_path}: {detail[0]}")
+        self.device, self.alive = detail[0], True
+        self._streams: dict[int, queue.SimpleQueue] = {}
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._read, name="llava-engine-reader", daemon=True).start()
+
+    def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
+                 stop: tuple[str, ...] = (), interval: float = 0.0):
+        if session_id is not None:
+            raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
+        return self._answer(messages, image, sampling, tuple(stop), interval)
+
+    def _answer(self, messages, image, sampling, stop, interval):
+        request, arrivals = next(self._ids), queue.SimpleQueue()
+        self._streams[request] = arrivals
+        finished = False
+        try:
+            self._send(("generate", request, messages, image, sampling, stop, interval))
+            while True:
+                item = arrivals.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            self._streams.pop(request, None)
+            if not finished and self.alive:
+                try:
+                    self._send(("cancel", request))
+                except (OSError, EngineStopped):  # it died meanwhile: nothing left to cancel
+                    pass
+
+    def close(self):
+        """Stops the child (at exit; answers in flight fail with EngineStopped)."""
+        if self._process.is_alive():
+            try:
+                self._send(("stop",))
+            except (OSError, EngineStopped):
+                pass
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+
+    def _send(self, message):
+        if not self.alive:
+            raise EngineStopped(self._stopped())
+        with self._send_lock:  # the server's threads send at once: one message at a time on the pipe
+            self._pipe.send(message)
+
+    def _read(self):
+        """Hands each message of the child to the answer it belongs to; when the child is gone, fails them all."""
+        try:
+            while True:
+                kind, request, *rest = self._pipe.recv()
+                arrivals = self._streams.get(request)
+                if arrivals is None:  # cancelled meanwhile
+                    continue
+                if kind == "progress":
+                    arrivals.put(rest[0])
+                elif kind == "end":
+                    arrivals.put(_END)
+                else:  # "error": the exception's class name and message
+                    name, message = rest
+                    arrivals.put(_ERRORS.get(name, RuntimeError)(message))
+        except (EOFError, OSError):
+            pass
+        self.alive = False
+        self._process.join(5)
+        for arrivals in list(self._streams.values()):
+            arrivals.put(EngineStopped(self._stopped()))
+
+    def _stopped(self) -> str:
+        return f"the engine's process stopped (exit code {self._process.exitcode})"
+
+
+def compute_threads(requested: int | None = None) -> int:
+    """Threads for the model's operators on the CPU: one core is left to the HTTP process (and the clients on the
+    same machine). On two cores torch's default (2) made every parallel region wait for a core the web work held:
+    the same requests streamed at half the speed at one stream and at eight."""
+    if requested:
+        return requested
+    if "OMP_NUM_THREADS" in os.environ:  # the operator's choice
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
+    """The child's main thread: loads the engine, then runs each request on a thread of its own (a reader of the
+    scheduler, as the server's worker threads are in one process) and sends its Progress back."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us in order
+    try:
+        import torch
+
+        from .chat import ChatEngine
+
+        torch.set_num_threads(compute_threads(threads))
+
+        engine = ChatEngine(model_path, **engine_options)
+    except BaseException as error:  # the parent says what went wrong; the traceback is for the log
+        traceback.print_exc()
+        pipe.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    send_lock, running, cancelled = threading.Lock(), set(), set()
+
+    def send(message):
+        with send_lock:
+            pipe.send(message)
+
+    def answer(request, messages, image, sampling, stop, interval):
+        try:
+            progress = engine.generate(messages, image, sampling, stop=stop, interval=interval)
+            try:
+                for item in progress:
+                    if request in cancelled:
+                        break
+                    send(("progress", request, item))
+            finally:
+                progress.close()
+            send(("end", request))
+        except BaseException as error:
+            if not isinstance(error, (ChatError, QueueFull)):
+                traceback.print_exc()
+            send(("error", request, type(error).__name__, str(error)))
+        finally:
+            running.discard(request)
+            cancelled.discard(request)
+
+    pipe.send(("ready", str(engine.device)))
+    while True:
+        try:
+            kind, *rest = pipe.recv()
+        except EOFError:  # the parent is gone
+            return
+        if kind == "stop":
+            return
+        if kind == "cancel":
+            if rest[0] in running:  # else it has ended already
+                cancelled.add(rest[0])
+        elif kind == "generate":
+            running.add(rest[0])
+            threading.Thread(target=answer, args=rest, name=f"llava-request-{rest[0]}", daemon=True).start()

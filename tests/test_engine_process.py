@@ -1,0 +1,114 @@
+"""llava-serve's engine in a process of its own (engine/engine_process.py): it answers as the engine does in
+process, alone and in a batch, streamed through the HTTP server; refusals keep their kind, a client that leaves
+cancels its answer there, and a dead engine is reported instead of hanging every client."""
+
+import base64
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engine import ChatEngine, ChatError
+from engine.decoding import Sampling
+from engine.engine_process import EngineProcess, EngineStopped, compute_threads
+from engine.server import create_app, running
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "checkpoints" / "shapes-llava"
+IMAGES = sorted((ROOT / "examples").glob("*.png"))
+QUESTIONS = ["What color is the circle?", "How many shapes are in the image?", "Describe the image."]
+GREEDY = Sampling(temperature=0, max_new_tokens=40)
+
+
+def conversation(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
+
+
+def api_messages(question: str, image: Path) -> list[dict]:
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def last(progresses):
+    for progress in progresses:
+        pass
+    return progress
+
+
+@pytest.fixture(scope="module")
+def child():
+    engine = EngineProcess(str(MODEL), threads=1, device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def local():
+    return ChatEngine(str(MODEL), device="cpu")
+
+
+def test_answers_equal_the_engine_in_process_alone_and_at_once(child, local):
+    cases = [(question, image.read_bytes()) for question in QUESTIONS for image in IMAGES]
+    expected = [last(local.generate(conversation(question), image, GREEDY)).text for question, image in cases]
+    alone = [last(child.generate(conversation(question), image, GREEDY)) for question, image in cases[:3]]
+    assert [progress.text for progress in alone] == expected[:3]
+    assert all(progress.finish_reason in ("stop", "length") and progress.completion_tokens > 0 for progress in alone)
+    with ThreadPoolExecutor(len(cases)) as pool:
+        together = list(pool.map(lambda case: last(child.generate(conversation(case[0]), case[1], GREEDY)).text, cases))
+    assert together == expected
+
+
+def test_refusals_keep_their_kind_and_a_closed_answer_is_cancelled(child):
+    with pytest.raises(ChatError, match="image"):
+        next(child.generate(conversation("What is it?"), b"\x89PNG\r\n\x1a\n not really", GREEDY))
+    with pytest.raises(ValueError, match="session"):
+        child.generate(conversation("What is it?"), IMAGES[0].read_bytes(), GREEDY, session_id="someone")
+    long = child.generate(conversation("Describe the image in detail."), IMAGES[0].read_bytes(),
+                          Sampling(temperature=0, max_new_tokens=4000))
+    next(long)
+    long.close()  # the child hears of it and stops that answer; the next one is answered as usual
+    assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), GREEDY)).text
+
+
+def test_the_server_over_the_child_streams_as_it_answers_whole(child):
+    with running(create_app(child, "shapes")) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        messages = api_messages(QUESTIONS[1], IMAGES[1])
+        whole = client.chat.completions.create(model="shapes", messages=messages, temperature=0, max_tokens=40)
+        chunks = client.chat.completions.create(model="shapes", messages=messages, temperature=0, max_tokens=40, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == whole.choices[0].message.content
+        assert httpx.get(base_url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_a_dead_engine_fails_its_answers_and_the_health_check():
+    engine = EngineProcess(str(MODEL), threads=1, device="cpu")
+    with running(create_app(engine, "shapes")) as base_url:
+        answer = engine.generate(conversation("Describe the image in detail."), IMAGES[0].read_bytes(), Sampling(temperature=0, max_new_tokens=4000))
+        next(answer)
+        engine._process.kill()  # as the kernel's OOM killer would
+        with pytest.raises(EngineStopped, match="stopped"):
+            last(answer)
+        assert not engine.alive
+        assert httpx.get(base_url.removesuffix("/v1") + "/health").status_code == 503
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="shapes", messages=api_messages(QUESTIONS[0], IMAGES[0]))
+        assert refused.value.status_code == 503 and "stopped" in refused.value.message
+    with pytest.raises(EngineStopped):
+        next(engine.generate(conversation("What?"), IMAGES[0].read_bytes(), GREEDY))
+
+
+def test_a_model_that_does_not_load_is_named(tmp_path):
+    with pytest.raises(EngineStopped, match="could not load"):
+        EngineProcess(str(tmp_path / "missing"), threads=1, device="cpu")
+
+
+def test_threads_leave_a_core_to_the_web_process(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert compute_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert compute_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert compute_threads() == 5
