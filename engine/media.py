@@ -8,6 +8,7 @@ networks (see url_fetch)."""
 import base64
 import binascii
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -26,6 +27,7 @@ class MediaPolicy:
     private_networks: tuple[Network, ...] = ()  # fetched from besides public addresses (an operator's own hosts)
     max_images: int = 4  # per request
     resolve: Resolver = field(default=system_resolve, compare=False, repr=False)  # host, port -> addresses
+    verify: ssl.SSLContext | bool = field(default=True, compare=False, repr=False)  # https certificates (httpx's)
 
 
 def image_bytes(url: str, policy: MediaPolicy) -> bytes:
@@ -76,4 +78,4 @@ def _local(url: str, policy: MediaPolicy) -> bytes:
 def _remote(url: str, policy: MediaPolicy) -> bytes:
     if not policy.allow_urls:
         raise MediaError("image URLs are off on this server: send the image as a data:image/...;base64 URL")
-    return fetch(url, policy.max_bytes, policy.fetch_timeout, policy.private_networks, policy.resolve)
+    return fetch(url, policy.max_bytes, policy.fetch_timeout, policy.private_networks, policy.resolve, policy.verify)

@@ -10,6 +10,7 @@ Redirects are followed by hand, at most MAX_REDIRECTS, each hop checked as the f
 
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -86,15 +87,15 @@ def checked_address(url: httpx.URL, private_networks: tuple[Network, ...], resol
 
 
 def fetch(url: str, max_bytes: int, timeout: float, private_networks: tuple[Network, ...] = (),
-          resolve: Resolver = system_resolve) -> bytes:
+          resolve: Resolver = system_resolve, verify: ssl.SSLContext | bool = True) -> bytes:
     """The body of `url`, each hop checked and connected to at its checked address, in `timeout` seconds for all
-    hops and at most `max_bytes`; MediaError otherwise."""
+    hops and at most `max_bytes`; MediaError otherwise. `verify`: httpx's (an SSLContext for an in-house CA)."""
     deadline = time.monotonic() + timeout
     try:
         target = httpx.URL(url)
         for _ in range(MAX_REDIRECTS + 1):
             address = checked_address(target, private_networks, resolve)
-            got = _get(target, address, max_bytes, deadline, timeout)
+            got = _get(target, address, max_bytes, deadline, timeout, verify)
             if isinstance(got, bytes):
                 return got
             target = target.join(got)  # a redirect: relative to where it came from
@@ -105,13 +106,15 @@ def fetch(url: str, max_bytes: int, timeout: float, private_networks: tuple[Netw
     raise MediaError(f"the image URL {url} redirects more than {MAX_REDIRECTS} times")
 
 
-def _get(url: httpx.URL, address: str, max_bytes: int, deadline: float, timeout: float) -> bytes | str:
+def _get(url: httpx.URL, address: str, max_bytes: int, deadline: float, timeout: float,
+         verify: ssl.SSLContext | bool) -> bytes | str:
     """One hop: the body, or where a redirect points."""
     left = deadline - time.monotonic()
     if left <= 0:
         raise MediaError(f"fetching the image {url} took more than {timeout:g} s")
-    # trust_env=False: no proxy from the environment, which would connect elsewhere than to the checked address
-    with httpx.Client(timeout=left, trust_env=False, follow_redirects=False) as client:
+    # trust_env=False: neither a proxy nor ~/.netrc credentials from the operator's environment
+    with httpx.Client(timeout=left, verify=verify, trust_env=False, follow_redirects=False) as client:
+        # the URL's name for TLS (SNI, and the certificate is checked against it), its address for the connection
         extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
         # identity: no gzip, whose few kilobytes inflate to gigabytes in one read, before a size check sees them
         request = client.build_request("GET", url.copy_with(host=address), extensions=extensions,

@@ -3,6 +3,9 @@ does not implement, several images, long stop strings. On loopback, through the 
 client is involved."""
 
 import ipaddress
+import shutil
+import ssl
+import subprocess
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,9 +24,9 @@ LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"),)  # 127.0.0.2 is loopback
 
 
 @contextmanager
-def image_server(host: str = "127.0.0.1"):
-    """A loopback web server: /shapes.png is an image, /to?URL redirects to URL, /gzip is a gzip-encoded body.
-    Yields its base URL and the (path, Host header) of every request it got."""
+def image_server(host: str = "127.0.0.1", tls: ssl.SSLContext | None = None):
+    """A loopback web server (https with `tls`): /shapes.png is an image, /to?URL redirects to URL, /gzip is a
+    gzip-encoded body. Yields its base URL and the (path, Host header) of every request it got."""
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -46,10 +49,12 @@ def image_server(host: str = "127.0.0.1"):
             pass
 
     server = ThreadingHTTPServer((host, 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://{host}:{server.server_address[1]}", seen
+        yield f"{'https' if tls else 'http'}://{host}:{server.server_address[1]}", seen
     finally:
         server.shutdown()
         server.server_close()
@@ -125,6 +130,24 @@ def test_the_connection_goes_to_the_address_that_was_checked():
         port = base.rsplit(":", 1)[1]
         assert image_bytes(f"http://rebind.example:{port}/shapes.png", policy) == PNG
     assert calls == ["rebind.example"] and seen == [("/shapes.png", f"rebind.example:{port}")] and elsewhere_seen == []
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_checks_the_certificate_against_the_urls_name_while_connecting_to_the_checked_address(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=images.internal",
+                    "-addext", "subjectAltName=DNS:images.internal"], check=True, capture_output=True)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    policy = MediaPolicy(allow_urls=True, private_networks=LOOPBACK_ONLY, verify=ssl.create_default_context(cafile=cert),
+                         resolve=resolver({"images.internal": ["127.0.0.1"], "other.internal": ["127.0.0.1"]}))
+    with image_server(tls=tls) as (base, seen):
+        port = base.rsplit(":", 1)[1]
+        assert image_bytes(f"https://images.internal:{port}/shapes.png", policy) == PNG
+        for wrong in (f"https://other.internal:{port}/shapes.png", f"{base}/shapes.png"):  # not the certificate's name
+            assert "could not fetch" in fetch_refused(wrong, policy), wrong
+    assert seen == [("/shapes.png", f"images.internal:{port}")]
 
 
 def test_with_private_addresses_allowed_a_loopback_image_server_answers(engine):
