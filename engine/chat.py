@@ -21,6 +21,7 @@ from .decoding import Sampling
 from .prefix_cache import PrefixCache, common_prefix
 from .scheduler import Scheduler, Sequence
 from .sessions import Session, SessionStore
+from .stop_strings import shown
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD, UntrustedInputError, conversation_size, open_image, plain_messages
 
@@ -203,7 +204,6 @@ class ChatEngine:
         sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
         tokens, text, finish = [], "", None
-        holdback = max((len(word) for word in stop), default=1) - 1  # what could be the start of a stop string
         try:
             with closing(self.scheduler.tokens(sequence, interval)) as stream:
                 for arrived in stream:
@@ -213,8 +213,7 @@ class ChatEngine:
                         tokens, text = self._until_stop(tokens, len(tokens) - len(arrived), stop)
                         finish = "stop"
                         break
-                    shown = text[: len(text) - holdback].rstrip("\ufffd")  # not half a character, not half a stop
-                    yield Progress(shown, completion_tokens=len(tokens), **counts)
+                    yield Progress(shown(text, stop), completion_tokens=len(tokens), **counts)  # not half a stop
             yield Progress(text, completion_tokens=len(tokens), finish_reason=finish or sequence.finish_reason or "stop", **counts)
         finally:
             # once `stream` is closed the scheduler has let go: the cache holds the prompt and the tokens fed back

@@ -2,28 +2,20 @@
 
 `data:` URLs always (their size is checked before decoding the base64); `file://` URLs only inside the folder the
 operator named (resolved first, so neither `..` nor a symbolic link leaves it); http(s) URLs only when the operator
-turned them on, with a size and a time limit (the server then fetches what a client points it at: an operator who
-allows this on a network with private services should know it)."""
+turned them on, with a size and a time limit, and only from public addresses unless the operator named private
+networks (see url_fetch)."""
 
 import base64
 import binascii
 import re
-import time
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import httpx
+from .url_fetch import MediaError, Network, Resolver, fetch, system_resolve
 
 DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp|gif|bmp);base64,", re.IGNORECASE)
-
-
-class MediaError(ValueError):
-    """An image URL that is refused; `status` is the HTTP status to answer with (400, or 413 when too large)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -31,7 +23,11 @@ class MediaPolicy:
     allowed_local_path: Path | None = None  # file:// URLs only below this folder; None: refused
     allow_urls: bool = False  # http(s) URLs
     max_bytes: int = 20_000_000  # of one encoded image
-    fetch_timeout: float = 10.0  # seconds for an http(s) image in all
+    fetch_timeout: float = 10.0  # seconds for an http(s) image in all, redirects included
+    private_networks: tuple[Network, ...] = ()  # fetched from besides public addresses (an operator's own hosts)
+    max_images: int = 4  # per request
+    resolve: Resolver = field(default=system_resolve, compare=False, repr=False)  # host, port -> addresses
+    verify: ssl.SSLContext | bool = field(default=True, compare=False, repr=False)  # https certificates (httpx's)
 
 
 def image_bytes(url: str, policy: MediaPolicy) -> bytes:
@@ -82,20 +78,4 @@ def _local(url: str, policy: MediaPolicy) -> bytes:
 def _remote(url: str, policy: MediaPolicy) -> bytes:
     if not policy.allow_urls:
         raise MediaError("image URLs are off on this server: send the image as a data:image/...;base64 URL")
-    try:
-        with httpx.Client(timeout=policy.fetch_timeout, follow_redirects=True, max_redirects=3) as client, \
-                client.stream("GET", url) as response:
-            response.raise_for_status()
-            declared = int(response.headers.get("content-length") or 0)
-            if declared > policy.max_bytes:
-                raise _too_large(declared, policy)
-            data, deadline = bytearray(), time.monotonic() + policy.fetch_timeout
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > policy.max_bytes:
-                    raise _too_large(len(data), policy)
-                if time.monotonic() > deadline:  # httpx's timeout is per read: a slow drip would pass it
-                    raise MediaError(f"fetching the image {url} took more than {policy.fetch_timeout:g} s")
-            return bytes(data)
-    except httpx.HTTPError as error:
-        raise MediaError(f"could not fetch the image {url}: {type(error).__name__}") from error
+    return fetch(url, policy.max_bytes, policy.fetch_timeout, policy.private_networks, policy.resolve, policy.verify)

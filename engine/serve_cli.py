@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .media import MediaPolicy
+from .url_fetch import parse_networks
 
 MAX_BODY_BYTES = 30_000_000  # a 20 MB image, base64-encoded, and its conversation
 # A stream's chunks at least this far apart (the tokens of the pause go together): on a busy CPU, a chunk per token
@@ -26,7 +27,14 @@ def main(argv: list[str] | None = None):
                         help="compute dtype (auto: the checkpoint's; float16 is slow on most CPUs)")
     parser.add_argument("--allowed-local-media-path", type=Path,
                         help="allow file:// image URLs inside this folder (nothing outside it, links resolved)")
-    parser.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs (size and time limited)")
+    parser.add_argument("--allow-image-urls", action="store_true",
+                        help="fetch http(s) image URLs (size and time limited; public addresses only)")
+    parser.add_argument("--allow-private-image-urls", nargs="*", metavar="NETWORK",
+                        help="with --allow-image-urls, also fetch from these networks (10.0.0.0/8, 192.168.1.7, fd00::/8) "
+                        "although they are not public; no network named: from every address, loopback and cloud "
+                        "metadata (169.254.169.254) included")
+    parser.add_argument("--max-images-per-request", type=int, default=MediaPolicy.max_images,
+                        help="images in one request's conversation at most; more are answered 400 (1: LLaVA-1.5's rule)")
     parser.add_argument("--max-image-bytes", type=int, default=MediaPolicy.max_bytes)
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     parser.add_argument("--max-concurrent", type=int, default=64, help="requests at once; more are answered 503")
@@ -41,6 +49,14 @@ def main(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.allowed_local_media_path and not args.allowed_local_media_path.is_dir():
         parser.error(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
+    if args.allow_private_image_urls is not None and not args.allow_image_urls:
+        parser.error("--allow-private-image-urls needs --allow-image-urls")
+    if args.max_images_per_request < 1:
+        parser.error("--max-images-per-request must be at least 1")
+    try:
+        private = parse_networks(args.allow_private_image_urls) if args.allow_private_image_urls is not None else ()
+    except ValueError as error:
+        parser.error(f"--allow-private-image-urls: {error}")
     import uvicorn
 
     from .server import create_app
@@ -54,7 +70,8 @@ def main(argv: list[str] | None = None):
 
         engine = EngineProcess(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
-    policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes)
+    policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes,
+                         private_networks=private, max_images=args.max_images_per_request)
     app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent, args.stream_interval)
     print(f"llava-serve: {name} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

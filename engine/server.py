@@ -105,9 +105,9 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         state["active"] += 1
         release = Release(state)
         try:
-            messages, image = await run_in_threadpool(engine_messages, chat, policy)
+            messages, images = await run_in_threadpool(engine_messages, chat, policy)
             interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
-            release.answer = engine.generate(messages, image, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops,
+            release.answer = engine.generate(messages, images, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops,
                                              interval=interval)
             first = await run_in_threadpool(advance, release.answer)  # input errors surface here, before any byte is sent
         except BaseException:
