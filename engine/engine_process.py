@@ -152,8 +152,9 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
         torch.set_num_threads(compute_threads(threads))
 
         engine = ChatEngine(model_path, **engine_options)
-    except BaseException as error:  # the parent says what went wrong; the traceback is for the log
-        traceback.print_exc()
+    except BaseException as error:  # the parent says what went wrong in one line
+        if not isinstance(error, (ValueError, OSError)):  # not a wrong path or id: the traceback is for the log
+            traceback.print_exc()
         pipe.send(("failed", f"{type(error).__name__}: {error}"))
         return
     send_lock, running, cancelled = threading.Lock(), set(), set()

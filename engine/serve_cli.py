@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None):
         parser.error("--allow-private-image-urls needs --allow-image-urls")
     if args.max_images_per_request < 1:
         parser.error("--max-images-per-request must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     try:
         private = parse_networks(args.allow_private_image_urls) if args.allow_private_image_urls is not None else ()
     except ValueError as error:
@@ -61,20 +63,31 @@ def main(argv: list[str] | None = None):
 
     from .server import create_app
 
+    from .engine_process import EngineProcess, EngineStopped
+
     if args.single_process:
+        import torch
+
         from .chat import ChatEngine
 
+        if args.threads:
+            torch.set_num_threads(args.threads)
         engine = ChatEngine(args.model, device=args.device, dtype=args.dtype)
     else:
-        from .engine_process import EngineProcess
-
-        engine = EngineProcess(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
+        try:
+            engine = EngineProcess(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
+        except EngineStopped as error:  # the child printed its traceback; one line here says what failed
+            parser.exit(1, f"llava-serve: {error}\n")
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes,
                          private_networks=private, max_images=args.max_images_per_request)
     app = create_app(engine, name, policy, args.api_key, args.max_body_bytes, args.max_concurrent, args.stream_interval)
     print(f"llava-serve: {name} on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if isinstance(engine, EngineProcess):
+            engine.close()
 
 
 if __name__ == "__main__":

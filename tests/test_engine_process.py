@@ -4,6 +4,8 @@ cancels its answer there, and a dead engine is reported instead of hanging every
 
 import base64
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,8 +104,16 @@ def test_a_dead_engine_fails_its_answers_and_the_health_check():
 
 
 def test_a_model_that_does_not_load_is_named(tmp_path):
+    missing = tmp_path / "missing"
     with pytest.raises(EngineStopped, match="could not load"):
-        EngineProcess(str(tmp_path / "missing"), threads=1, device="cpu")
+        EngineProcess(str(missing), threads=1, device="cpu")
+    # llava-serve: exit 1 and one line that names the path, no traceback (the child's or the parent's)
+    done = subprocess.run([sys.executable, "-m", "engine.serve_cli", "--model", str(missing), "--port", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [f"llava-serve: the engine could not load {missing}: ValueError: "
+                                                f"{missing}: no such folder (and not a hub id, which reads NAME or "
+                                                "OWNER/NAME)"], done.stderr
 
 
 def test_threads_leave_a_core_to_the_web_process(monkeypatch):
