@@ -2,6 +2,7 @@
 requests one at a time (1 stream) in the same run, and time to first token (p50/p95) under each load.
 
 python bench/bench_serve.py [--model checkpoints/shapes-llava] [--requests 32] [--max-tokens 64] [--rounds 3] [--dtype auto] [--stream-interval S]
+                             [--single-process] [--threads N]
 
 The server runs in its own process (as in production: the client's threads do not share its interpreter), on a
 free loopback port, and is stopped at the end. Each load level gets its own system prompt, so no level finds the
@@ -79,10 +80,13 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtype", default="auto", help="llava-serve's --dtype")
     parser.add_argument("--stream-interval", help="llava-serve's --stream-interval (default: its own)")
+    parser.add_argument("--single-process", action="store_true", help="llava-serve's --single-process (the model in the server's process)")
+    parser.add_argument("--threads", help="llava-serve's --threads")
     args = parser.parse_args()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "engine.serve_cli", "--model", args.model, "--port", str(port), "--dtype", args.dtype,
-                               *(["--stream-interval", args.stream_interval] if args.stream_interval else [])],
+                               *(["--stream-interval", args.stream_interval] if args.stream_interval else []),
+                               *(["--single-process"] if args.single_process else []), *(["--threads", args.threads] if args.threads else [])],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
@@ -108,7 +112,8 @@ def main():
         server.wait(30)
     base = rows[0]["tokens_per_s"]
     print(f"{args.requests} greedy streamed requests per level and round, at most {args.max_tokens} tokens each, "
-          f"model {Path(args.model).name} ({args.dtype}, stream interval {args.stream_interval or 'default'}), median of {args.rounds} rounds")
+          f"model {Path(args.model).name} ({args.dtype}, stream interval {args.stream_interval or 'default'}, "
+          f"{'single process' if args.single_process else 'engine process'}, threads {args.threads or 'default'}), median of {args.rounds} rounds")
     print("| streams | completion tokens | wall s | tokens/s | x one at a time | TTFT p50 ms | TTFT p95 ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
