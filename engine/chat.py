@@ -6,7 +6,6 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,12 +15,12 @@ from transformers import AutoModel, AutoProcessor, DynamicCache
 from llava_plugin import ImageLoadError, load_image
 from llava_plugin.convert import convert, detect_format, local_folder
 
+from .answer_text import Progress, Tokens, as_text
 from .decoded_images import DecodedImages
 from .decoding import Sampling
 from .prefix_cache import PrefixCache, common_prefix
 from .scheduler import Scheduler, Sequence
 from .sessions import Session, SessionStore
-from .stop_strings import shown
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD, UntrustedInputError, conversation_size, open_image, plain_messages
 
@@ -50,17 +49,6 @@ class ChatError(ValueError):
 
 def fingerprint(image) -> str:
     return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
-
-
-@dataclass
-class Progress:
-    """The answer so far and what it cost: `prompt_tokens` in all, `cached_tokens` of them reused from earlier
-    requests, `completion_tokens` generated; `finish_reason` ("stop" or "length") on the last one only."""
-    text: str
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    finish_reason: str | None = None
 
 
 class ChatEngine:
@@ -112,17 +100,25 @@ class ChatEngine:
                  stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
         """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
         With `interval`, at most one Progress per that many seconds (the end is never held back)."""
+        return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop)
+
+    def generate_tokens(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
+                        interval: float = 0.0) -> Iterator[Tokens]:
+        """The answer's token ids as they come (see answer_text.as_text for its text); closing it early cancels the
+        rest. ChatError (at the first read) for input we refuse."""
         if not session_id:
-            yield from self._turn(None, messages, image, sampling, stop, interval)
+            yield from self._turn(None, messages, image, sampling, interval)
             return
         session = self.sessions.get(session_id)
-        with session.lock:
-            turn = self._turn(session, messages, image, sampling, stop, interval)
-            try:
-                yield from turn
-            finally:
-                turn.close()  # its own cleanup first: it records what the cache holds
-        self.sessions.trim(keep=session)
+        try:
+            with session.lock:
+                turn = self._turn(session, messages, image, sampling, interval)
+                try:
+                    yield from turn
+                finally:
+                    turn.close()  # its own cleanup first: it records what the cache holds
+        finally:  # also when the reader stops at the last token or a stop string, and does not read on
+            self.sessions.trim(keep=session)
 
     def reset(self, session_id: str):
         self.sessions.reset(session_id)
@@ -158,8 +154,7 @@ class ChatEngine:
             image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
         return image, fingerprint(image)
 
-    def _turn(self, session: Session | None, messages, image, sampling: Sampling, stop: tuple[str, ...],
-              interval: float) -> Iterator[Progress]:
+    def _turn(self, session: Session | None, messages, image, sampling: Sampling, interval: float) -> Iterator[Tokens]:
         """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
         images, key, prompt = self._prompt(messages, image)
         if session is not None and key != session.image_key:
@@ -189,12 +184,12 @@ class ChatEngine:
                 ids, pixel_values = self._inputs(prompt, images, False)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free
-                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, stop, one_off, interval)
+                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval)
         else:  # generate holds the session's lock
-            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, stop, one_off, interval)
+            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval)
 
-    def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, stop: tuple[str, ...],
-                one_off: bool, interval: float) -> Iterator[Progress]:
+    def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, one_off: bool,
+                interval: float) -> Iterator[Tokens]:
         # a one-off answer takes a slot only without a prefix cache, which keeps DynamicCaches
         extra = self._reuse(session, ids[0], pixel_values, sampling.max_new_tokens, evict=not one_off,
                             use_slot=not (one_off and self.prefixes is not None))
@@ -203,18 +198,11 @@ class ChatEngine:
         keep = session.cached_tokens
         sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
-        tokens, text, finish = [], "", None
         try:
             with closing(self.scheduler.tokens(sequence, interval)) as stream:
                 for arrived in stream:
-                    tokens += arrived
-                    text = self._text(tokens)
-                    if any(word in text for word in stop):
-                        tokens, text = self._until_stop(tokens, len(tokens) - len(arrived), stop)
-                        finish = "stop"
-                        break
-                    yield Progress(shown(text, stop), completion_tokens=len(tokens), **counts)  # not half a stop
-            yield Progress(text, completion_tokens=len(tokens), finish_reason=finish or sequence.finish_reason or "stop", **counts)
+                    yield Tokens(arrived, **counts)
+            yield Tokens([], finish_reason=sequence.finish_reason or "stop", **counts)
         finally:
             # once `stream` is closed the scheduler has let go: the cache holds the prompt and the tokens fed back
             session.cache = sequence.cache
@@ -227,19 +215,6 @@ class ChatEngine:
                 if self.prefixes is not None:
                     self.prefixes.store(session)
                 session.drop_cache()  # frees its slot at once
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-    def _until_stop(self, tokens: list[int], known: int, stop: tuple[str, ...]) -> tuple[list[int], str]:
-        """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
-        that text cut before it."""
-        for count in range(known + 1, len(tokens) + 1):
-            text = self._text(tokens[:count])
-            cuts = [text.find(word) for word in stop if word in text]
-            if cuts:
-                return tokens[:count], text[: min(cuts)].rstrip()
-        raise AssertionError("the stop string was in the whole text")
 
     def _inputs(self, prompt: str, images: list, have_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompt's token ids, and the image's pixels unless its features are already computed. Then only the

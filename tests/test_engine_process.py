@@ -63,6 +63,21 @@ def test_answers_equal_the_engine_in_process_alone_and_at_once(child, local):
     assert together == expected
 
 
+def test_stop_strings_are_cut_in_the_parent_as_the_engine_cuts_them(child, local):
+    image = IMAGES[0].read_bytes()
+    whole = last(local.generate(conversation("Describe the image."), image, GREEDY))
+    words = whole.text.split()
+    assert len(words) > 3, whole.text
+    stop = (" " + words[2], "never in any answer")  # a word in the middle: the answer ends before it
+    mine = list(local.generate(conversation("Describe the image."), image, GREEDY, stop=stop))
+    theirs = list(child.generate(conversation("Describe the image."), image, GREEDY, stop=stop))
+    assert (theirs[-1].text, theirs[-1].completion_tokens, theirs[-1].finish_reason) == \
+        (mine[-1].text, mine[-1].completion_tokens, "stop")
+    assert theirs[-1].text == whole.text[: whole.text.index(stop[0])].rstrip()
+    assert theirs[-1].completion_tokens < whole.completion_tokens
+    assert all(theirs[-1].text.startswith(progress.text) for progress in theirs)  # nothing shown is taken back
+
+
 def test_refusals_keep_their_kind_and_a_closed_answer_is_cancelled(child):
     with pytest.raises(ChatError, match="image"):
         next(child.generate(conversation("What is it?"), b"\x89PNG\r\n\x1a\n not really", GREEDY))
@@ -122,3 +137,6 @@ def test_threads_leave_a_core_to_the_web_process(monkeypatch):
     assert compute_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert compute_threads() == 5
+    for unusable in ("", "0", "four", "4,2"):  # OpenMP's nested-list form too: not one count
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert compute_threads() == max(1, len(os.sched_getaffinity(0)) - 1), unusable
