@@ -86,7 +86,7 @@ class EngineProcess:
             if not finished and self.alive:
                 try:
                     self._send(("cancel", request))
-                except (OSError, EngineStopped):  # it died meanwhile: nothing left to cancel
+                except EngineStopped:  # it died meanwhile: nothing left to cancel
                     pass
 
     def close(self):
@@ -94,7 +94,7 @@ class EngineProcess:
         if self._process.is_alive():
             try:
                 self._send(("stop",))
-            except (OSError, EngineStopped):
+            except EngineStopped:
                 pass
             self._process.join(10)
             if self._process.is_alive():
@@ -103,8 +103,11 @@ class EngineProcess:
     def _send(self, message):
         if not self.alive:
             raise EngineStopped(self._stopped())
-        with self._send_lock:  # the server's threads send at once: one message at a time on the pipe
-            self._pipe.send(message)
+        try:
+            with self._send_lock:  # the server's threads send at once: one message at a time on the pipe
+                self._pipe.send(message)
+        except OSError:  # it died before the reader noticed (a broken pipe): the same answer as after
+            raise EngineStopped(self._stopped()) from None
 
     def _read(self):
         """Hands each message of the child to the answer it belongs to; when the child is gone, fails them all."""
