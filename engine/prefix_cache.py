@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .kv_cache import cache_over
 from .sessions import Session
 
 
@@ -88,7 +89,7 @@ class PrefixCache:
             keep = min(keep, first_image)
         if keep == 0:
             return session
-        session.cache = DynamicCache(config=self.config, ddp_cache_data=[
+        session.cache = cache_over(self.config, [
             (keys[:, :, :keep], values[:, :, :keep]) for keys, values in best.layers])
         session.tokens = best.tokens[:keep]
         return session

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .decoding import Sampling, next_tokens
+from .kv_cache import cache_over
 from .static_slots import StaticSlot
 
 END = object()  # the last item of a sequence's output queue
@@ -97,7 +98,7 @@ class DecodeBatch:
                 like = getattr(shaped.layers[layer], name)
                 return like.new_zeros((1, like.shape[1], 0, like.shape[3]))
 
-            cache = DynamicCache(config=batch.config, ddp_cache_data=[
+            cache = cache_over(batch.config, [
                 tuple(torch.cat([pad_left(tensor(sequence, layer, name), width) for sequence in sequences]) for name in ("keys", "values"))
                 for layer in range(len(shaped.layers))])
         ids = torch.zeros((len(sequences), new), dtype=torch.long, device=device)  # 0 is never the image token
@@ -130,7 +131,7 @@ class DecodeBatch:
             self.rows, self.cache, self.mask, self.lengths, self.padded = other.rows, other.cache, other.mask, other.lengths, other.padded
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
-        self.cache = DynamicCache(config=self.config, ddp_cache_data=[
+        self.cache = cache_over(self.config, [
             (stack_left(mine.keys, theirs.keys, width), stack_left(mine.values, theirs.values, width))
             for mine, theirs in zip(self.cache.layers, other.cache.layers)])
         self.mask = stack_left(self.mask, other.mask, width)
@@ -152,7 +153,7 @@ class DecodeBatch:
         """Takes rows out; each leaving sequence gets its own cache back, unpadded (a copy: the batch moves on)."""
         for index in leaving:
             columns = self.mask[index].nonzero()[:, 0]
-            self.rows[index].cache = DynamicCache(config=self.config, ddp_cache_data=[
+            self.rows[index].cache = cache_over(self.config, [
                 (layer.keys[index: index + 1, :, columns], layer.values[index: index + 1, :, columns]) for layer in self.cache.layers])
         staying = [index for index in range(len(self.rows)) if index not in set(leaving)]
         self.rows = [self.rows[index] for index in staying]
@@ -161,7 +162,7 @@ class DecodeBatch:
             return
         rows = torch.tensor(staying, device=self.mask.device)
         start = int(self.mask[rows].any(dim=0).nonzero()[0])  # columns that are padding in every row left are dropped
-        self.cache = DynamicCache(config=self.config, ddp_cache_data=[
+        self.cache = cache_over(self.config, [
             (layer.keys[rows, :, start:], layer.values[rows, :, start:]) for layer in self.cache.layers])
         self.mask, self.lengths = self.mask[rows, start:], self.lengths[rows]
         self.padded = bool((self.mask == 0).any())
