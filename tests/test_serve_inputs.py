@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -265,6 +266,17 @@ def test_harmless_parameters_are_accepted(client):
                 "tool_choice": "none", "logprobs": False, "service_tier": "auto", "modalities": ["text"]}
     assert ask(client, CIRCLES, **harmless).choices[0].message.content == plain
     assert ask(client, CIRCLES, extra_body={"top_k": -1, "repetition_penalty": 1.0}).choices[0].message.content == plain
+
+
+def test_vanishing_temperatures_and_top_ps_answer_greedily_and_fail_no_one_else(client):
+    """temperature 1e-300 became 0 in float32 and NaN in the softmax: a 500, and the multinomial's error failed every
+    answer in the scheduler's batch with it. Now such values decode greedily, as they all but ask."""
+    greedy = ask(client, CIRCLES).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(streamed, client, CIRCLES) for _ in range(3)]
+        for tiny in ({"temperature": 1e-300}, {"temperature": 1e-45, "seed": 1}, {"temperature": 1, "top_p": 1e-300}):
+            assert ask(client, CIRCLES, **tiny).choices[0].message.content == greedy, tiny
+        assert [other.result()[0] for other in others] == [greedy] * 3
 
 
 def test_several_images_answer_as_the_engine_does_with_all_of_them(client, engine):
