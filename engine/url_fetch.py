@@ -9,6 +9,7 @@ Host header and, for https, the TLS server name (SNI and the certificate's check
 Redirects are followed by hand, at most MAX_REDIRECTS, each hop checked as the first one was."""
 
 import ipaddress
+import os
 import socket
 import ssl
 import threading
@@ -157,26 +158,27 @@ class _Watchdog:
     the request's place) for hours. A shutdown makes the read blocked on the socket return at once."""
 
     def __init__(self, seconds: float):
-        self.expired, self._stopped, self._sockets, self._lock = False, False, [], threading.Lock()
+        self.expired, self._stopped, self._descriptors, self._lock = False, False, [], threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def trace(self, event: str, info: dict):
-        """httpx's trace extension: the socket of each connection as it is made (TCP, then TLS over it)."""
-        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+        """httpx's trace extension: each connection's descriptor once it is connected. The descriptor, not the
+        socket object: TLS takes it over and detaches that object, the descriptor stays the connection's."""
+        if event == "connection.connect_tcp.complete":
             with self._lock:
-                self._sockets.append(info["return_value"].get_extra_info("socket"))
+                self._descriptors.append(info["return_value"].get_extra_info("socket").fileno())
                 if self.expired:
-                    _shutdown(self._sockets[-1])
+                    _shutdown(self._descriptors[-1])
 
     def _expire(self):
         with self._lock:
             if self._stopped:
                 return
             self.expired = True
-            for sock in self._sockets:
-                _shutdown(sock)
+            for descriptor in self._descriptors:
+                _shutdown(descriptor)
 
     def stop(self):
         with self._lock:
@@ -184,10 +186,11 @@ class _Watchdog:
         self._timer.cancel()
 
 
-def _shutdown(sock: socket.socket):
-    try:  # the plain socket's shutdown, also for TLS: SSLSocket's would unwrap it under the reading thread
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:  # a TCP socket that TLS took over (detached), or one already closed
+def _shutdown(descriptor: int):
+    try:  # through a duplicate: shutting down is the connection's, and closing the duplicate leaves httpx's alone
+        with socket.socket(fileno=os.dup(descriptor)) as duplicate:
+            duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed already
         pass
 
 
