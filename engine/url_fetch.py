@@ -125,14 +125,13 @@ def _get(url: httpx.URL, address: str, max_bytes: int, deadline: float, timeout:
             # identity: no gzip, whose few kilobytes inflate to gigabytes in one read, before a size check sees them
             request = client.build_request("GET", url.copy_with(host=address), extensions={**extensions, "trace": watchdog.trace},
                                            headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"})
-            try:
-                return _answer(client.send(request, stream=True), url, max_bytes)
-            finally:
-                watchdog.stop()  # before the client closes the socket, whose number could then be another's
+            return _answer(client.send(request, stream=True), url, max_bytes)
     except httpx.HTTPError:
         if watchdog.expired:  # the watchdog's shutdown is what failed the read
             raise _too_slow(url, timeout) from None
         raise
+    finally:
+        watchdog.stop()
 
 
 def _answer(response: httpx.Response, url: httpx.URL, max_bytes: int) -> bytes | str:
@@ -158,39 +157,40 @@ class _Watchdog:
     the request's place) for hours. A shutdown makes the read blocked on the socket return at once."""
 
     def __init__(self, seconds: float):
-        self.expired, self._stopped, self._descriptors, self._lock = False, False, [], threading.Lock()
+        self.expired, self._connections, self._lock = False, [], threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def trace(self, event: str, info: dict):
-        """httpx's trace extension: each connection's descriptor once it is connected. The descriptor, not the
-        socket object: TLS takes it over and detaches that object, the descriptor stays the connection's."""
+        """httpx's trace extension: each connection once it is connected, kept as a duplicate of its descriptor.
+        That stays this connection after httpx closes its own descriptor (whose number another socket may get
+        next), and after TLS detaches the socket object it wraps."""
         if event == "connection.connect_tcp.complete":
+            duplicate = socket.socket(fileno=os.dup(info["return_value"].get_extra_info("socket").fileno()))
             with self._lock:
-                self._descriptors.append(info["return_value"].get_extra_info("socket").fileno())
+                self._connections.append(duplicate)
                 if self.expired:
-                    _shutdown(self._descriptors[-1])
+                    _shutdown(duplicate)
 
     def _expire(self):
         with self._lock:
-            if self._stopped:
-                return
             self.expired = True
-            for descriptor in self._descriptors:
-                _shutdown(descriptor)
+            for connection in self._connections:
+                _shutdown(connection)
 
     def stop(self):
-        with self._lock:
-            self._stopped = True
         self._timer.cancel()
+        with self._lock:
+            for connection in self._connections:
+                connection.close()  # the connection itself closes with httpx's descriptor and this one
+            self._connections = []
 
 
-def _shutdown(descriptor: int):
-    try:  # through a duplicate: shutting down is the connection's, and closing the duplicate leaves httpx's alone
-        with socket.socket(fileno=os.dup(descriptor)) as duplicate:
-            duplicate.shutdown(socket.SHUT_RDWR)
-    except OSError:  # closed already
+def _shutdown(connection: socket.socket):
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed by its server already
         pass
 
 
