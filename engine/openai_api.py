@@ -72,7 +72,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch generator takes
-    stream: bool = False
+    stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
 
     @property

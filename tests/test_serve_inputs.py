@@ -266,6 +266,7 @@ def test_harmless_parameters_are_accepted(client):
                 "tool_choice": "none", "logprobs": False, "service_tier": "auto", "modalities": ["text"]}
     assert ask(client, CIRCLES, **harmless).choices[0].message.content == plain
     assert ask(client, CIRCLES, extra_body={"top_k": -1, "repetition_penalty": 1.0}).choices[0].message.content == plain
+    assert ask(client, CIRCLES, extra_body={"stream": None, "stream_options": None}).choices[0].message.content == plain
 
 
 def test_vanishing_temperatures_and_top_ps_answer_greedily_and_fail_no_one_else(client):
