@@ -7,8 +7,10 @@ networks (see url_fetch)."""
 
 import base64
 import binascii
+import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -62,17 +64,40 @@ def _data(url: str, policy: MediaPolicy) -> bytes:
 def _local(url: str, policy: MediaPolicy) -> bytes:
     if policy.allowed_local_path is None:
         raise MediaError("local image files are off on this server (its operator can allow a folder)")
-    root = policy.allowed_local_path.resolve()
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):  # file://host/path is another machine's file (a share, on Windows)
+        raise MediaError(f"{url} names the host {parsed.netloc}: file:// URLs are this server's own files only")
+    # one answer for a missing path and for one outside the folder: else a client learns which paths exist anywhere
+    refused = MediaError(f"{url} is not an image file inside the folder this server allows")
     try:
-        path = Path(unquote(urlparse(url).path)).resolve(strict=True)  # follows every link and `..` first
-    except (OSError, RuntimeError):
-        raise MediaError(f"no such image file: {url}") from None
-    if not path.is_relative_to(root) or not path.is_file():
-        raise MediaError(f"{url} is not a file inside the folder this server allows")
-    size = path.stat().st_size
-    if size > policy.max_bytes:
-        raise _too_large(size, policy)
-    return path.read_bytes()
+        path = Path(unquote(parsed.path)).resolve(strict=True)  # follows every link and `..` first
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte (%00)
+        raise refused from None
+    if not path.is_relative_to(policy.allowed_local_path.resolve()):
+        raise refused
+    return _regular_file(path, policy, refused)
+
+
+def _regular_file(path: Path, policy: MediaPolicy, refused: MediaError) -> bytes:
+    """The bytes of the regular file at `path`, opened once and judged by what was opened: a link swapped in since
+    the check is not followed, a fifo does not block the open, and a file that grew is still read to the limit."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        raise refused from None
+    try:
+        found = os.fstat(descriptor)
+        if not stat.S_ISREG(found.st_mode):  # a device (/dev/zero), a fifo, a folder
+            raise refused
+        if found.st_size > policy.max_bytes:
+            raise _too_large(found.st_size, policy)
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(policy.max_bytes + 1)
+    finally:
+        os.close(descriptor)
+    if len(data) > policy.max_bytes:
+        raise _too_large(len(data), policy)
+    return data
 
 
 def _remote(url: str, policy: MediaPolicy) -> bytes:

@@ -116,7 +116,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         completion = Completion(model_name)
         if not chat.stream:
             try:
-                return completion.whole(first if first.finish_reason else await run_in_threadpool(last, release.answer))
+                return completion.whole(first if first.finish_reason else await whole(request, release.answer))
             finally:
                 await release()
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -139,10 +139,36 @@ def advance(answer):
         raise APIError(503, str(error), code="engine_stopped", kind="server_error") from None
 
 
-def last(answer):
-    """The final Progress, read to the end in one worker thread's call."""
+def last(answer, gone: threading.Event | None = None):
+    """The final Progress, read to the end in one worker thread's call; ClientDisconnect once `gone` is set."""
     while (progress := advance(answer)).finish_reason is None:
-        pass
+        if gone is not None and gone.is_set():
+            raise ClientDisconnect()
+    return progress
+
+
+async def whole(request: Request, answer):
+    """The final Progress of a request that is not streamed, given up when its client leaves: nothing else would
+    notice (no byte is sent before the end), and the engine would compute the answer to max_tokens for nobody,
+    holding the request's place, once per retry of a client that timed out. Noticed at the answer's next Progress
+    (at most `interval` apart); the caller's release then has the engine let go of it."""
+    gone = threading.Event()
+
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: only the disconnect comes
+            pass
+        gone.set()
+
+    failed = None
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        try:
+            progress = await run_in_threadpool(last, answer, gone)
+        except Exception as error:  # raised past the group, which would wrap it in an ExceptionGroup (a 500)
+            failed = error
+        group.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
     return progress
 
 

@@ -9,8 +9,10 @@ Host header and, for https, the TLS server name (SNI and the certificate's check
 Redirects are followed by hand, at most MAX_REDIRECTS, each hop checked as the first one was."""
 
 import ipaddress
+import os
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,6 +48,8 @@ def is_public(address: Address) -> bool:
             return is_public(address.ipv4_mapped)
         carried = [address.sixtofour, *(address.teredo or ())]
         if not all(is_public(inner) for inner in carried if inner is not None):
+            return False
+        if address.is_site_local:  # fec0::/10, deprecated but still routed inside some networks: "global" to Python
             return False
     # is_global alone would let multicast through: 224.0.0.0/4 is "global" to Python 3.11
     return address.is_global and not (address.is_multicast or address.is_reserved or address.is_unspecified
@@ -111,36 +115,92 @@ def _get(url: httpx.URL, address: str, max_bytes: int, deadline: float, timeout:
     """One hop: the body, or where a redirect points."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise MediaError(f"fetching the image {url} took more than {timeout:g} s")
-    # trust_env=False: neither a proxy nor ~/.netrc credentials from the operator's environment
-    with httpx.Client(timeout=left, verify=verify, trust_env=False, follow_redirects=False) as client:
-        # the URL's name for TLS (SNI, and the certificate is checked against it), its address for the connection
-        extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
-        # identity: no gzip, whose few kilobytes inflate to gigabytes in one read, before a size check sees them
-        request = client.build_request("GET", url.copy_with(host=address), extensions=extensions,
-                                       headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"})
-        response = client.send(request, stream=True)
-        try:
-            if response.is_redirect:
-                return response.headers["location"]
-            response.raise_for_status()
-            encoding = response.headers.get("content-encoding", "identity")
-            if encoding.lower() != "identity":
-                raise MediaError(f"the image {url} came {encoding}-encoded; only plain bodies are read")
-            return _body(response, url, max_bytes, deadline, timeout)
-        finally:
-            response.close()
+        raise _too_slow(url, timeout)
+    watchdog = _Watchdog(left)
+    # the URL's name for TLS (SNI, and the certificate is checked against it), its address for the connection
+    extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+    try:
+        # trust_env=False: neither a proxy nor ~/.netrc credentials from the operator's environment
+        with httpx.Client(timeout=left, verify=verify, trust_env=False, follow_redirects=False) as client:
+            # identity: no gzip, whose few kilobytes inflate to gigabytes in one read, before a size check sees them
+            request = client.build_request("GET", url.copy_with(host=address), extensions={**extensions, "trace": watchdog.trace},
+                                           headers={"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity"})
+            return _answer(client.send(request, stream=True), url, max_bytes)
+    except httpx.HTTPError:
+        if watchdog.expired:  # the watchdog's shutdown is what failed the read
+            raise _too_slow(url, timeout) from None
+        raise
+    finally:
+        watchdog.stop()
 
 
-def _body(response: httpx.Response, url: httpx.URL, max_bytes: int, deadline: float, timeout: float) -> bytes:
+def _answer(response: httpx.Response, url: httpx.URL, max_bytes: int) -> bytes | str:
+    try:
+        if response.is_redirect:
+            return response.headers["location"]
+        response.raise_for_status()
+        encoding = response.headers.get("content-encoding", "identity")
+        if encoding.lower() != "identity":
+            raise MediaError(f"the image {url} came {encoding}-encoded; only plain bodies are read")
+        return _body(response, max_bytes)
+    finally:
+        response.close()
+
+
+def _too_slow(url: httpx.URL, timeout: float) -> MediaError:
+    return MediaError(f"fetching the image {url} took more than {timeout:g} s")
+
+
+class _Watchdog:
+    """Shuts a hop's connection down when the fetch's time is up. httpx's timeout is per read: a server that sends
+    its headers or body a byte at a time, each byte within it, would otherwise hold the fetch (a worker thread and
+    the request's place) for hours. A shutdown makes the read blocked on the socket return at once."""
+
+    def __init__(self, seconds: float):
+        self.expired, self._connections, self._lock = False, [], threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def trace(self, event: str, info: dict):
+        """httpx's trace extension: each connection once it is connected, kept as a duplicate of its descriptor.
+        That stays this connection after httpx closes its own descriptor (whose number another socket may get
+        next), and after TLS detaches the socket object it wraps."""
+        if event == "connection.connect_tcp.complete":
+            duplicate = socket.socket(fileno=os.dup(info["return_value"].get_extra_info("socket").fileno()))
+            with self._lock:
+                self._connections.append(duplicate)
+                if self.expired:
+                    _shutdown(duplicate)
+
+    def _expire(self):
+        with self._lock:
+            self.expired = True
+            for connection in self._connections:
+                _shutdown(connection)
+
+    def stop(self):
+        self._timer.cancel()
+        with self._lock:
+            for connection in self._connections:
+                connection.close()  # the connection itself closes with httpx's descriptor and this one
+            self._connections = []
+
+
+def _shutdown(connection: socket.socket):
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:  # closed by its server already
+        pass
+
+
+def _body(response: httpx.Response, max_bytes: int) -> bytes:
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise MediaError(f"the image is {int(declared):,} bytes; the limit is {max_bytes:,}", status=413)
     data = bytearray()
-    for chunk in response.iter_raw():
+    for chunk in response.iter_raw():  # as slow as the server likes: the watchdog bounds the time
         data += chunk
         if len(data) > max_bytes:
             raise MediaError(f"the image is over the limit of {max_bytes:,} bytes", status=413)
-        if time.monotonic() > deadline:  # httpx's timeout is per read: a slow drip would pass it
-            raise MediaError(f"fetching the image {url} took more than {timeout:g} s")
     return bytes(data)

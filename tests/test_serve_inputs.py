@@ -3,10 +3,14 @@ does not implement, several images, long stop strings. On loopback, through the 
 client is involved."""
 
 import ipaddress
+import os
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -87,7 +91,8 @@ def test_image_urls_never_reach_private_addresses(engine):
     for url in ["http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png", "http://[::ffff:127.0.0.1]/x.png",
                 "http://0.0.0.0/x.png", "http://10.1.2.3/x.png", "http://192.168.0.1/x.png", "http://100.64.0.1/x.png",
                 "http://224.0.0.1/x.png", "http://[fe80::1]/x.png", "http://[fd00::1]/x.png", "http://[ff02::1]/x.png",
-                "http://240.0.0.1/x.png", "http://2130706433/x.png", "http://[2002:7f00:1::]/x.png", "https://[::]/x.png"]:
+                "http://240.0.0.1/x.png", "http://2130706433/x.png", "http://[2002:7f00:1::]/x.png", "https://[::]/x.png",
+                "http://[fec0::1]/x.png"]:
         assert "is not a public address" in fetch_refused(url, policy), url
 
 
@@ -130,6 +135,73 @@ def test_the_connection_goes_to_the_address_that_was_checked():
         port = base.rsplit(":", 1)[1]
         assert image_bytes(f"http://rebind.example:{port}/shapes.png", policy) == PNG
     assert calls == ["rebind.example"] and seen == [("/shapes.png", f"rebind.example:{port}")] and elsewhere_seen == []
+
+
+@contextmanager
+def dripping_server(start: bytes, drip: bytes, pause: float = 0.2):
+    """A loopback server that answers every request with `start` at once, then `drip` a byte per `pause` seconds
+    (each byte well within any read timeout). Yields its base URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer(connection):
+        with connection:
+            connection.recv(65536)
+            try:
+                connection.sendall(start)
+                for byte in drip:
+                    time.sleep(pause)
+                    connection.sendall(bytes([byte]))
+            except OSError:  # the fetch gave up and shut the connection
+                pass
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_server_that_drips_its_answer_is_cut_off_at_the_fetch_timeout():
+    """httpx's timeout is per read: headers or a body a byte at a time, each within it, took 24 x 0.2 s here (and
+    hours with a patient server) while the request held its place. The whole fetch must end at its timeout."""
+    policy = MediaPolicy(allow_urls=True, private_networks=LOOPBACK_ONLY, fetch_timeout=1.0)
+    for start, drip in [(b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 24),  # headers that never end
+                        (b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", PNG[:32])]:  # nor does the body
+        with dripping_server(start, drip) as base:
+            began = time.monotonic()
+            message = fetch_refused(f"{base}/shapes.png", policy)
+            assert "took more than 1 s" in message and time.monotonic() - began < 2.5, (start, message)
+
+
+def test_local_file_urls_say_nothing_of_paths_outside_the_folder(tmp_path):
+    """A missing file and one outside the folder get the same answer (else a client maps the server's files); a
+    NUL byte, a host, a fifo and a device are refused as such, and nothing blocks."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir(), outside.mkdir()
+    (allowed / "shapes.png").write_bytes(PNG)
+    (outside / "secret.png").write_bytes(PNG)
+    os.mkfifo(allowed / "fifo.png")
+    (allowed / "zero.png").symlink_to("/dev/zero")
+    policy = MediaPolicy(allowed_local_path=allowed)
+    assert image_bytes((allowed / "shapes.png").as_uri(), policy) == PNG
+    assert image_bytes(f"file://localhost{allowed}/shapes.png", policy) == PNG
+    answers = {url: fetch_refused(url, policy).removeprefix(url) for url in [
+        (outside / "secret.png").as_uri(), (outside / "missing.png").as_uri(), (allowed / "missing.png").as_uri(),
+        f"file://{allowed}/../outside/secret.png", f"file://{allowed}/shapes.png%00.txt", (allowed / "fifo.png").as_uri(),
+        (allowed / "zero.png").as_uri(), allowed.as_uri()]}
+    assert set(answers.values()) == {" is not an image file inside the folder this server allows"}, answers
+    assert "names the host images.example" in fetch_refused(f"file://images.example{allowed}/shapes.png", policy)
+    with pytest.raises(MediaError) as caught:
+        image_bytes((allowed / "shapes.png").as_uri(), MediaPolicy(allowed_local_path=allowed, max_bytes=100))
+    assert caught.value.status == 413
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
@@ -194,6 +266,18 @@ def test_harmless_parameters_are_accepted(client):
                 "tool_choice": "none", "logprobs": False, "service_tier": "auto", "modalities": ["text"]}
     assert ask(client, CIRCLES, **harmless).choices[0].message.content == plain
     assert ask(client, CIRCLES, extra_body={"top_k": -1, "repetition_penalty": 1.0}).choices[0].message.content == plain
+    assert ask(client, CIRCLES, extra_body={"stream": None, "stream_options": None}).choices[0].message.content == plain
+
+
+def test_vanishing_temperatures_and_top_ps_answer_greedily_and_fail_no_one_else(client):
+    """temperature 1e-300 became 0 in float32 and NaN in the softmax: a 500, and the multinomial's error failed every
+    answer in the scheduler's batch with it. Now such values decode greedily, as they all but ask."""
+    greedy = ask(client, CIRCLES).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(streamed, client, CIRCLES) for _ in range(3)]
+        for tiny in ({"temperature": 1e-300}, {"temperature": 1e-45, "seed": 1}, {"temperature": 1, "top_p": 1e-300}):
+            assert ask(client, CIRCLES, **tiny).choices[0].message.content == greedy, tiny
+        assert [other.result()[0] for other in others] == [greedy] * 3
 
 
 def test_several_images_answer_as_the_engine_does_with_all_of_them(client, engine):
