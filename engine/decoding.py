@@ -7,6 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this a temperature is greedy decoding in all but name, and far below it sampling breaks: float32 rounds
+# 1e-300 to 0, logits / temperature overflow to inf, softmax gives NaN, and the multinomial raises inside the
+# scheduler's batched step, failing every answer in the batch (one such API request failed 9 of 16 others' streams).
+MIN_TEMPERATURE = 1e-5
+# Any top_p below the most likely token's probability (at least 1 / vocabulary) keeps that token alone; a floor far
+# below any vocabulary's share changes no answer, but keeps float32 from rounding top_p to 0, which keeps no token.
+MIN_TOP_P = 1e-30
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -23,6 +31,9 @@ class Sampling:
             raise ValueError(f"top_p is {self.top_p}; it must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
+        if self.temperature < MIN_TEMPERATURE:  # whoever asks (the API, the app, a caller of the engine)
+            object.__setattr__(self, "temperature", 0.0)
+        object.__setattr__(self, "top_p", max(self.top_p, MIN_TOP_P))
 
     def generator(self, device) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)

@@ -14,13 +14,6 @@ from .media import MediaPolicy, image_bytes
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
 
 DEFAULT_MAX_TOKENS = 512
-# Below this a temperature is greedy decoding in all but name, and far below it sampling breaks: float32 rounds
-# 1e-300 to 0, logits / temperature overflow to inf, softmax gives NaN, and the multinomial raises inside the
-# scheduler's batched step, failing every answer in the batch (one such request failed 9 of 16 others' streams).
-MIN_TEMPERATURE = 1e-5
-# Any top_p below the most likely token's probability (at least 1 / vocabulary) keeps that token alone; a floor far
-# below any vocabulary's share changes no answer, but keeps float32 from rounding top_p to 0, which keeps no token.
-MIN_TOP_P = 1e-30
 
 
 class APIError(Exception):
@@ -82,9 +75,8 @@ class ChatRequest(BaseModel):
 
     def sampling(self, max_tokens: int) -> Sampling:
         wanted = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
-        temperature = 1.0 if self.temperature is None else self.temperature
-        return Sampling(temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-                        top_p=max(MIN_TOP_P, 1.0 if self.top_p is None else self.top_p),
+        return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
+                        top_p=1.0 if self.top_p is None else self.top_p,
                         max_new_tokens=min(wanted, max_tokens), seed=self.seed)
 
 
