@@ -36,7 +36,8 @@ class EngineProcess:
     """A ChatEngine(model_path, **engine_options) in a spawned child process (spawn, not fork: the child starts clean
     of the parent's threads, and CUDA can only start in a fresh process)."""
 
-    def __init__(self, model_path: str, threads: int | None = None, timeout: float = 900.0, **engine_options):
+    def __init__(self, model_path: str, threads: int | None = None, timeout: float = 900.0, ping_timeout: float = 5.0,
+                 **engine_options):
         context = multiprocessing.get_context("spawn")
         self._pipe, child_end = context.Pipe()
         self._process = context.Process(target=_child, args=(child_end, model_path, engine_options, threads), name="llava-engine",
@@ -54,7 +55,7 @@ class EngineProcess:
         if kind != "ready":
             self._process.join(5)
             raise EngineStopped(f"the engine could not load {model_path}: {detail[0]}")
-        (self.device, self.tokenizer), self.alive = detail, True
+        (self.device, self.tokenizer), self.alive, self.ping_timeout = detail, True, ping_timeout
         self._streams: dict[int, queue.SimpleQueue] = {}
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
@@ -89,6 +90,22 @@ class EngineProcess:
                 except EngineStopped:  # it died meanwhile: nothing left to cancel
                     pass
 
+    def responsive(self) -> bool:
+        """Whether the child answers a ping within `ping_timeout` seconds: alive is not enough (a process stopped
+        by a signal, or swapped out for good, is alive and answers nothing). /health asks this."""
+        if not self.alive:
+            return False
+        request, answered = next(self._ids), queue.SimpleQueue()
+        self._streams[request] = answered
+        try:
+            self._send(("ping", request))
+            answered.get(timeout=self.ping_timeout)
+            return self.alive
+        except (queue.Empty, EngineStopped):
+            return False
+        finally:
+            self._streams.pop(request, None)
+
     def close(self):
         """Stops the child (at exit; answers in flight fail with EngineStopped)."""
         if self._process.is_alive():
@@ -117,7 +134,9 @@ class EngineProcess:
                 arrivals = self._streams.get(request)
                 if arrivals is None:  # cancelled meanwhile
                     continue
-                if kind == "tokens":
+                if kind == "pong":
+                    arrivals.put(True)
+                elif kind == "tokens":
                     arrivals.put(Tokens(*rest))
                 elif kind == "end":
                     arrivals.put(_END)
@@ -201,6 +220,8 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
         if kind == "cancel":
             if rest[0] in running:  # else it has ended already
                 cancelled.add(rest[0])
+        elif kind == "ping":
+            send(("pong", rest[0]))
         elif kind == "generate":
             running.add(rest[0])
             threading.Thread(target=answer, args=rest, name=f"llava-request-{rest[0]}", daemon=True).start()

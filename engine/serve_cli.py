@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int,
                         help="threads for the model on the CPU (default: $OMP_NUM_THREADS, else one fewer than the cores)")
     parser.add_argument("--api-key", default=os.environ.get("LLAVA_SERVE_API_KEY"),
-                        help="require this bearer key (default: $LLAVA_SERVE_API_KEY; none: open)")
+                        help="require this bearer key (default: $LLAVA_SERVE_API_KEY, better: a command line is seen by "
+                        "every user of the machine in ps; none: open)")
     args = parser.parse_args(argv)
     if args.allowed_local_media_path and not args.allowed_local_media_path.is_dir():
         parser.error(f"--allowed-local-media-path {args.allowed_local_media_path} is not a folder")
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None):
         parser.error("--allow-private-image-urls needs --allow-image-urls")
     if args.max_images_per_request < 1:
         parser.error("--max-images-per-request must be at least 1")
+    if args.api_key is not None and not args.api_key.strip():
+        parser.error("the API key (--api-key or LLAVA_SERVE_API_KEY) is empty, which would let in any request that "
+                     "sends 'Bearer' with nothing after it: give a key, or unset it to serve without one")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
     try:

@@ -4,6 +4,7 @@ cancels its answer there, and a dead engine is reported instead of hanging every
 
 import base64
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,21 @@ def test_the_server_over_the_child_streams_as_it_answers_whole(child):
         chunks = client.chat.completions.create(model="shapes", messages=messages, temperature=0, max_tokens=40, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) == whole.choices[0].message.content
         assert httpx.get(base_url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_a_stopped_engine_fails_the_health_check_until_it_goes_on(child, monkeypatch):
+    monkeypatch.setattr(child, "ping_timeout", 1.0)
+    with running(create_app(child, "shapes")) as base_url:
+        health = base_url.removesuffix("/v1") + "/health"
+        assert httpx.get(health, timeout=10).status_code == 200
+        os.kill(child._process.pid, signal.SIGSTOP)  # alive, answering nothing (as a frozen or swapped-out process)
+        try:
+            stopped = httpx.get(health, timeout=10)
+        finally:
+            os.kill(child._process.pid, signal.SIGCONT)
+        assert (stopped.status_code, stopped.json()) == (503, {"status": "engine not responding"})
+        assert httpx.get(health, timeout=10).status_code == 200
+    assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), GREEDY)).text
 
 
 def test_a_dead_engine_fails_its_answers_and_the_health_check():

@@ -264,6 +264,9 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         lower = httpx.get(base_url + "/models", headers={"authorization": "bearer s3cret-key"})  # the scheme's case is free
         assert lower.status_code == 200
         assert httpx.get(base_url + "/models", headers={"authorization": "Basic s3cret-key"}).status_code == 401
+    for empty in ("", "  "):  # would let in "Authorization: Bearer " with nothing after it
+        with pytest.raises(ValueError, match="empty"):
+            create_app(engine, MODEL, api_key=empty)
 
 
 def test_the_command_documents_itself_and_refuses_a_missing_media_folder(tmp_path):
@@ -275,6 +278,11 @@ def test_the_command_documents_itself_and_refuses_a_missing_media_folder(tmp_pat
     refused = subprocess.run([sys.executable, "-m", "engine.serve_cli", "--model", str(ROOT / "checkpoints" / MODEL),
                               "--allowed-local-media-path", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "is not a folder" in refused.stderr
+    import os
+
+    empty_key = subprocess.run([sys.executable, "-m", "engine.serve_cli", "--model", str(ROOT / "checkpoints" / MODEL)],
+                               capture_output=True, text=True, timeout=120, env={**os.environ, "LLAVA_SERVE_API_KEY": ""})
+    assert empty_key.returncode == 2 and "API key (--api-key or LLAVA_SERVE_API_KEY) is empty" in empty_key.stderr
 
 
 def test_what_review_found_is_refused_cheaply(client):
