@@ -35,6 +35,7 @@ def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = ()) -
     """The growing answer of `arrivals`; a stop string ends it (cut from the text, `arrivals` closed: that cancels
     the rest). Each Progress holds back what could still become a stop string or half a character."""
     tokens, text = [], ""
+    stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
     with closing(arrivals):
         for arrived in arrivals:
             known = len(tokens)

@@ -16,6 +16,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -26,6 +27,7 @@ from .scheduler import QueueFull
 
 _ERRORS = {"ChatError": ChatError, "QueueFull": QueueFull}
 _END = object()
+HEARTBEAT = 1.0  # seconds between the child's signs of life
 
 
 class EngineStopped(RuntimeError):
@@ -36,7 +38,7 @@ class EngineProcess:
     """A ChatEngine(model_path, **engine_options) in a spawned child process (spawn, not fork: the child starts clean
     of the parent's threads, and CUDA can only start in a fresh process)."""
 
-    def __init__(self, model_path: str, threads: int | None = None, timeout: float = 900.0, ping_timeout: float = 5.0,
+    def __init__(self, model_path: str, threads: int | None = None, timeout: float = 900.0, silence_limit: float = 5.0,
                  **engine_options):
         context = multiprocessing.get_context("spawn")
         self._pipe, child_end = context.Pipe()
@@ -55,7 +57,8 @@ class EngineProcess:
         if kind != "ready":
             self._process.join(5)
             raise EngineStopped(f"the engine could not load {model_path}: {detail[0]}")
-        (self.device, self.tokenizer), self.alive, self.ping_timeout = detail, True, ping_timeout
+        (self.device, self.tokenizer), self.alive = detail, True
+        self.silence_limit, self._heard = silence_limit, time.monotonic()
         self._streams: dict[int, queue.SimpleQueue] = {}
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
@@ -81,6 +84,7 @@ class EngineProcess:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                finished = item.finish_reason is not None  # its reader may stop here: nothing left to cancel
                 yield item
         finally:
             self._streams.pop(request, None)
@@ -91,20 +95,11 @@ class EngineProcess:
                     pass
 
     def responsive(self) -> bool:
-        """Whether the child answers a ping within `ping_timeout` seconds: alive is not enough (a process stopped
-        by a signal, or swapped out for good, is alive and answers nothing). /health asks this."""
-        if not self.alive:
-            return False
-        request, answered = next(self._ids), queue.SimpleQueue()
-        self._streams[request] = answered
-        try:
-            self._send(("ping", request))
-            answered.get(timeout=self.ping_timeout)
-            return self.alive
-        except (queue.Empty, EngineStopped):
-            return False
-        finally:
-            self._streams.pop(request, None)
+        """Whether the child was heard from in the last `silence_limit` seconds (it beats every HEARTBEAT): alive is
+        not enough, a process stopped by a signal or frozen is alive and answers nothing. /health asks this, so it
+        waits for nothing: neither the pipe (a frozen child does not read it, and a send blocks once its buffer is
+        full) nor a worker thread (the server's are all taken by answers under load)."""
+        return self.alive and time.monotonic() - self._heard < self.silence_limit
 
     def close(self):
         """Stops the child (at exit; answers in flight fail with EngineStopped)."""
@@ -131,24 +126,26 @@ class EngineProcess:
         try:
             while True:
                 kind, request, *rest = self._pipe.recv()
+                self._heard = time.monotonic()
                 arrivals = self._streams.get(request)
-                if arrivals is None:  # cancelled meanwhile
+                if arrivals is None:  # cancelled meanwhile, or a heartbeat
                     continue
-                if kind == "pong":
-                    arrivals.put(True)
-                elif kind == "tokens":
+                if kind == "tokens":
                     arrivals.put(Tokens(*rest))
                 elif kind == "end":
                     arrivals.put(_END)
                 else:  # "error": the exception's class name and message
                     name, message = rest
                     arrivals.put(_ERRORS.get(name, RuntimeError)(message))
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the child is gone
             pass
-        self.alive = False
-        self._process.join(5)
-        for arrivals in list(self._streams.values()):
-            arrivals.put(EngineStopped(self._stopped()))
+        except BaseException:  # a bug of ours: no answer may wait for a reader that is gone
+            traceback.print_exc()
+        finally:
+            self.alive = False
+            self._process.join(5)
+            for arrivals in list(self._streams.values()):
+                arrivals.put(EngineStopped(self._stopped()))
 
     def _stopped(self) -> str:
         return f"the engine's process stopped (exit code {self._process.exitcode})"
@@ -161,7 +158,7 @@ def compute_threads(requested: int | None = None) -> int:
     if requested:
         return requested
     chosen = os.environ.get("OMP_NUM_THREADS", "")
-    if chosen.isdigit() and int(chosen) > 0:  # the operator's choice (OpenMP itself ignores what is not a count)
+    if chosen.isascii() and chosen.isdigit() and int(chosen) > 0:  # the operator's choice (OpenMP itself ignores what is not a count)
         return int(chosen)
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
@@ -169,7 +166,10 @@ def compute_threads(requested: int | None = None) -> int:
 def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
     """The child's main thread: loads the engine, then runs each request on a thread of its own (a reader of the
     scheduler, as the server's worker threads are in one process) and sends its Progress back."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us in order
+    # Ctrl-C and a service manager's SIGTERM reach the whole group: the parent, draining its requests, stops us in
+    # order (or we see the pipe close when it is gone)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import torch
 
@@ -183,18 +183,23 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
             traceback.print_exc()
         pipe.send(("failed", f"{type(error).__name__}: {error}"))
         return
-    send_lock, running, cancelled = threading.Lock(), set(), set()
+    send_lock, cancels = threading.Lock(), {}  # request -> its Event, set when the parent cancels it
 
     def send(message):
         with send_lock:
             pipe.send(message)
+
+    def beat():
+        while True:
+            time.sleep(HEARTBEAT)
+            send(("beat", None))
 
     def answer(request, messages, image, sampling, interval):
         try:
             arrivals = engine.generate_tokens(messages, image, sampling, interval=interval)
             try:
                 for item in arrivals:
-                    if request in cancelled:
+                    if cancels[request].is_set():
                         break
                     # a plain tuple: pickling a dataclass per message cost more than its tokens
                     send(("tokens", request, item.new, item.prompt_tokens, item.cached_tokens, item.finish_reason))
@@ -206,10 +211,10 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
                 traceback.print_exc()
             send(("error", request, type(error).__name__, str(error)))
         finally:
-            running.discard(request)
-            cancelled.discard(request)
+            cancels.pop(request, None)
 
     pipe.send(("ready", str(engine.device), engine.processor.tokenizer))  # the parent detokenizes
+    threading.Thread(target=beat, name="llava-heartbeat", daemon=True).start()
     while True:
         try:
             kind, *rest = pipe.recv()
@@ -218,10 +223,8 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
         if kind == "stop":
             return
         if kind == "cancel":
-            if rest[0] in running:  # else it has ended already
-                cancelled.add(rest[0])
-        elif kind == "ping":
-            send(("pong", rest[0]))
+            if (cancel := cancels.get(rest[0])) is not None:  # else it has ended already
+                cancel.set()
         elif kind == "generate":
-            running.add(rest[0])
+            cancels[rest[0]] = threading.Event()
             threading.Thread(target=answer, args=rest, name=f"llava-request-{rest[0]}", daemon=True).start()

@@ -46,8 +46,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     """The API over `engine`. More than `max_concurrent` requests at once are answered 503. A stream sends at most
     one chunk per `stream_interval` seconds (the tokens of the pause go together): fewer chunks to encode and send
     when the CPU is busy."""
-    if api_key is not None and not api_key.strip():  # "Bearer " with nothing after it would match
-        raise ValueError("the API key is empty: give a key, or None to serve without one")
+    if api_key is not None:
+        api_key = api_key.strip()  # a key from a file ends in a newline, which no client sends
+        if not api_key:  # "Bearer " with nothing after it would match
+            raise ValueError("the API key is empty: give a key, or None to serve without one")
     policy = policy or MediaPolicy()  # default: data URLs only
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -86,7 +88,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     async def health():
         if not getattr(engine, "alive", True):  # the engine's process is gone: a supervisor should restart us
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        if hasattr(engine, "responsive") and not await run_in_threadpool(engine.responsive):  # alive but not answering
+        if hasattr(engine, "responsive") and not engine.responsive():  # alive but silent: stopped or frozen
             return JSONResponse({"status": "engine not responding"}, status_code=503)
         return {"status": "ok"}
 

@@ -6,6 +6,8 @@ import base64
 import os
 import signal
 import subprocess
+import threading
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +79,8 @@ def test_stop_strings_are_cut_in_the_parent_as_the_engine_cuts_them(child, local
     assert theirs[-1].text == whole.text[: whole.text.index(stop[0])].rstrip()
     assert theirs[-1].completion_tokens < whole.completion_tokens
     assert all(theirs[-1].text.startswith(progress.text) for progress in theirs)  # nothing shown is taken back
+    assert last(child.generate(conversation("Describe the image."), image, GREEDY, stop=("",))).text == whole.text
+    assert last(local.generate(conversation("Describe the image."), image, GREEDY, stop=("",))).text == whole.text
 
 
 def test_refusals_keep_their_kind_and_a_closed_answer_is_cancelled(child):
@@ -102,18 +106,34 @@ def test_the_server_over_the_child_streams_as_it_answers_whole(child):
 
 
 def test_a_stopped_engine_fails_the_health_check_until_it_goes_on(child, monkeypatch):
-    monkeypatch.setattr(child, "ping_timeout", 1.0)
+    monkeypatch.setattr(child, "silence_limit", 1.5)
     with running(create_app(child, "shapes")) as base_url:
         health = base_url.removesuffix("/v1") + "/health"
         assert httpx.get(health, timeout=10).status_code == 200
         os.kill(child._process.pid, signal.SIGSTOP)  # alive, answering nothing (as a frozen or swapped-out process)
         try:
+            # a request whose image fills the pipe's buffer: its send blocks, and must not block the health check
+            blocked = threading.Thread(target=_refused, args=(child,), daemon=True)
+            blocked.start()
+            time.sleep(2.0)
+            started = time.monotonic()
             stopped = httpx.get(health, timeout=10)
+            waited = time.monotonic() - started
         finally:
             os.kill(child._process.pid, signal.SIGCONT)
-        assert (stopped.status_code, stopped.json()) == (503, {"status": "engine not responding"})
-        assert httpx.get(health, timeout=10).status_code == 200
+        assert (stopped.status_code, stopped.json()) == (503, {"status": "engine not responding"}) and waited < 1.0
+        blocked.join(30)
+        assert not blocked.is_alive()
+        deadline = time.monotonic() + 10
+        while httpx.get(health, timeout=10).status_code != 200:  # its next heartbeat
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
     assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), GREEDY)).text
+
+
+def _refused(engine):
+    with pytest.raises(ChatError):
+        last(engine.generate(conversation("What?"), os.urandom(3_000_000), GREEDY))
 
 
 def test_a_dead_engine_fails_its_answers_and_the_health_check():

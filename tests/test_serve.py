@@ -264,6 +264,8 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         lower = httpx.get(base_url + "/models", headers={"authorization": "bearer s3cret-key"})  # the scheme's case is free
         assert lower.status_code == 200
         assert httpx.get(base_url + "/models", headers={"authorization": "Basic s3cret-key"}).status_code == 401
+    with running(create_app(engine, MODEL, api_key="s3cret-key\n")) as base_url:  # as read from a file
+        assert httpx.get(base_url + "/models", headers={"authorization": "Bearer s3cret-key"}).status_code == 200
     for empty in ("", "  "):  # would let in "Authorization: Bearer " with nothing after it
         with pytest.raises(ValueError, match="empty"):
             create_app(engine, MODEL, api_key=empty)
