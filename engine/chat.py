@@ -4,6 +4,7 @@ session's KV cache and vision features across turns (the original LLaVA worker r
 import dataclasses
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -103,16 +104,17 @@ class ChatEngine:
         return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop)
 
     def generate_tokens(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
-                        interval: float = 0.0) -> Iterator[Tokens]:
+                        interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Tokens]:
         """The answer's token ids as they come (see answer_text.as_text for its text); closing it early cancels the
-        rest. ChatError (at the first read) for input we refuse."""
+        rest, and so does setting `cancel` from another thread (then the answer ends at once, also while it waits
+        for a place in the batch, without its prefill). ChatError (at the first read) for input we refuse."""
         if not session_id:
-            yield from self._turn(None, messages, image, sampling, interval)
+            yield from self._turn(None, messages, image, sampling, interval, cancel)
             return
         session = self.sessions.get(session_id)
         try:
             with session.lock:
-                turn = self._turn(session, messages, image, sampling, interval)
+                turn = self._turn(session, messages, image, sampling, interval, cancel)
                 try:
                     yield from turn
                 finally:
@@ -154,7 +156,8 @@ class ChatEngine:
             image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
         return image, fingerprint(image)
 
-    def _turn(self, session: Session | None, messages, image, sampling: Sampling, interval: float) -> Iterator[Tokens]:
+    def _turn(self, session: Session | None, messages, image, sampling: Sampling, interval: float,
+              cancel: threading.Event | None = None) -> Iterator[Tokens]:
         """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
         images, key, prompt = self._prompt(messages, image)
         if session is not None and key != session.image_key:
@@ -184,19 +187,19 @@ class ChatEngine:
                 ids, pixel_values = self._inputs(prompt, images, False)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free
-                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval)
+                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel)
         else:  # generate holds the session's lock
-            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval)
+            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel)
 
     def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, one_off: bool,
-                interval: float) -> Iterator[Tokens]:
+                interval: float, cancel: threading.Event | None) -> Iterator[Tokens]:
         # a one-off answer takes a slot only without a prefix cache, which keeps DynamicCaches
         extra = self._reuse(session, ids[0], pixel_values, sampling.max_new_tokens, evict=not one_off,
                             use_slot=not (one_off and self.prefixes is not None))
         if extra and image_sizes is not None:
             extra["image_sizes"] = image_sizes
         keep = session.cached_tokens
-        sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids))
+        sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids, cancel))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
         try:
             with closing(self.scheduler.tokens(sequence, interval)) as stream:

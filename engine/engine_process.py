@@ -196,7 +196,7 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
 
     def answer(request, messages, image, sampling, interval):
         try:
-            arrivals = engine.generate_tokens(messages, image, sampling, interval=interval)
+            arrivals = engine.generate_tokens(messages, image, sampling, interval=interval, cancel=cancels[request])
             try:
                 for item in arrivals:
                     if cancels[request].is_set():

@@ -38,16 +38,25 @@ class Sequence:
     prefill feeds. When `done` is set, `cache` holds every token fed (prompt and answer but the last, never fed
     back), or is None after a failed step."""
 
-    def __init__(self, cache, pending: torch.Tensor, image_inputs: dict, sampling: Sampling, stop_ids: set[int]):
+    def __init__(self, cache, pending: torch.Tensor, image_inputs: dict, sampling: Sampling, stop_ids: set[int],
+                 cancel: threading.Event | None = None):
         self.cache, self.pending, self.image_inputs = cache, pending, image_inputs
         self.sampling, self.stop_ids = sampling, stop_ids
         self.generator = sampling.generator(pending.device)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop" (an end token) or "length"
         self.error: BaseException | None = None
-        self.cancelled = False
+        # set by its reader leaving, or by whoever holds the Event (engine_process: a client gone while it waited)
+        self._cancel = cancel or threading.Event()
         self.out: queue.SimpleQueue = queue.SimpleQueue()
         self.done = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self):
+        self._cancel.set()
 
     def emit(self, token: int) -> bool:
         """Records a sampled token; True when the sequence is finished."""
@@ -240,7 +249,7 @@ class Scheduler:
                 raise sequence.error
         finally:
             if not sequence.done.is_set():
-                sequence.cancelled = True
+                sequence.cancel()
                 with self._wake:
                     self._wake.notify()
                 sequence.done.wait()

@@ -95,6 +95,28 @@ def test_refusals_keep_their_kind_and_a_closed_answer_is_cancelled(child):
     assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), GREEDY)).text
 
 
+def test_an_answer_cancelled_while_it_waits_for_a_place_ends_without_its_prefill():
+    engine = ChatEngine(str(MODEL), device="cpu", max_batch=1)
+    stop_ids, engine.stop_ids = engine.stop_ids, set()  # the first answer holds the only place: it never ends early
+    first = engine.generate_tokens(conversation("Describe the image."), IMAGES[0].read_bytes(),
+                                   Sampling(temperature=0, max_new_tokens=3000))
+    next(first)
+    engine.stop_ids = stop_ids
+    cancel, second = threading.Event(), []
+    waiting = threading.Thread(target=lambda: second.extend(engine.generate_tokens(
+        conversation(QUESTIONS[0]), IMAGES[1].read_bytes(), GREEDY, cancel=cancel)))
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while not engine.scheduler._waiting:  # it is queued behind the first
+        assert time.monotonic() < deadline and waiting.is_alive()
+        time.sleep(0.01)
+    cancel.set()  # as the engine's process does when its client is gone
+    waiting.join(5)
+    assert not waiting.is_alive() and [arrived.new for arrived in second] == [[]]  # ended, with no token
+    assert next(first).new  # the first went on all along
+    first.close()
+
+
 def test_the_server_over_the_child_streams_as_it_answers_whole(child):
     with running(create_app(child, "shapes")) as base_url:
         client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
