@@ -20,8 +20,7 @@ def cache_over(config, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Dyna
     """A DynamicCache for `config`'s layers holding `tensors` (per layer: keys, values of (B, heads, T, head_dim))."""
     tensors = list(tensors)
     if id(config) not in _all_plain:
-        layers = DynamicCache(config=config).layers
-        _all_plain[id(config)] = config, len(layers) == len(tensors) and all(type(layer) is DynamicLayer for layer in layers)
+        _all_plain[id(config)] = config, all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
     if not _all_plain[id(config)][1]:  # sliding windows keep only their window: their own update decides what
         return DynamicCache(config=config, ddp_cache_data=tensors)
     cache = DynamicCache()

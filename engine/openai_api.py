@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import from_json
 
-from .chat import Progress
+from .answer_text import Progress
 from .decoding import Sampling
 from .media import MediaPolicy, image_bytes
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD

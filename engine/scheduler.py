@@ -141,9 +141,10 @@ class DecodeBatch:
             return
         width = max(self.mask.shape[1], other.mask.shape[1])
         self.cache = cache_over(self.config, [
-            (stack_left(mine.keys, theirs.keys, width), stack_left(mine.values, theirs.values, width))
+            (torch.cat([pad_left(mine.keys, width), pad_left(theirs.keys, width)]),
+             torch.cat([pad_left(mine.values, width), pad_left(theirs.values, width)]))
             for mine, theirs in zip(self.cache.layers, other.cache.layers)])
-        self.mask = stack_left(self.mask, other.mask, width)
+        self.mask = torch.cat([pad_left(self.mask, width), pad_left(other.mask, width)])
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.rows = self.rows + other.rows
         self.padded = bool((self.mask == 0).any())
@@ -180,19 +181,6 @@ class DecodeBatch:
         for row in self.rows:
             row.finish(error)
         self.rows, self.cache, self.mask, self.lengths = [], None, None, None
-
-
-def stack_left(top: torch.Tensor, bottom: torch.Tensor, width: int) -> torch.Tensor:
-    """`top`'s rows then `bottom`'s, each left-padded with zeros to `width` along dim -2 of a (B, H, T, D) cache
-    tensor or dim -1 of a (B, T) mask: written once into one new tensor (padding each, then concatenating, copied
-    the whole batch's cache twice every time a request joined)."""
-    dim = -1 if top.dim() == 2 else -2
-    shape = list(top.shape)
-    shape[0], shape[dim] = top.shape[0] + bottom.shape[0], width
-    out = top.new_zeros(shape)
-    out[: top.shape[0]].narrow(dim, width - top.shape[dim], top.shape[dim]).copy_(top)
-    out[top.shape[0]:].narrow(dim, width - bottom.shape[dim], bottom.shape[dim]).copy_(bottom)
-    return out
 
 
 def pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None):
         parser.error(f"--allow-private-image-urls: {error}")
     import uvicorn
 
-    from .server import create_app
-
     from .engine_process import EngineProcess, EngineStopped
+    from .server import create_app
 
     if args.single_process:
         import torch
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None):
     else:
         try:
             engine = EngineProcess(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
-        except EngineStopped as error:  # the child printed its traceback; one line here says what failed
+        except EngineStopped as error:  # one line says what failed (the child printed a traceback if it was a bug)
             parser.exit(1, f"llava-serve: {error}\n")
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     policy = MediaPolicy(args.allowed_local_media_path, args.allow_image_urls, args.max_image_bytes,
