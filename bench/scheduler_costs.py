@@ -1,11 +1,11 @@
 """Where the scheduler's time goes, in-process (no HTTP, no client): the engine answering bench_serve's requests
 over 1 and N request threads for a few seconds each, with the scheduler's parts timed by wrapping them.
 
-python bench/scheduler_costs.py [--streams 8] [--seconds 8] [--dtype float32] [--threads 1]
+python bench/scheduler_costs.py [--streams 8] [--seconds 8] [--dtype float32] [--threads 1] [--batch rows|padded]
 
 Prints requests/s and tokens/s at 1 stream and at N (the ratio is the engine's own, without llava-serve's HTTP
-process and the client), then per request the time in decode steps, prefill forwards, and the cache copies of rows
-joining and leaving the batch, and a decode step's median cost by the number of rows, right after a row joined or
+process and the client), then per request the time in decode steps, prefill forwards, rows joining without one
+(row_batch's riders) and rows leaving the batch, and a decode step's median cost by the number of rows, right after a row joined or
 left ("fresh") and otherwise. Timing wrappers add a few microseconds per call."""
 
 import argparse
@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from bench_serve import requests  # noqa: E402
 from engine import ChatEngine  # noqa: E402
-from engine import scheduler  # noqa: E402
+from engine.padded_batch import PaddedBatch  # noqa: E402
+from engine.row_batch import RowBatch  # noqa: E402
 from engine.decoding import Sampling  # noqa: E402
 from engine.media import MediaPolicy  # noqa: E402
 from engine.openai_api import engine_messages, parse_request  # noqa: E402
@@ -43,7 +44,7 @@ def timed(owner, name: str):
         finally:
             spent[name] += time.perf_counter() - start
             calls[name] += 1
-            if name in ("join", "remove"):
+            if name in ("prefill", "ride", "remove"):
                 args[0].fresh = True  # the next step runs on caches just built
             elif name == "step":
                 batch = args[0]
@@ -81,22 +82,28 @@ def main():
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (llava-serve's engine process: cores - 1)")
+    parser.add_argument("--batch", choices=["rows", "padded"], default="rows",
+                        help="the scheduler's batch: row_batch (the default) or padded_batch (the fallback)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = ChatEngine(str(ROOT / "checkpoints" / "shapes-llava"), device="cpu", dtype=args.dtype)
+    kind = RowBatch if args.batch == "rows" else PaddedBatch
+    engine.scheduler._batch = kind(engine.model)
     batch = [engine_messages(parse_request(json.dumps({"model": "m", "messages": messages}).encode()), MediaPolicy())
              for messages in requests(64, "scheduler costs")]
     run(engine, batch, 4, 1.0)  # warm-up
     alone = run(engine, batch, 1, args.seconds)
-    for name in ("prefill", "step", "join", "remove"):
-        timed(scheduler.DecodeBatch, name)
+    for name in ("prefill", "ride", "step", "remove"):
+        if hasattr(kind, name):
+            timed(kind, name)
     together = run(engine, batch, args.streams, args.seconds)
     for streams, (count, tokens, wall) in ((1, alone), (args.streams, together)):
         print(f"{streams} stream(s): {count / wall:.1f} requests/s, {tokens / wall:.0f} tokens/s, {tokens / count:.1f} tokens per answer")
     print(f"x one at a time: {together[1] / together[2] / (alone[1] / alone[2]):.2f}")
     count = together[0]
-    for name in ("step", "prefill", "join", "remove"):
-        print(f"  {name:8s} {spent[name] / count * 1e3:5.2f} ms per request ({calls[name]} calls, {spent[name] / calls[name] * 1e3:.2f} ms each)")
+    for name in ("step", "prefill", "ride", "remove"):
+        if calls[name]:
+            print(f"  {name:8s} {spent[name] / count * 1e3:5.2f} ms per request ({calls[name]} calls, {spent[name] / calls[name] * 1e3:.2f} ms each)")
     by_rows = collections.defaultdict(lambda: ([], []))
     for rows, fresh, seconds in steps:
         by_rows[rows][0 if fresh else 1].append(seconds * 1e3)

@@ -1,13 +1,15 @@
 """Continuous batching: one thread owns the model and steps every active answer together.
 
-Between two decode steps the scheduler prefills the sequences that arrived (each over its own cache, which may
-already hold a reused prefix), then they join the batch; a sequence that stops leaves it between steps. The batch is
-one DynamicCache with each row's keys and values left-padded to the longest row, an attention mask hiding the
-padding, and per-row positions, so one forward decodes every user's next token.
+Between two decode steps the scheduler takes in the sequences that arrived (each with its own cache, which may
+already hold a reused prefix): those with more than their last prompt token left are prefilled together in one
+forward, the others join and have that token fed by the next step; a sequence that stops leaves the batch between
+steps. The batch (row_batch: each sequence keeps one row of preallocated key/value buffers; padded_batch for the
+models whose attention that cannot express) gives every row its own positions and mask, so one forward decodes every
+user's next token.
 
 Why not transformers' own continuous batching (generation.continuous_batching in 5.24): its requests are lists of
 token ids and its paged cache is filled from them, while a LLaVA prompt carries its image as features written over
-the embeddings (inputs_embeds), and its sampling has no per-request seed. A padded DynamicCache needs neither.
+the embeddings (inputs_embeds), and its sampling has no per-request seed. Our batches need neither.
 
 A sequence whose cache is a StaticSlot (a CUDA-graph slot of one session, see static_slots) is stepped alone through
 its slot: that keeps the graphs' speed for a single user on a GPU.
@@ -18,11 +20,10 @@ import threading
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
 from .decoding import Sampling, next_tokens
-from .kv_cache import cache_over
+from .padded_batch import PaddedBatch
+from .row_batch import RowBatch
 from .static_slots import StaticSlot
 
 END = object()  # the last item of a sequence's output queue
@@ -58,6 +59,12 @@ class Sequence:
     def cancel(self):
         self._cancel.set()
 
+    @property
+    def next_input(self) -> int:
+        """The token the next decode step feeds: the last one sampled, or, for a sequence that joined the batch with
+        only its prompt's last token left to feed (RowBatch.can_ride), that token."""
+        return self.tokens[-1] if self.tokens else int(self.pending[0, -1])
+
     def emit(self, token: int) -> bool:
         """Records a sampled token; True when the sequence is finished."""
         if token in self.stop_ids:
@@ -77,119 +84,6 @@ class Sequence:
         self.done.set()
 
 
-class DecodeBatch:
-    """The sequences decoding together and their keys and values in one DynamicCache. Row i's tokens are the
-    columns where mask[i] is 1, in order; the others are padding (left of everything, and, after a batched prefill,
-    between a row's cached prefix and the tokens it prefilled)."""
-
-    def __init__(self, model):
-        self.model, self.config = model, model.config.get_text_config()
-        self.rows: list[Sequence] = []
-        self.cache = self.mask = self.lengths = None  # mask (B, L): 1 on real tokens; lengths (B,): real tokens per row
-        self.padded = False
-
-    @classmethod
-    def prefill(cls, model, sequences: list[Sequence]) -> tuple["DecodeBatch", torch.Tensor]:
-        """Feeds every sequence's pending tokens after its cached prefix in one forward: row i is [padding][prefix i]
-        [padding][pending i], so that every row's last token is in the last column. Returns the batch the sequences
-        now form and the logits (B, vocab) after each one's last token."""
-        batch, device = cls(model), sequences[0].pending.device
-        prefixes = [sequence.cache.get_seq_length() for sequence in sequences]
-        pending = [sequence.pending.shape[1] for sequence in sequences]
-        width, new = max(prefixes), max(pending)
-        shaped = next((sequence.cache for sequence in sequences if sequence.cache.get_seq_length()), None)
-        if shaped is None:  # nothing cached in any row
-            cache = DynamicCache(config=batch.config)
-        else:
-            def tensor(sequence, layer, name):
-                if sequence.cache.get_seq_length():
-                    return getattr(sequence.cache.layers[layer], name)
-                like = getattr(shaped.layers[layer], name)
-                return like.new_zeros((1, like.shape[1], 0, like.shape[3]))
-
-            cache = cache_over(batch.config, [
-                tuple(torch.cat([pad_left(tensor(sequence, layer, name), width) for sequence in sequences]) for name in ("keys", "values"))
-                for layer in range(len(shaped.layers))])
-        ids = torch.zeros((len(sequences), new), dtype=torch.long, device=device)  # 0 is never the image token
-        mask = torch.zeros((len(sequences), width + new), dtype=torch.long, device=device)
-        positions = torch.zeros((len(sequences), new), dtype=torch.long, device=device)
-        for row, (sequence, prefix, count) in enumerate(zip(sequences, prefixes, pending)):
-            ids[row, new - count:] = sequence.pending[0]
-            mask[row, width - prefix: width] = 1
-            mask[row, width + new - count:] = 1
-            positions[row] = prefix + torch.arange(new, device=device) - (new - count)
-        positions.clamp_(min=0)  # the padding's positions: any, it is masked out
-        # the images' features in row order, as merge_image_features fills the image tokens row after row
-        features = [sequence.image_inputs["vision_features"] for sequence in sequences if sequence.image_inputs]
-        extra = {"vision_features": torch.cat(features)} if features else {}
-        sizes = [sequence.image_inputs["image_sizes"] for sequence in sequences if "image_sizes" in sequence.image_inputs]
-        if sizes:  # AnyRes: each image's size lays out its tiles
-            extra["image_sizes"] = torch.cat(sizes)
-        batch.padded = bool((mask == 0).any())
-        logits = model(input_ids=ids, cache=cache, attention_mask=mask if batch.padded else None, position_ids=positions,
-                       use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
-        batch.rows, batch.cache, batch.mask = list(sequences), cache, mask
-        batch.lengths = torch.tensor([prefix + count for prefix, count in zip(prefixes, pending)], device=device)
-        for sequence in sequences:
-            sequence.cache, sequence.image_inputs = None, {}  # its keys and values live in the batch until it leaves
-        return batch, logits
-
-    def join(self, other: "DecodeBatch"):
-        """Takes in the rows of `other`, both sides left-padded to the longer one."""
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.lengths, self.padded = other.rows, other.cache, other.mask, other.lengths, other.padded
-            return
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        self.cache = cache_over(self.config, [
-            (torch.cat([pad_left(mine.keys, width), pad_left(theirs.keys, width)]),
-             torch.cat([pad_left(mine.values, width), pad_left(theirs.values, width)]))
-            for mine, theirs in zip(self.cache.layers, other.cache.layers)])
-        self.mask = torch.cat([pad_left(self.mask, width), pad_left(other.mask, width)])
-        self.lengths = torch.cat([self.lengths, other.lengths])
-        self.rows = self.rows + other.rows
-        self.padded = bool((self.mask == 0).any())
-
-    def step(self) -> torch.Tensor:
-        """Feeds every row's last token; returns the logits (B, vocab) of the next."""
-        ids = torch.tensor([[row.tokens[-1]] for row in self.rows], device=self.mask.device)
-        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        # without padding, no mask: SDPA's causal kernel instead of an explicit one
-        logits = self.model(input_ids=ids, cache=self.cache, attention_mask=mask if self.padded else None,
-                            position_ids=self.lengths[:, None], use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.mask, self.lengths = mask, self.lengths + 1
-        return logits
-
-    def remove(self, leaving: list[int]):
-        """Takes rows out; each leaving sequence gets its own cache back, unpadded (a copy: the batch moves on)."""
-        for index in leaving:
-            columns = self.mask[index].nonzero()[:, 0]
-            self.rows[index].cache = cache_over(self.config, [
-                (layer.keys[index: index + 1, :, columns], layer.values[index: index + 1, :, columns]) for layer in self.cache.layers])
-        staying = [index for index in range(len(self.rows)) if index not in set(leaving)]
-        self.rows = [self.rows[index] for index in staying]
-        if not self.rows:
-            self.cache = self.mask = self.lengths = None
-            return
-        rows = torch.tensor(staying, device=self.mask.device)
-        start = int(self.mask[rows].any(dim=0).nonzero()[0])  # columns that are padding in every row left are dropped
-        self.cache = cache_over(self.config, [
-            (layer.keys[rows, :, start:], layer.values[rows, :, start:]) for layer in self.cache.layers])
-        self.mask, self.lengths = self.mask[rows, start:], self.lengths[rows]
-        self.padded = bool((self.mask == 0).any())
-
-    def fail(self, error: BaseException):
-        for row in self.rows:
-            row.finish(error)
-        self.rows, self.cache, self.mask, self.lengths = [], None, None, None
-
-
-def pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Zeros before dim -2 of a (B, H, T, D) cache tensor, or dim -1 of a (B, T) mask, up to `width`."""
-    if tensor.dim() == 2:
-        return F.pad(tensor, (width - tensor.shape[-1], 0))
-    return F.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
-
-
 class Scheduler:
     """Runs every submitted Sequence to its end on a thread of its own. At most `max_batch` decode at once; at most
     `max_waiting` wait for a place (more: QueueFull)."""
@@ -199,7 +93,7 @@ class Scheduler:
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self._waiting: list[Sequence] = []
         self._alone: list[Sequence] = []  # sequences over a StaticSlot, stepped one by one
-        self._batch = DecodeBatch(model)
+        self._batch = RowBatch(model) if RowBatch.supports(model) else PaddedBatch(model)
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self.peak_batch = 0  # the most rows one decode step ever had (tests and benchmarks read it)
@@ -256,7 +150,7 @@ class Scheduler:
                 for sequence in arrivals:
                     if sequence.cancelled:  # its reader left while it waited
                         sequence.finish()
-                self._prefill([sequence for sequence in arrivals if not sequence.done.is_set()])
+                self._join([sequence for sequence in arrivals if not sequence.done.is_set()])
                 self._decode()
             except Exception as error:  # a bug of ours: fail what is running, keep serving the next ones
                 for sequence in [*self._alone, *arrivals]:
@@ -274,8 +168,9 @@ class Scheduler:
         return arrivals
 
     @torch.no_grad()
-    def _prefill(self, arrivals: list[Sequence]):
-        """Slot sequences one by one through their slots; all others in one batched forward, then into the batch."""
+    def _join(self, arrivals: list[Sequence]):
+        """Slot sequences one by one through their slots; into the batch the others: those with one prompt token
+        left, and no image, join as they are (the next step feeds it); the rest are prefilled in one forward."""
         for sequence in [sequence for sequence in arrivals if isinstance(sequence.cache, StaticSlot)]:
             try:
                 logits = sequence.cache.forward(sequence.pending, sequence.image_inputs)
@@ -288,19 +183,24 @@ class Scheduler:
             else:
                 self._alone.append(sequence)
         batched = [sequence for sequence in arrivals if not isinstance(sequence.cache, StaticSlot)]
-        if not batched:
-            return
-        try:
-            joining, logits = DecodeBatch.prefill(self.model, batched)
-        except Exception as error:
-            for sequence in batched:
-                sequence.finish(error)
-            return
-        tokens = next_tokens(logits, [sequence.sampling for sequence in batched], [sequence.generator for sequence in batched],
-                             self.suppress)
-        offset = len(self._batch.rows)
-        self._batch.join(joining)
-        self._leave([offset + row for row, (sequence, token) in enumerate(zip(batched, tokens)) if sequence.emit(token)])
+        riders = [sequence for sequence in batched if self._batch.can_ride(sequence)]
+        prefilling = [sequence for sequence in batched if not self._batch.can_ride(sequence)]
+        if prefilling:
+            try:
+                rows, logits = self._batch.prefill(prefilling)
+            except Exception as error:
+                for sequence in prefilling:
+                    sequence.finish(error)
+            else:
+                tokens = next_tokens(logits, [sequence.sampling for sequence in prefilling],
+                                     [sequence.generator for sequence in prefilling], self.suppress)
+                self._leave([row for row, sequence, token in zip(rows, prefilling, tokens) if sequence.emit(token)])
+        if riders:
+            try:
+                self._batch.ride(riders)
+            except Exception as error:  # out of memory growing the buffers: the batch is as it was
+                for sequence in riders:
+                    sequence.finish(error)
 
     @torch.no_grad()
     def _decode(self):

@@ -9,7 +9,6 @@ from transformers import DynamicCache
 
 from engine import ChatEngine, ChatError
 from engine.decoding import Sampling
-from engine.scheduler import DecodeBatch, Sequence
 from engine.sessions import Session
 from engine.static_slots import BUCKETS, StaticSlot, supports_static_slots
 from llava_plugin import llava_v1_chat_template
@@ -326,46 +325,6 @@ def test_one_off_answers_reuse_earlier_prefixes_within_a_bound(saved_checkpoint)
         assert answer(engine, [user_turn(f"Question {user}?")], image=image) == answer(reference, [user_turn(f"Question {user}?")], image=image)
         assert engine.prefixes.cached_tokens <= 200
     assert len(engine.prefixes) >= 1
-
-
-def test_a_batched_prefill_and_steps_give_every_row_its_own_logits(engine):
-    """Rows with and without a cached prefix, one with an image among its new tokens, prefilled together, stepped
-    together, one leaving: each row's logits equal one forward over that row's tokens alone."""
-    model, image_id = engine.model, engine.model.config.image_token_id
-    torch.manual_seed(0)
-
-    def text(n: int) -> torch.Tensor:
-        return torch.randint(3, image_id, (1, n))
-
-    pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        features = model.get_vision_features(pixels)
-        image = torch.full((1, features.shape[1]), image_id)
-        rows = [(text(10), text(5), {}), (None, torch.cat([text(3), image, text(4)], 1), {"vision_features": features}),
-                (text(20), text(1), {})]
-        sequences, full = [], []
-        for prefix, pending, image_inputs in rows:
-            cache = DynamicCache(config=model.config.get_text_config())
-            if prefix is not None:
-                model(input_ids=prefix, cache=cache, use_cache=True)
-            sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
-            full.append(pending if prefix is None else torch.cat([prefix, pending], 1))
-
-        def alone(row: int) -> torch.Tensor:
-            return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
-
-        batch, logits = DecodeBatch.prefill(model, sequences)
-        for step in range(3):
-            for row, sequence in enumerate(batch.rows):
-                index = sequences.index(sequence)
-                torch.testing.assert_close(logits[row], alone(index), atol=1e-4, rtol=1e-4)
-                token = int(logits[row].argmax())
-                sequence.tokens.append(token)
-                full[index] = torch.cat([full[index], torch.tensor([[token]])], 1)
-            if step == 1:
-                batch.remove([1])  # the image row leaves with its own cache: every token but the one not yet fed
-                assert sequences[1].cache.get_seq_length() == full[1].shape[1] - 1
-            logits = batch.step()
 
 
 def test_a_conversation_with_two_images_answers_as_generate_and_reuses_its_cache(engine):

@@ -1,0 +1,251 @@
+"""The batch of decoding sequences in preallocated key/value buffers where each sequence keeps its row from the
+step it joins to the step it leaves.
+
+Row i holds its sequence's tokens in columns 0 .. length_i - 1, so a token's column is its position. A decode step
+writes every row's new keys and values at that row's own next column (one indexed write per layer), and attention
+reads columns 0 .. longest under a 4D mask that hides each row's columns past its length. So joining copies only
+the joiner's cached prefix into a free row, leaving copies only the leaver's row out (and the last row into the
+hole, which keeps the rows 0 .. n-1), and no step re-pads anything. padded_batch, a DynamicCache left-padded to
+the longest row, copied the whole batch once per request joining and once per request leaving, and its steps grew
+the cache by concatenation (a copy of every row each step): at eight streams on two CPU cores that was a fifth
+of the scheduler's time.
+
+A sequence whose cache holds all of its prompt but the last token (a request the prefix cache had seen, or a retry)
+does not need a forward of its own: it takes its row and that token is fed by the next decode step, whose logits
+are then its first token's (`can_ride`). This is the one-token case of vLLM's chunked prefill, which mixes new
+prompts into decode steps; longer prompts are prefilled first, together, in a forward over their rows only.
+
+Which models: plain full attention through SDPA or eager attention (the mask is built here; transformers builds
+the sliding-window and hybrid masks padded_batch relies on for the rest, see `supports`)."""
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .kv_cache import cache_over
+
+ROWS_STEP = 4  # rows are allocated in multiples of this
+COLUMNS_STEP = 64  # and columns, with at least this many free past the longest row (a buffer grows rarely)
+
+
+class RowBatch:
+    """The sequences decoding together (scheduler.Sequence): `rows[i]` owns row i of `keys[layer]` and
+    `values[layer]` ((rows, kv heads, columns, head dim)), whose first `lengths[i]` columns hold its tokens."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config.get_text_config()
+        embeddings = model.get_input_embeddings().weight
+        self.device, self.dtype = embeddings.device, embeddings.dtype
+        self.heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
+        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.eager = model.language_model.config._attn_implementation == "eager"  # a float mask to add, not a boolean one
+        self.rows: list = []
+        self.lengths: list[int] = []
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._cache = Cache(layers=[_RowLayer(self, layer) for layer in range(self.config.num_hidden_layers)])
+        self._write = None  # the forward under way: see _forward
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Every layer of the model's caches is plain (no sliding window, no linear attention: their masks and caches
+        are not one set of columns per row) and its attention takes a 4D mask (SDPA, eager)."""
+        config = model.config.get_text_config()
+        if model.language_model.config._attn_implementation not in ("sdpa", "eager"):
+            return False
+        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+    def can_ride(self, sequence) -> bool:
+        """Whether the sequence joins with its last prompt token fed by the next decode step: one token left, and
+        no image among it."""
+        return sequence.pending.shape[1] == 1 and not sequence.image_inputs
+
+    def ride(self, sequences: list):
+        """Takes in sequences that `can_ride`; their first token comes from the next `step`. If it fails, the batch is
+        as it was."""
+        first = len(self.rows)
+        try:
+            self._place(sequences)
+        except BaseException:
+            del self.rows[first:], self.lengths[first:]
+            raise
+
+    def prefill(self, sequences: list) -> tuple[list[int], torch.Tensor]:
+        """Takes in the sequences and feeds each one's pending tokens after its cached prefix in one forward over
+        their rows; returns their rows and the logits (B, vocab) after each one's last token. If it fails, the
+        batch is as it was."""
+        first = len(self.rows)
+        try:
+            self._place(sequences)
+            logits = self._prefill(first, sequences)
+        except BaseException:
+            del self.rows[first:], self.lengths[first:]
+            raise
+        return list(range(first, first + len(sequences))), logits
+
+    def _prefill(self, first: int, sequences: list) -> torch.Tensor:
+        # Rows with fewer pending tokens than the longest are left-padded, so that every row's last token is the
+        # last query (logits_to_keep=1). A padding query writes its keys and values into the column just past its
+        # row's tokens (which the next step overwrites, and no real query sees) and attends to what the row's first
+        # new token does: a query that attends to nothing gives NaN, which would reach the real tokens through that
+        # column's values (0 * NaN).
+        counts = [sequence.pending.shape[1] for sequence in sequences]
+        queries = max(counts)
+        ids = torch.zeros((len(sequences), queries), dtype=torch.long)  # 0 is never the image token
+        columns = torch.zeros((len(sequences), queries), dtype=torch.long)
+        attend = torch.zeros((len(sequences), queries), dtype=torch.long)
+        for row, (sequence, count) in enumerate(zip(sequences, counts)):
+            start, pad = self.lengths[first + row], queries - count
+            ids[row, pad:] = sequence.pending[0].cpu()
+            columns[row, pad:] = attend[row, pad:] = torch.arange(start, start + count)
+            columns[row, :pad], attend[row, :pad] = start + count, start
+        width = max(self.lengths[first + row] + count + (count < queries) for row, count in enumerate(counts))
+        # the images' features in row order, as merge_image_features fills the image tokens row after row
+        features = [sequence.image_inputs["vision_features"] for sequence in sequences if sequence.image_inputs]
+        extra = {"vision_features": torch.cat(features)} if features else {}
+        sizes = [sequence.image_inputs["image_sizes"] for sequence in sequences if "image_sizes" in sequence.image_inputs]
+        if sizes:  # AnyRes: each image's size lays out its tiles
+            extra["image_sizes"] = torch.cat(sizes)
+        logits = self._forward(first, ids, columns, attend, width, padded=any(count < queries for count in counts), **extra)
+        for row, (sequence, count) in enumerate(zip(sequences, counts)):
+            self.lengths[first + row] += count
+            sequence.image_inputs = {}
+        return logits
+
+    def step(self) -> torch.Tensor:
+        """Feeds every row's next input token; returns the logits (B, vocab) of the next."""
+        width = max(self.lengths) + 1
+        self._fit(len(self.rows), width)
+        ids = torch.tensor([[row.next_input] for row in self.rows])
+        columns = torch.tensor(self.lengths)[:, None]
+        logits = self._forward(0, ids, columns, columns, width, padded=len(set(self.lengths)) > 1)
+        self.lengths = [length + 1 for length in self.lengths]
+        return logits
+
+    def remove(self, leaving: list[int]):
+        """Takes rows out; each leaving sequence gets its own cache back (a copy: the row is reused). The last row
+        moves into each hole."""
+        for index in sorted(set(leaving), reverse=True):  # from the end: the row moved in is never one still to leave
+            length, last = self.lengths[index], len(self.rows) - 1
+            self.rows[index].cache = cache_over(self.config, [
+                (keys[index: index + 1, :, :length].clone(), values[index: index + 1, :, :length].clone())
+                for keys, values in zip(self.keys, self.values)])
+            if index != last:
+                moved = self.lengths[last]
+                for buffer in (*self.keys, *self.values):
+                    buffer[index, :, :moved] = buffer[last, :, :moved]
+                self.rows[index], self.lengths[index] = self.rows[last], moved
+            self.rows.pop()
+            self.lengths.pop()
+        self._fit(len(self.rows), max(self.lengths, default=0))
+
+    def fail(self, error: BaseException):
+        for row in self.rows:
+            row.finish(error)
+        self.rows, self.lengths = [], []
+        self.keys, self.values = [], []  # whatever a failed forward left in them goes too
+
+    def _place(self, sequences: list):
+        """Gives each sequence the next free row and copies its cached prefix in."""
+        starts = [sequence.cache.get_seq_length() for sequence in sequences]
+        longest = max(start + sequence.pending.shape[1] for start, sequence in zip(starts, sequences))
+        self._fit(len(self.rows) + len(sequences), max([longest, *self.lengths]) + 1)
+        for sequence, start in zip(sequences, starts):
+            row = len(self.rows)
+            for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+                if start:
+                    cached = sequence.cache.layers[layer]
+                    keys[row, :, :start], values[row, :, :start] = cached.keys[0], cached.values[0]
+            self.rows.append(sequence)
+            self.lengths.append(start)
+            sequence.cache = None  # its keys and values live in the batch until it leaves
+
+    def _fit(self, rows: int, columns: int):
+        """Buffers for at least `rows` rows of `columns` columns: grown to the next multiple of the steps (with
+        COLUMNS_STEP free past `columns`), shrunk when over twice that (a long conversation left), dropped when
+        the batch is empty. Growing or shrinking copies the rows in use."""
+        if not rows:
+            self.keys, self.values = [], []
+            return
+        want_rows = -(-rows // ROWS_STEP) * ROWS_STEP
+        want_columns = -(-(columns + COLUMNS_STEP) // COLUMNS_STEP) * COLUMNS_STEP
+        if self.keys:
+            have_rows, _, have_columns, _ = self.keys[0].shape
+            if rows <= have_rows <= 2 * want_rows and columns <= have_columns <= 2 * want_columns:
+                return
+        kept = min(len(self.rows), rows)
+        used = max(self.lengths[:kept], default=0)
+        shape = (want_rows, self.heads, want_columns, self.head_dim)
+        # zeros, not empty: a masked column still enters attention as 0 * value, and uninitialized memory can be NaN
+        fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.config.num_hidden_layers)]
+        for old, new in zip((*self.keys, *self.values), fresh):
+            new[:kept, :, :used] = old[:kept, :, :used]
+        half = len(fresh) // 2
+        self.keys, self.values = fresh[:half], fresh[half:]
+
+    def _forward(self, first: int, ids: torch.Tensor, columns: torch.Tensor, attend: torch.Tensor, width: int,
+                 padded: bool, **extra) -> torch.Tensor:
+        """One forward over rows first .. first + B - 1: query j of row i is token ids[i, j] at position and column
+        columns[i, j], seeing columns 0 .. attend[i, j]. Returns the last query's logits per row."""
+        count, queries = ids.shape
+        ids, columns, attend = ids.to(self.device), columns.to(self.device), attend.to(self.device)
+        if count == 1 and not padded:  # one row, consecutive columns: a slice to write, and no mask (SDPA's causal kernel)
+            self._write = (first, first + 1, slice(int(columns[0, 0]), int(columns[0, 0]) + queries), None, width, queries)
+            mask = None
+        else:
+            rows = torch.arange(first, first + count, device=self.device)[:, None].expand(count, queries)
+            self._write = (first, first + count, rows, columns, width, queries)
+            seen = torch.arange(width, device=self.device)[None, None, :] <= attend[:, :, None]  # (B, queries, width)
+            mask = seen[:, None]
+            if self.eager:  # eager attention adds its mask to the scores
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, torch.finfo(self.dtype).min)
+        try:
+            return self.model(input_ids=ids, cache=self._cache, attention_mask=mask, position_ids=columns, use_cache=True,
+                              logits_to_keep=1, **extra).logits[:, -1]
+        finally:
+            self._write = None
+
+    def _update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's new keys and values (B, kv heads, queries, head dim) into their rows and columns; returns the
+        rows' columns 0 .. width - 1 to attend over."""
+        first, end, rows, columns, width, _ = self._write
+        if keys.shape[1] != self.heads or keys.shape[3] != self.head_dim or values.shape[3] != self.head_dim:
+            raise ValueError(f"layer {layer}'s keys are {tuple(keys.shape)}, but the batch's buffers were sized for "
+                             f"{self.heads} heads of {self.head_dim} from the model's config")
+        if columns is None:  # one row: `rows` is its slice of columns
+            self.keys[layer][first, :, rows] = keys[0]
+            self.values[layer][first, :, rows] = values[0]
+        else:
+            self.keys[layer][rows, :, columns] = keys.transpose(1, 2)
+            self.values[layer][rows, :, columns] = values.transpose(1, 2)
+        return self.keys[layer][first:end, :, :width], self.values[layer][first:end, :, :width]
+
+
+class _RowLayer(CacheLayerMixin):
+    """One layer of the cache a RowBatch forward runs on: what transformers asks a cache layer, answered by the
+    batch."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, batch: RowBatch, layer: int):
+        super().__init__()
+        self.batch, self.layer, self.is_initialized = batch, layer, True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the batch sizes its buffers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch._update(self.layer, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.batch._write[4], 0  # keys and values as wide as the forward's columns, from column 0
+
+    def get_seq_length(self) -> int:
+        """The tokens before this forward's queries (transformers' causal mask for one row without padding)."""
+        if self.batch._write is None:
+            return max(self.batch.lengths, default=0)
+        return self.batch._write[4] - self.batch._write[5]
+
+    def get_max_length(self) -> int:
+        return -1

@@ -1,0 +1,154 @@
+"""The scheduler's batches (row_batch, and padded_batch for the models it cannot serve): rows prefilled together
+(left-padded to the longest), rows joining with one token left (riders), rows leaving and the last row moving into
+their place, buffers growing and shrinking: each row's logits equal one forward over that row's tokens alone, in
+SDPA and in eager attention. And a request whose prompt is cached but its last token costs no forward of its own."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache, LlamaConfig, MistralConfig
+
+from engine import ChatEngine, row_batch
+from engine.decoding import Sampling
+from engine.padded_batch import PaddedBatch
+from engine.row_batch import RowBatch
+from engine.scheduler import Sequence
+from tiny_components import user_turn
+
+IMAGE = Image.new("RGB", (40, 30), (30, 200, 30))
+
+
+@pytest.fixture(scope="module")
+def engine(saved_checkpoint):
+    return ChatEngine(str(saved_checkpoint), device="cpu")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", [RowBatch, PaddedBatch])
+def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, monkeypatch):
+    """Prefixes of 10, 0 and 20 tokens with 5, 8 + an image and 1 pending prefilled together; a rider joining at
+    the second step; the image row leaving at the third (the last row moves into its place); steps of one row
+    per buffer step, so the row batch's buffers grow and shrink on the way."""
+    monkeypatch.setattr(row_batch, "ROWS_STEP", 1)
+    monkeypatch.setattr(row_batch, "COLUMNS_STEP", 2)
+    model, image_id = engine.model, engine.model.config.image_token_id
+    model.set_attn_implementation(attention)
+    try:
+        torch.manual_seed(0)
+
+        def text(n: int) -> torch.Tensor:
+            return torch.randint(3, image_id, (1, n))
+
+        pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            features = model.get_vision_features(pixels)
+            image = torch.full((1, features.shape[1]), image_id)
+            rows = [(text(10), text(5), {}), (None, torch.cat([text(3), image, text(4)], 1), {"vision_features": features}),
+                    (text(20), text(1), {}), (text(7), text(1), {})]
+            sequences, full = [], []
+            for prefix, pending, image_inputs in rows:
+                cache = DynamicCache(config=model.config.get_text_config())
+                if prefix is not None:
+                    model(input_ids=prefix, cache=cache, use_cache=True)
+                sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
+                full.append(pending if prefix is None else torch.cat([prefix, pending], 1))
+
+            def alone(row: int) -> torch.Tensor:
+                return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
+
+            batch = kind(model)
+            assert batch.can_ride(sequences[3]) == (kind is RowBatch) and not batch.can_ride(sequences[1])
+            indices, logits = batch.prefill(sequences[:3])
+            assert [batch.rows[index] for index in indices] == sequences[:3]
+            checked = 0
+            for step in range(4):
+                for row, sequence in enumerate(batch.rows):  # a rider's first logits are its prompt's last token's
+                    index = sequences.index(sequence)
+                    torch.testing.assert_close(logits[row], alone(index), atol=1e-4, rtol=1e-4)
+                    checked += 1
+                    token = int(logits[row].argmax())
+                    sequence.tokens.append(token)
+                    full[index] = torch.cat([full[index], torch.tensor([[token]])], 1)
+                if step == 0 and kind is RowBatch:
+                    batch.ride([sequences[3]])
+                elif step == 0:  # the padded batch prefills it
+                    _, first = batch.prefill([sequences[3]])
+                    torch.testing.assert_close(first[0], alone(3), atol=1e-4, rtol=1e-4)
+                    sequences[3].tokens.append(int(first[0].argmax()))
+                    full[3] = torch.cat([full[3], torch.tensor([sequences[3].tokens[-1:]])], 1)
+                if step == 2:
+                    batch.remove([batch.rows.index(sequences[1])])  # the image row leaves with its own cache
+                    assert sequences[1].cache.get_seq_length() == full[1].shape[1] - 1
+                    assert sequences[1] not in batch.rows and len(batch.rows) == 3
+                logits = batch.step()
+            assert checked >= 12
+            batch.remove(list(range(len(batch.rows))))
+            for index in (0, 2, 3):  # each leaver's cache holds every token it fed: the last step fed them all
+                assert sequences[index].cache.get_seq_length() == full[index].shape[1]
+            if kind is RowBatch:
+                assert batch.keys == [] and batch.rows == []  # an empty batch keeps no buffers
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_a_prefill_that_fails_leaves_the_batch_as_it_was(engine, monkeypatch):
+    model = engine.model
+    batch = RowBatch(model)
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), cache=cache, use_cache=True)
+        _, first = batch.prefill([Sequence(cache, torch.tensor([[8, 9]]), {}, Sampling(0.0, 1.0, 4), set())])
+        fed = [5, 6, 7, 8, 9, int(first[0].argmax())]
+        batch.rows[0].tokens.append(fed[-1])
+        before = batch.step()
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(model, "forward", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            batch.prefill([Sequence(DynamicCache(config=model.config.get_text_config()), torch.tensor([[4, 5, 6]]), {},
+                                    Sampling(0.0, 1.0, 4), set())])
+        monkeypatch.undo()
+        assert len(batch.rows) == len(batch.lengths) == 1
+        fed.append(int(before[0].argmax()))
+        batch.rows[0].tokens.append(fed[-1])
+        again = batch.step()
+    expected = model(input_ids=torch.tensor([fed])).logits[0, -1]
+    torch.testing.assert_close(again[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_models_the_row_batch_cannot_serve_get_the_padded_one(engine):
+    assert RowBatch.supports(engine.model)
+    engine.model.set_attn_implementation("eager")
+    try:
+        assert RowBatch.supports(engine.model)
+    finally:
+        engine.model.set_attn_implementation("sdpa")
+
+    class Stub:  # what supports() reads of a model
+        def __init__(self, text_config, attention="sdpa"):
+            self.config = type("Config", (), {"get_text_config": lambda self: text_config})()
+            self.language_model = type("LM", (), {"config": type("C", (), {"_attn_implementation": attention})()})()
+
+    llama = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    mistral = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            sliding_window=4)
+    assert RowBatch.supports(Stub(llama)) and not RowBatch.supports(Stub(mistral))
+    assert not RowBatch.supports(Stub(llama, "flash_attention_2"))
+
+
+def test_a_request_cached_to_its_last_token_makes_no_forward_of_its_own(engine):
+    """The second asking of a question finds all of its prompt but the last token in the prefix cache: that token
+    is fed by the decode steps (one query per forward, one forward per token of the answer)."""
+    messages = [user_turn("What is in the picture?")]
+    first = list(engine.generate(messages, IMAGE, Sampling(0.0, 1.0, 6)))[-1]
+    queries = []
+    hook = engine.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: queries.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        again = list(engine.generate(messages, IMAGE, Sampling(0.0, 1.0, 6)))[-1]
+    finally:
+        hook.remove()
+    assert again.text == first.text and again.cached_tokens == again.prompt_tokens - 1
+    assert set(queries) == {1} and len(queries) == again.completion_tokens + (again.finish_reason == "stop")
