@@ -10,23 +10,19 @@ from contextlib import closing
 from pathlib import Path
 
 import torch
-from jinja2 import TemplateError
-from transformers import AutoModel, AutoProcessor, DynamicCache
+from transformers import AutoConfig, AutoModel, AutoProcessor, DynamicCache
 
-from llava_plugin import ImageLoadError, load_image
 from llava_plugin.convert import convert, detect_format, local_folder
 
 from .answer_text import Progress, Tokens, as_text
-from .decoded_images import DecodedImages
 from .decoding import Sampling
 from .prefix_cache import PrefixCache, common_prefix
+from .prompts import ChatError, Prompt, Prompter
 from .scheduler import Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
-from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD, UntrustedInputError, conversation_size, open_image, plain_messages
 
 CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
-MAX_IMAGE_SIDE = 2048
 
 
 def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
@@ -44,12 +40,21 @@ def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
     return str(target)
 
 
-class ChatError(ValueError):
-    """A problem with the user's input, worded for the user."""
-
-
-def fingerprint(image) -> str:
-    return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
+def compute_dtype(model_path: str, device: str, dtype: str | torch.dtype = "auto") -> str | torch.dtype:
+    """The dtype to run in. "auto" is the checkpoint's own, except on a CPU for a float16 or bfloat16 checkpoint whose
+    float32 weights take at most half the machine's memory: float32 then. CPUs multiply half-precision matrices
+    slowly (the shapes model's decode step on the 2-core Xeon: one row 1.4 ms in float16 and float32, 2.3 in
+    bfloat16; eight rows 3.4 ms in float16, 2.6 in float32) and float32 holds half-precision weights exactly."""
+    if dtype != "auto" or torch.device(device).type != "cpu":
+        return dtype
+    stored = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=True), "dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if stored not in (torch.float16, torch.bfloat16):
+        return dtype
+    weights = sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin") for path in Path(model_path).glob(pattern))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return torch.float32 if 2 * weights <= memory // 2 else dtype
 
 
 class ChatEngine:
@@ -69,12 +74,12 @@ class ChatEngine:
                  static_slots: int | None = None, slot_tokens: int = 2048, prefix_cache_tokens: int = 65_536,
                  max_batch: int = 32, max_waiting: int = 256, dtype: str | torch.dtype = "auto"):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model_path = resolve_checkpoint(model_path)
-        # "auto": the checkpoint's dtype
+        self.model_path = model_path = resolve_checkpoint(model_path)  # a local llava_plugin folder
+        dtype = compute_dtype(model_path, self.device, dtype)
         self.model = AutoModel.from_pretrained(model_path, trust_remote_code=True, dtype=dtype).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=True)
+        self.prompter = Prompter(self.processor)
         self.sessions = SessionStore(max_sessions, max_cached_tokens)
-        self._images = DecodedImages()
         text_config = self.model.config.get_text_config()
         self.prefixes = PrefixCache(text_config, self.model.config.image_token_id, prefix_cache_tokens) if prefix_cache_tokens else None
         generation = self.model.generation_config
@@ -108,13 +113,18 @@ class ChatEngine:
         """The answer's token ids as they come (see answer_text.as_text for its text); closing it early cancels the
         rest, and so does setting `cancel` from another thread (then the answer ends at once, also while it waits
         for a place in the batch, without its prefill). ChatError (at the first read) for input we refuse."""
+        yield from self.answer_prompt(self.prompter.prompt(messages, image), sampling, session_id, interval, cancel)
+
+    def answer_prompt(self, prompt: Prompt, sampling: Sampling, session_id: str | None = None, interval: float = 0.0,
+                      cancel: threading.Event | None = None) -> Iterator[Tokens]:
+        """As generate_tokens, for a prompt already made (by this engine's prompter, or one in another process)."""
         if not session_id:
-            yield from self._turn(None, messages, image, sampling, interval, cancel)
+            yield from self._turn(None, prompt, sampling, interval, cancel)
             return
         session = self.sessions.get(session_id)
         try:
             with session.lock:
-                turn = self._turn(session, messages, image, sampling, interval, cancel)
+                turn = self._turn(session, prompt, sampling, interval, cancel)
                 try:
                     yield from turn
                 finally:
@@ -125,41 +135,10 @@ class ChatEngine:
     def reset(self, session_id: str):
         self.sessions.reset(session_id)
 
-    def _prompt(self, messages, image):
-        """The checked images (`image` is one, or a list for a conversation with several), their fingerprint and the
-        prompt text; ChatError for input we refuse."""
-        try:
-            decoded = [self._decoded(source) for source in (image if isinstance(image, (list, tuple)) else [image])]
-            images = [image for image, _ in decoded]
-            if conversation_size(messages) > MAX_CONVERSATION_CHARS:
-                raise UntrustedInputError(f"the conversation ({len(messages):,} messages) is over the limit of "
-                                          f"{MAX_CONVERSATION_CHARS:,} characters (each message counts {MESSAGE_OVERHEAD} more)")
-            messages = plain_messages(messages, self.processor.tokenizer.all_special_tokens)
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
-            raise ChatError(str(error)) from error
-        return images, "+".join(key for _, key in decoded), prompt
-
-    def _decoded(self, image) -> tuple:
-        """The image and its fingerprint (a hash of every pixel). A huge photo: the tower sees 336 px anyway, keep
-        memory and time flat. Encoded bytes (API requests) are measured from their header before decoding
-        (untrusted), and decoded once however often a conversation sends them again; a file too; an image object
-        in memory was the caller's to decode."""
-        if isinstance(image, bytes):
-            return self._images.get(image, lambda data: open_image(data, max_side=MAX_IMAGE_SIDE), fingerprint)
-        if isinstance(image, (str, os.PathLike)):
-            image = open_image(image, max_side=MAX_IMAGE_SIDE)
-            return image, fingerprint(image)
-        image = load_image(image)
-        if max(image.size) > MAX_IMAGE_SIDE:
-            image = image.copy()
-            image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
-        return image, fingerprint(image)
-
-    def _turn(self, session: Session | None, messages, image, sampling: Sampling, interval: float,
+    def _turn(self, session: Session | None, prompt: Prompt, sampling: Sampling, interval: float,
               cancel: threading.Event | None = None) -> Iterator[Tokens]:
         """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
-        images, key, prompt = self._prompt(messages, image)
+        key = prompt.key
         if session is not None and key != session.image_key:
             session.forget_image()
             session.image_key = key
@@ -167,10 +146,7 @@ class ChatEngine:
             have_features = session.vision_features is not None
         else:
             have_features = self.prefixes is not None and self.prefixes.has_features(key)
-        try:
-            ids, pixel_values = self._inputs(prompt, images, have_features)
-        except ValueError as error:  # too long for the model
-            raise ChatError(str(error)) from error
+        ids, pixel_values = (prompt.ids, None) if have_features and prompt.ids is not None else self._inputs(prompt)
         ids = ids.to(self.device)
         room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
         if room < 1:
@@ -179,12 +155,12 @@ class ChatEngine:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size
         anyres = self.model.config.image_grid_pinpoints is not None
-        image_sizes = torch.tensor([[image.height, image.width] for image in images], device=self.device) if anyres else None
+        image_sizes = torch.tensor(prompt.sizes, device=self.device) if anyres else None
         one_off = session is None
         if one_off:
             session = self.prefixes.session(key, ids[0]) if self.prefixes is not None else Session(image_key=key)
             if session.vision_features is None and pixel_values is None:  # forgotten meanwhile
-                ids, pixel_values = self._inputs(prompt, images, False)
+                ids, pixel_values = self._inputs(prompt)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free
                 yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel)
@@ -219,26 +195,12 @@ class ChatEngine:
                     self.prefixes.store(session)
                 session.drop_cache()  # frees its slot at once
 
-    def _inputs(self, prompt: str, images: list, have_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The prompt's token ids, and the image's pixels unless its features are already computed. Then only the
-        image's token layout is needed, which is the processor's: its marker, a special token, repeated
-        image_seq_length times. Preprocessing the pixels again, or tokenizing the repeated markers, would cost more
-        than the whole step on a GPU."""
-        marker = self.processor.image_token
-        if not have_features or prompt.count(marker) != 1 or len(images) != 1:
-            inputs = self.processor(images=images if len(images) > 1 else images[0], text=prompt, return_tensors="pt")
-            return inputs["input_ids"], inputs["pixel_values"]
-        image = images[0]
-        ids = self.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        at = int((ids[0] == self.processor.image_token_id).nonzero()[0])
-        count = self.processor.image_seq_length
-        if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is not None:  # AnyRes: by the image's size
-            count = self.processor.anyres_token_count(image.height, image.width)
-        ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
-        context = self.processor.tokenizer.model_max_length
-        if ids.shape[1] > context:
-            raise ValueError(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")
-        return ids, None
+    def _inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's token ids and pixels, for a turn whose images' features are not computed yet."""
+        try:
+            return self.prompter.inputs(prompt)
+        except ValueError as error:  # too long for the model
+            raise ChatError(str(error)) from error
 
     def _reuse(self, session: Session, ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int, evict: bool,
                use_slot: bool = True) -> dict:

@@ -3,9 +3,10 @@
 Why: one Python process runs one thread at a time. With the HTTP server (parsing, validation, server-sent events)
 and the scheduler's thread in one process, every request's web work waits for the model's Python and the other way
 round, and a second core stays idle however many clients there are. vLLM splits its API server from its engine
-core for the same reason. Here the parent keeps the web work; the child owns the model, the scheduler, the prefix
-cache, templating and tokenizing, and sends back token ids; the parent turns them into text (answer_text), which
-took about a tenth of the child's time at eight streams.
+core for the same reason. Here the parent keeps the web work and makes each request's Prompt (prompts: the images
+decoded and fingerprinted, the chat template rendered, the tokens laid out; about 1 ms per request); the child owns
+the model, the scheduler and the prefix cache, and sends back token ids; the parent turns them into text
+(answer_text), which took about a tenth of the child's time at eight streams.
 
 `EngineProcess.generate` has ChatEngine.generate's signature and behaviour as the server uses it: an iterator of
 Progress, ChatError and QueueFull raised as themselves, and closing it early cancels the answer in the child."""
@@ -20,9 +21,11 @@ import time
 import traceback
 from collections.abc import Iterator
 
+from transformers import AutoProcessor
+
 from .answer_text import Tokens, as_text
-from .chat import ChatError
 from .decoding import Sampling
+from .prompts import ChatError, Prompter
 from .scheduler import QueueFull
 
 _ERRORS = {"ChatError": ChatError, "QueueFull": QueueFull}
@@ -57,11 +60,17 @@ class EngineProcess:
         if kind != "ready":
             self._process.join(5)
             raise EngineStopped(f"the engine could not load {model_path}: {detail[0]}")
-        (self.device, self.tokenizer), self.alive = detail, True
+        (self.device, model_folder), self.alive = detail, True
         self.silence_limit, self._heard = silence_limit, time.monotonic()
         self._streams: dict[int, queue.SimpleQueue] = {}
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
+        try:  # the processor of the folder the child loaded (a converted checkpoint's, or the hub's copy)
+            self.prompter = Prompter(AutoProcessor.from_pretrained(model_folder, trust_remote_code=True))
+        except Exception as error:
+            self.close()
+            raise EngineStopped(f"could not load the processor of {model_folder}: {type(error).__name__}: {error}") from None
+        self.tokenizer = self.prompter.processor.tokenizer
         threading.Thread(target=self._read, name="llava-engine-reader", daemon=True).start()
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
@@ -71,11 +80,12 @@ class EngineProcess:
         return as_text(self._answer(messages, image, sampling, interval), self.tokenizer, tuple(stop))
 
     def _answer(self, messages, image, sampling, interval) -> Iterator[Tokens]:
+        prompt = self.prompter.prompt(messages, image)  # ChatError here, before the child hears of it
         request, arrivals = next(self._ids), queue.SimpleQueue()
         self._streams[request] = arrivals
         finished = False
         try:
-            self._send(("generate", request, messages, image, sampling, interval))
+            self._send(("generate", request, prompt, sampling, interval))
             while True:
                 item = arrivals.get()
                 if item is _END:
@@ -194,9 +204,9 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
             time.sleep(HEARTBEAT)
             send(("beat", None))
 
-    def answer(request, messages, image, sampling, interval):
+    def answer(request, prompt, sampling, interval):
         try:
-            arrivals = engine.generate_tokens(messages, image, sampling, interval=interval, cancel=cancels[request])
+            arrivals = engine.answer_prompt(prompt, sampling, interval=interval, cancel=cancels[request])
             try:
                 for item in arrivals:
                     if cancels[request].is_set():
@@ -213,7 +223,7 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
         finally:
             cancels.pop(request, None)
 
-    pipe.send(("ready", str(engine.device), engine.processor.tokenizer))  # the parent detokenizes
+    pipe.send(("ready", str(engine.device), engine.model_path))  # the parent prompts and detokenizes with its processor
     threading.Thread(target=beat, name="llava-heartbeat", daemon=True).start()
     while True:
         try:

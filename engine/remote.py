@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import openai
 
-from .chat import MAX_IMAGE_SIDE, ChatError
+from .prompts import MAX_IMAGE_SIDE, ChatError
 from .untrusted import UntrustedInputError, open_image
 
 

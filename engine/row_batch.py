@@ -18,6 +18,8 @@ prompts into decode steps; longer prompts are prefilled first, together, in a fo
 Which models: plain full attention through SDPA or eager attention (the mask is built here; transformers builds
 the sliding-window and hybrid masks padded_batch relies on for the rest, see `supports`)."""
 
+from typing import NamedTuple
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
@@ -26,6 +28,18 @@ from .kv_cache import cache_over
 
 ROWS_STEP = 4  # rows are allocated in multiples of this
 COLUMNS_STEP = 64  # and columns, with at least this many free past the longest row (a buffer grows rarely)
+
+
+class _Write(NamedTuple):
+    """Where the forward under way writes and reads: rows first .. end - 1; `rows` and `columns` (B, queries) index
+    each query's place, or for a single row `rows` is a slice of columns and `columns` is None; every layer reads
+    columns 0 .. width - 1; `queries` per row."""
+    first: int
+    end: int
+    rows: torch.Tensor | slice
+    columns: torch.Tensor | None
+    width: int
+    queries: int
 
 
 class RowBatch:
@@ -44,7 +58,7 @@ class RowBatch:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._cache = Cache(layers=[_RowLayer(self, layer) for layer in range(self.config.num_hidden_layers)])
-        self._write = None  # the forward under way: see _forward
+        self._write: _Write | None = None  # the forward under way
 
     @staticmethod
     def supports(model) -> bool:
@@ -186,15 +200,17 @@ class RowBatch:
     def _forward(self, first: int, ids: torch.Tensor, columns: torch.Tensor, attend: torch.Tensor, width: int,
                  padded: bool, **extra) -> torch.Tensor:
         """One forward over rows first .. first + B - 1: query j of row i is token ids[i, j] at position and column
-        columns[i, j], seeing columns 0 .. attend[i, j]. Returns the last query's logits per row."""
+        columns[i, j], seeing columns 0 .. attend[i, j] (all three (B, queries), on the CPU). Returns the last query's
+        logits per row."""
         count, queries = ids.shape
+        start = int(columns[0, 0])  # read on the CPU: on a GPU, reading it would wait for the device
         ids, columns, attend = ids.to(self.device), columns.to(self.device), attend.to(self.device)
         if count == 1 and not padded:  # one row, consecutive columns: a slice to write, and no mask (SDPA's causal kernel)
-            self._write = (first, first + 1, slice(int(columns[0, 0]), int(columns[0, 0]) + queries), None, width, queries)
+            self._write = _Write(first, first + 1, slice(start, start + queries), None, width, queries)
             mask = None
         else:
             rows = torch.arange(first, first + count, device=self.device)[:, None].expand(count, queries)
-            self._write = (first, first + count, rows, columns, width, queries)
+            self._write = _Write(first, first + count, rows, columns, width, queries)
             seen = torch.arange(width, device=self.device)[None, None, :] <= attend[:, :, None]  # (B, queries, width)
             mask = seen[:, None]
             if self.eager:  # eager attention adds its mask to the scores
@@ -239,13 +255,13 @@ class _RowLayer(CacheLayerMixin):
         return self.batch._update(self.layer, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.batch._write[4], 0  # keys and values as wide as the forward's columns, from column 0
+        return self.batch._write.width, 0  # keys and values as wide as the forward's columns, from column 0
 
     def get_seq_length(self) -> int:
         """The tokens before this forward's queries (transformers' causal mask for one row without padding)."""
         if self.batch._write is None:
             return max(self.batch.lengths, default=0)
-        return self.batch._write[4] - self.batch._write[5]
+        return self.batch._write.width - self.batch._write.queries
 
     def get_max_length(self) -> int:
         return -1

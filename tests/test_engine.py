@@ -275,11 +275,21 @@ def test_slot_steps_give_the_logits_of_one_full_forward(engine):
             assert slot.get_seq_length() == end == 40
 
 
-def test_a_turn_with_computed_features_has_the_processors_tokens(engine):
+def test_a_prompt_lays_out_the_processors_tokens_without_its_pixels(engine):
+    """The tokens a turn uses when the image's features are cached equal the processor's; sent to another process,
+    a prompt leaves its decoded images behind and its sources give the same pixels there."""
+    import pickle
+
     messages = [user_turn("What is in the picture?"), {"role": "assistant", "content": "A square."}, {"role": "user", "content": "Why?"}]
-    prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
-    ids, pixels = engine._inputs(prompt, [IMAGE], have_features=True)
-    assert pixels is None and ids.tolist() == engine.processor(images=IMAGE, text=prompt)["input_ids"]
+    prompt = engine.prompter.prompt(messages, IMAGE)
+    text = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = engine.processor(images=IMAGE, text=text, return_tensors="pt")
+    assert prompt.text == text and prompt.ids.tolist() == expected["input_ids"].tolist()
+    assert prompt.sizes == [(IMAGE.height, IMAGE.width)] and prompt.images is not None
+    sent = pickle.loads(pickle.dumps(prompt))
+    assert sent.images is None and torch.equal(sent.ids, prompt.ids) and sent.key == prompt.key
+    ids, pixels = engine.prompter.inputs(sent)
+    assert torch.equal(ids, expected["input_ids"]) and torch.equal(pixels, expected["pixel_values"])
 
 
 def concurrent_users_answer_as_alone(engine, users: int = 6):
@@ -343,3 +353,24 @@ def test_a_conversation_with_two_images_answers_as_generate_and_reuses_its_cache
     follow_up = [*messages, {"role": "assistant", "content": answer}, {"role": "user", "content": "Are you sure?"}]
     progress = list(engine.generate(follow_up, [IMAGE, other], Sampling(0.0, 1.0, 4), session_id="two"))[-1]
     assert progress.cached_tokens >= inputs["input_ids"].shape[1]  # both images' spans came from the cache
+
+
+def test_auto_dtype_runs_half_precision_checkpoints_in_float32_on_a_cpu_when_they_fit(saved_checkpoint, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from engine.chat import compute_dtype
+
+    half = tmp_path / "half"
+    shutil.copytree(saved_checkpoint, half)
+    config = json.loads((half / "config.json").read_text())
+    for stored in ("float16", "bfloat16"):
+        config["dtype"] = stored
+        (half / "config.json").write_text(json.dumps(config))
+        assert compute_dtype(str(half), "cpu") == torch.float32
+    assert compute_dtype(str(half), "cuda") == "auto" and compute_dtype(str(half), "cpu", "bfloat16") == "bfloat16"
+    assert compute_dtype(str(saved_checkpoint), "cpu") == "auto"  # float32 already
+    weights = sum(path.stat().st_size for path in half.glob("*.safetensors"))
+    pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * weights - 1}  # float32 weights would take over half of it
+    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    assert compute_dtype(str(half), "cpu") == "auto"

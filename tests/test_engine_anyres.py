@@ -44,9 +44,9 @@ def test_turns_reuse_the_features_and_answer_as_generate_does(engine):
     assert len(runs) == 3 + 1  # generate's three recomputes, and once for the whole session
 
 
-def test_a_turn_with_computed_features_has_the_processors_tokens(engine):
-    prompt = engine.processor.apply_chat_template([user_turn("Why?")], add_generation_prompt=True)
-    ids, pixels = engine._inputs(prompt, [WIDE], have_features=True)
-    expected = engine.processor(images=WIDE, text=prompt)["input_ids"]
-    assert pixels is None and ids.tolist() == expected
+def test_a_prompt_lays_out_the_processors_tokens_without_its_pixels(engine):
+    prompt = engine.prompter.prompt([user_turn("Why?")], WIDE)
+    expected = engine.processor(images=WIDE, text=prompt.text)["input_ids"]
+    ids = prompt.ids
+    assert ids.tolist() == expected and prompt.sizes == [(WIDE.height, WIDE.width)]
     assert int((ids == engine.processor.image_token_id).sum()) == engine.processor.anyres_token_count(31, 45) != 16

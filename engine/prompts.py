@@ -1,0 +1,129 @@
+"""A request's prompt: its images decoded, checked and fingerprinted, its messages checked and rendered by the chat
+template, and its token ids laid out: all of a turn's work that needs the processor but not the model.
+
+ChatEngine prompts in the thread that asks; llava-serve prompts in its HTTP process and sends the Prompt to the
+engine's process (engine_process), as vLLM's API server renders and tokenizes for its engine core: there it took
+about 1 ms of Python per request, which the interpreter's lock serialized with the scheduler's thread, on the one
+core the model has."""
+
+import dataclasses
+import hashlib
+import os
+
+import torch
+from jinja2 import TemplateError
+
+from llava_plugin import ImageLoadError, load_image
+
+from .decoded_images import DecodedImages
+from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD, UntrustedInputError, conversation_size, open_image, plain_messages
+
+MAX_IMAGE_SIDE = 2048
+
+
+class ChatError(ValueError):
+    """A problem with the user's input, worded for the user."""
+
+
+def fingerprint(image) -> str:
+    return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
+
+
+@dataclasses.dataclass
+class Prompt:
+    """What a turn answers. `ids` (1, T) are the prompt's tokens with each image's span laid out, when that needs no
+    pixels (one image and one marker: the processor's own layout, see Prompter.prompt); else None and the turn runs
+    the processor. `images` are the decoded images in this process; a Prompt sent to another process leaves them
+    behind, and `sources` (the encoded bytes, paths or image objects it was given) are decoded again there if the
+    turn needs pixels (the images' features are not cached)."""
+    text: str
+    key: str  # the images' fingerprints, joined: the prefix cache's and a session's image key
+    sizes: list[tuple[int, int]]  # (height, width) of each image: AnyRes lays out its tiles by it
+    sources: list
+    ids: torch.Tensor | None = None
+    images: list | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__, images=None)
+        if self.ids is not None:  # a tensor would travel through shared memory, a file per message
+            state["ids"] = self.ids.tolist()
+        return state
+
+    def __setstate__(self, state: dict):
+        if state["ids"] is not None:
+            state["ids"] = torch.tensor(state["ids"], dtype=torch.long)
+        self.__dict__.update(state)
+
+
+class Prompter:
+    """Prompts for one processor; keeps the images it decoded (see DecodedImages)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._images = DecodedImages()
+
+    def prompt(self, messages: list[dict], image) -> Prompt:
+        """The Prompt of `messages` (chat-template format) and `image` (one, or a list for a conversation with several);
+        ChatError for input we refuse."""
+        sources = list(image) if isinstance(image, (list, tuple)) else [image]
+        try:
+            decoded = [self.decoded(source) for source in sources]
+            if conversation_size(messages) > MAX_CONVERSATION_CHARS:
+                raise UntrustedInputError(f"the conversation ({len(messages):,} messages) is over the limit of "
+                                          f"{MAX_CONVERSATION_CHARS:,} characters (each message counts {MESSAGE_OVERHEAD} more)")
+            messages = plain_messages(messages, self.processor.tokenizer.all_special_tokens)
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
+            raise ChatError(str(error)) from error
+        images = [image for image, _ in decoded]
+        prompt = Prompt(text, "+".join(key for _, key in decoded), [(image.height, image.width) for image in images], sources,
+                        images=images)
+        try:
+            prompt.ids = self._laid_out(text, images)
+        except ValueError as error:  # too long for the model
+            raise ChatError(str(error)) from error
+        return prompt
+
+    def inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """The processor's token ids and pixels for the prompt (its images decoded again if they stayed behind in
+        another process); ValueError if too long for the model."""
+        images = prompt.images
+        if images is None:
+            images = [self.decoded(source)[0] for source in prompt.sources]
+        inputs = self.processor(images=images if len(images) > 1 else images[0], text=prompt.text, return_tensors="pt")
+        return inputs["input_ids"], inputs["pixel_values"]
+
+    def decoded(self, image) -> tuple:
+        """The image and its fingerprint (a hash of every pixel). A huge photo: the tower sees 336 px anyway, keep
+        memory and time flat. Encoded bytes (API requests) are measured from their header before decoding
+        (untrusted), and decoded once however often a conversation sends them again; a file too; an image object
+        in memory was the caller's to decode."""
+        if isinstance(image, bytes):
+            return self._images.get(image, lambda data: open_image(data, max_side=MAX_IMAGE_SIDE), fingerprint)
+        if isinstance(image, (str, os.PathLike)):
+            image = open_image(image, max_side=MAX_IMAGE_SIDE)
+            return image, fingerprint(image)
+        image = load_image(image)
+        if max(image.size) > MAX_IMAGE_SIDE:
+            image = image.copy()
+            image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
+        return image, fingerprint(image)
+
+    def _laid_out(self, text: str, images: list) -> torch.Tensor | None:
+        """The prompt's token ids without running the processor on the pixels, where the layout needs none: the
+        image's marker, a special token, repeated image_seq_length times (AnyRes: a count by the image's size).
+        Preprocessing the pixels, or tokenizing the repeated markers, would cost more than the whole step on a GPU;
+        a turn whose image's features are cached needs nothing else. None for several images or markers."""
+        if text.count(self.processor.image_token) != 1 or len(images) != 1:
+            return None
+        image = images[0]
+        ids = self.processor.tokenizer(text, return_tensors="pt")["input_ids"]
+        at = int((ids[0] == self.processor.image_token_id).nonzero()[0])
+        count = self.processor.image_seq_length
+        if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is not None:  # AnyRes: by the image's size
+            count = self.processor.anyres_token_count(image.height, image.width)
+        ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
+        context = self.processor.tokenizer.model_max_length
+        if ids.shape[1] > context:
+            raise ValueError(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")
+        return ids
