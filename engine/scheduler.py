@@ -232,6 +232,11 @@ class Scheduler:
     def _leave(self, indices: list[int]):
         if indices:
             leaving = [self._batch.rows[index] for index in indices]
-            self._batch.remove(indices)
-            for sequence in leaving:
-                sequence.finish()
+            try:
+                self._batch.remove(indices)
+            finally:
+                # a remove that failed half-way (out of memory) has taken some out already: the batch's fail ends only
+                # the rows it still has, so those end here (their cache is theirs, or None)
+                for sequence in leaving:
+                    if sequence not in self._batch.rows:
+                        sequence.finish()

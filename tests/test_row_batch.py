@@ -152,3 +152,30 @@ def test_a_request_cached_to_its_last_token_makes_no_forward_of_its_own(engine):
         hook.remove()
     assert again.text == first.text and again.cached_tokens == again.prompt_tokens - 1
     assert set(queries) == {1} and len(queries) == again.completion_tokens + (again.finish_reason == "stop")
+
+
+def test_a_remove_that_fails_half_way_still_ends_the_sequences_it_took_out(engine, monkeypatch):
+    """A remove that fails (out of memory shrinking the buffers, or copying a leaver's cache) has already taken
+    some leavers out of the batch: the batch's fail no longer sees them, so the scheduler must end them itself, or
+    their readers wait forever."""
+    from engine.scheduler import Scheduler
+
+    scheduler = Scheduler(engine.model, [])
+    batch = scheduler._batch
+    assert isinstance(batch, RowBatch)
+    sequences = [Sequence(DynamicCache(config=engine.model.config.get_text_config()), torch.tensor([[5, 6, 7]]), {},
+                          Sampling(0.0, 1.0, 4), set()) for _ in range(3)]
+    with torch.no_grad():
+        _, logits = batch.prefill(sequences)
+    for sequence, row in zip(sequences, logits):
+        sequence.tokens.append(int(row.argmax()))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(batch, "_fit", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        scheduler._leave([0, 2])
+    monkeypatch.undo()
+    batch.fail(RuntimeError("out of memory"))  # what the scheduler's loop does next
+    assert all(sequence.done.is_set() for sequence in sequences)
