@@ -110,12 +110,16 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                            kind="server_error")
         state["active"] += 1
         release = Release(state)
-        try:
-            messages, images = await run_in_threadpool(engine_messages, chat, policy)
+
+        def start():  # one worker thread's call: each hop to a thread and back costs a busy CPU a fraction of a ms
+            messages, images = engine_messages(chat, policy)
             interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
             release.answer = engine.generate(messages, images, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops,
                                              interval=interval)
-            first = await run_in_threadpool(advance, release.answer)  # input errors surface here, before any byte is sent
+            return advance(release.answer)  # input errors surface here, before any byte is sent
+
+        try:
+            first = await run_in_threadpool(start)
         except BaseException:
             await release()
             raise
@@ -134,9 +138,14 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
 
 def advance(answer):
-    """The next Progress of a ChatEngine.generate iterator, with the engine's refusals as API errors."""
+    """The next Progress of a ChatEngine.generate iterator, with the engine's refusals as API errors. At the last one
+    the answer is closed here, in the worker thread that read it, so that the engine lets go of it without one more
+    hop to a thread (see Release)."""
     try:
-        return next(answer)
+        progress = next(answer)
+        if progress.finish_reason is not None:
+            answer.close()
+        return progress
     except ChatError as error:
         raise APIError(400, str(error), param="messages") from None
     except QueueFull as error:
@@ -182,14 +191,21 @@ class Release:
     """Frees a request's place and has the engine let go of its answer: once, from whichever path gets there first."""
 
     def __init__(self, state: dict):
-        self.state, self.answer, self.done = state, None, False
+        self.state, self.answer, self.freed, self.done = state, None, False, False
+
+    def free(self):
+        """The request's place only (no wait): a client may send its next request the moment it reads [DONE]."""
+        if not self.freed:
+            self.freed = True
+            self.state["active"] -= 1
 
     async def __call__(self):
         if self.done:
             return
         self.done = True
-        self.state["active"] -= 1
-        if self.answer is not None:
+        self.free()
+        # a generator that advance closed has no frame left: nothing to let go of, no hop to a thread
+        if self.answer is not None and getattr(self.answer, "gi_frame", True) is not None:
             with anyio.CancelScope(shield=True):  # also when the client went away
                 await run_in_threadpool(self.answer.close)
 
@@ -218,8 +234,11 @@ async def events(release: Release, progress, completion: Completion, with_usage:
         log.exception("a stream failed")
         yield sse(APIError(500, "internal server error", kind="server_error").body())
     finally:
+        release.free()
+    try:
+        yield "data: [DONE]\n\n"
+    finally:
         await release()
-    yield "data: [DONE]\n\n"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
