@@ -40,9 +40,26 @@ def resolve_checkpoint(source: str, cache: Path | None = None) -> str:
     return str(target)
 
 
+def available_memory() -> int:
+    """Bytes this process can still take: the kernel's MemAvailable, or less under a cgroup's (a container's) limit."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/proc/meminfo") as meminfo:
+            memory = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            memory = min(memory, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return memory
+
+
 def compute_dtype(model_path: str, device: str, dtype: str | torch.dtype = "auto") -> str | torch.dtype:
     """The dtype to run in. "auto" is the checkpoint's own, except on a CPU for a float16 or bfloat16 checkpoint whose
-    float32 weights take at most half the machine's memory: float32 then. CPUs multiply half-precision matrices
+    float32 weights take at most half the memory still available: float32 then. CPUs multiply half-precision matrices
     slowly (the shapes model's decode step on the 2-core Xeon: one row 1.4 ms in float16 and float32, 2.3 in
     bfloat16; eight rows 3.4 ms in float16, 2.6 in float32) and float32 holds half-precision weights exactly."""
     if dtype != "auto" or torch.device(device).type != "cpu":
@@ -53,8 +70,7 @@ def compute_dtype(model_path: str, device: str, dtype: str | torch.dtype = "auto
     if stored not in (torch.float16, torch.bfloat16):
         return dtype
     weights = sum(path.stat().st_size for pattern in ("*.safetensors", "*.bin") for path in Path(model_path).glob(pattern))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return torch.float32 if 2 * weights <= memory // 2 else dtype
+    return torch.float32 if 2 * weights <= available_memory() // 2 else dtype
 
 
 class ChatEngine:

@@ -52,7 +52,6 @@ class RowBatch:
         self.device, self.dtype = embeddings.device, embeddings.dtype
         self.heads = getattr(self.config, "num_key_value_heads", None) or self.config.num_attention_heads
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        self.eager = model.language_model.config._attn_implementation == "eager"  # a float mask to add, not a boolean one
         self.rows: list = []
         self.lengths: list[int] = []
         self.keys: list[torch.Tensor] = []
@@ -63,11 +62,21 @@ class RowBatch:
     @staticmethod
     def supports(model) -> bool:
         """Every layer of the model's caches is plain (no sliding window, no linear attention: their masks and caches
-        are not one set of columns per row) and its attention takes a 4D mask (SDPA, eager)."""
+        are not one set of columns per row), its attention takes a 4D mask (SDPA, eager), and its keys and values
+        have the heads and head size its config says (which size the buffers; a one-token forward shows them)."""
         config = model.config.get_text_config()
         if model.language_model.config._attn_implementation not in ("sdpa", "eager"):
             return False
-        return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+        cache = DynamicCache(config=config)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return False
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        device = model.get_input_embeddings().weight.device
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        return all(layer.keys.shape[1] == heads and layer.keys.shape[3] == layer.values.shape[3] == head_dim
+                   for layer in cache.layers)
 
     def can_ride(self, sequence) -> bool:
         """Whether the sequence joins with its last prompt token fed by the next decode step: one token left, and
@@ -148,6 +157,7 @@ class RowBatch:
                 moved = self.lengths[last]
                 for buffer in (*self.keys, *self.values):
                     buffer[index, :, :moved] = buffer[last, :, :moved]
+                    buffer[index, :, moved:] = 0  # likewise the leaver's columns
                 self.rows[index], self.lengths[index] = self.rows[last], moved
             self.rows.pop()
             self.lengths.pop()
@@ -170,6 +180,7 @@ class RowBatch:
                 if start:
                     cached = sequence.cache.layers[layer]
                     keys[row, :, :start], values[row, :, :start] = cached.keys[0], cached.values[0]
+                keys[row, :, start:], values[row, :, start:] = 0, 0  # a NaN a former row left would reach it as 0 * NaN
             self.rows.append(sequence)
             self.lengths.append(start)
             sequence.cache = None  # its keys and values live in the batch until it leaves
@@ -183,19 +194,27 @@ class RowBatch:
             return
         want_rows = -(-rows // ROWS_STEP) * ROWS_STEP
         want_columns = -(-(columns + COLUMNS_STEP) // COLUMNS_STEP) * COLUMNS_STEP
-        if self.keys:
-            have_rows, _, have_columns, _ = self.keys[0].shape
-            if rows <= have_rows <= 2 * want_rows and columns <= have_columns <= 2 * want_columns:
+        layers = self.config.num_hidden_layers
+        if not self.keys:
+            self.keys, self.values = [None] * layers, [None] * layers
+        buffers = [*self.keys, *self.values]
+        if all(buffer is not None for buffer in buffers):  # the smallest decides: a resize that failed half-way is done again
+            have_rows, most_rows = min(b.shape[0] for b in buffers), max(b.shape[0] for b in buffers)
+            have_columns, most_columns = min(b.shape[2] for b in buffers), max(b.shape[2] for b in buffers)
+            if rows <= have_rows and most_rows <= 2 * want_rows and columns <= have_columns and most_columns <= 2 * want_columns:
                 return
         kept = min(len(self.rows), rows)
         used = max(self.lengths[:kept], default=0)
         shape = (want_rows, self.heads, want_columns, self.head_dim)
-        # zeros, not empty: a masked column still enters attention as 0 * value, and uninitialized memory can be NaN
-        fresh = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.config.num_hidden_layers)]
-        for old, new in zip((*self.keys, *self.values), fresh):
-            new[:kept, :, :used] = old[:kept, :, :used]
-        half = len(fresh) // 2
-        self.keys, self.values = fresh[:half], fresh[half:]
+        # one buffer at a time, each old one freed as its copy is made: a resize needs one layer's buffer more, not
+        # twice the batch's memory. Zeros, not empty: a masked column still enters attention as 0 * value, and
+        # uninitialized memory can be NaN.
+        for buffers in (self.keys, self.values):
+            for layer in range(layers):
+                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if buffers[layer] is not None:
+                    fresh[:kept, :, :used] = buffers[layer][:kept, :, :used]
+                buffers[layer] = fresh
 
     def _forward(self, first: int, ids: torch.Tensor, columns: torch.Tensor, attend: torch.Tensor, width: int,
                  padded: bool, **extra) -> torch.Tensor:
@@ -213,7 +232,7 @@ class RowBatch:
             self._write = _Write(first, first + count, rows, columns, width, queries)
             seen = torch.arange(width, device=self.device)[None, None, :] <= attend[:, :, None]  # (B, queries, width)
             mask = seen[:, None]
-            if self.eager:  # eager attention adds its mask to the scores
+            if self.model.language_model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
                 mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, torch.finfo(self.dtype).min)
         try:
             return self.model(input_ids=ids, cache=self._cache, attention_mask=mask, position_ids=columns, use_cache=True,

@@ -1,3 +1,4 @@
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -357,10 +358,11 @@ def test_a_conversation_with_two_images_answers_as_generate_and_reuses_its_cache
 
 def test_auto_dtype_runs_half_precision_checkpoints_in_float32_on_a_cpu_when_they_fit(saved_checkpoint, tmp_path, monkeypatch):
     import json
-    import os
 
+    from engine import chat
     from engine.chat import compute_dtype
 
+    assert 0 < chat.available_memory() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     half = tmp_path / "half"
     shutil.copytree(saved_checkpoint, half)
     config = json.loads((half / "config.json").read_text())
@@ -371,6 +373,6 @@ def test_auto_dtype_runs_half_precision_checkpoints_in_float32_on_a_cpu_when_the
     assert compute_dtype(str(half), "cuda") == "auto" and compute_dtype(str(half), "cpu", "bfloat16") == "bfloat16"
     assert compute_dtype(str(saved_checkpoint), "cpu") == "auto"  # float32 already
     weights = sum(path.stat().st_size for path in half.glob("*.safetensors"))
-    pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * weights - 1}  # float32 weights would take over half of it
-    monkeypatch.setattr(os, "sysconf", lambda name: pages[name])
+    monkeypatch.setattr(chat, "available_memory", lambda: 4 * weights - 1)  # float32 weights would take over half of it
     assert compute_dtype(str(half), "cpu") == "auto"
+

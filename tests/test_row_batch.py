@@ -32,6 +32,7 @@ def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, 
     monkeypatch.setattr(row_batch, "ROWS_STEP", 1)
     monkeypatch.setattr(row_batch, "COLUMNS_STEP", 2)
     model, image_id = engine.model, engine.model.config.image_token_id
+    batch = kind(model)  # before the switch: the batch reads the attention in use at each forward
     model.set_attn_implementation(attention)
     try:
         torch.manual_seed(0)
@@ -56,7 +57,6 @@ def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, 
             def alone(row: int) -> torch.Tensor:
                 return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
 
-            batch = kind(model)
             assert batch.can_ride(sequences[3]) == (kind is RowBatch) and not batch.can_ride(sequences[1])
             indices, logits = batch.prefill(sequences[:3])
             assert [batch.rows[index] for index in indices] == sequences[:3]
@@ -134,8 +134,41 @@ def test_models_the_row_batch_cannot_serve_get_the_padded_one(engine):
     llama = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     mistral = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             sliding_window=4)
-    assert RowBatch.supports(Stub(llama)) and not RowBatch.supports(Stub(mistral))
-    assert not RowBatch.supports(Stub(llama, "flash_attention_2"))
+    assert not RowBatch.supports(Stub(mistral)) and not RowBatch.supports(Stub(llama, "flash_attention_2"))
+    config = engine.model.config.get_text_config()
+    head_dim = config.head_dim
+    config.head_dim = head_dim * 2  # keys and values unlike what the config says: the buffers would be sized wrong
+    try:
+        assert not RowBatch.supports(engine.model)
+    finally:
+        config.head_dim = head_dim
+
+
+def test_a_row_starts_clean_whatever_its_former_occupant_left(engine):
+    """A broken answer can leave NaN keys in its row (float16 overflow); masked columns still enter attention as
+    0 * value, so a sequence later in that row (placed there, or moved into its hole) would answer NaN unless its
+    columns past its own tokens are cleared."""
+    model = engine.model
+
+    def sequence(tokens: int) -> Sequence:
+        return Sequence(DynamicCache(config=model.config.get_text_config()), torch.randint(3, 90, (1, tokens)), {},
+                        Sampling(0.0, 1.0, 4), set())
+
+    def step(batch) -> torch.Tensor:
+        for row in batch.rows:
+            row.tokens.append(7)
+        return batch.step()
+
+    with torch.no_grad():
+        for broken_row in (1, 0):  # the last row leaves and a new one is placed there; the first leaves and the last moves in
+            batch = RowBatch(model)
+            batch.prefill([sequence(30), sequence(5)] if broken_row else [sequence(5), sequence(30), sequence(5)])
+            for buffer in (*batch.keys, *batch.values):
+                buffer[broken_row].fill_(float("nan"))
+            batch.remove([broken_row])
+            if broken_row:
+                batch.prefill([sequence(5)])
+            assert not step(batch).isnan().any(), broken_row
 
 
 def test_a_request_cached_to_its_last_token_makes_no_forward_of_its_own(engine):
