@@ -56,7 +56,7 @@ def test_a_newcomer_fine_tunes_the_shipped_model_on_their_own_images_and_chats_w
     assert [key for key, tensor in tuned.items() if not torch.isfinite(tensor).all()] == []
     assert any(not torch.equal(shipped[key], tuned[key]) for key in shipped if key.startswith("language_model."))
     engine = ChatEngine(str(tmp_path), device="cpu")
-    assert engine.model.dtype == torch.float16
+    assert engine.model.dtype == torch.float32  # a float16 checkpoint computes in float32 on a CPU (chat.compute_dtype)
     answer = list(engine.stream([user_turn("What color is the circle?", image_first=False)],
                                 Image.open(own_images / "photo0.png"), temperature=0.0, max_new_tokens=16))[-1]
     assert answer.strip()
