@@ -35,8 +35,11 @@ def free_port() -> int:
 
 
 def requests(count: int, tag: str) -> list[list[dict]]:
+    """`count` conversations; each block of 32 has a system prompt of its own, so that a longer run has the same mix
+    of prompts the prefix cache knows (8 of 32: the three images and eight questions repeat every 24) as the
+    default one."""
     images = [base64.b64encode(path.read_bytes()).decode() for path in sorted((ROOT / "examples").glob("*.png"))]
-    return [[{"role": "system", "content": f"A chat about a picture of shapes ({tag})."},
+    return [[{"role": "system", "content": f"A chat about a picture of shapes ({tag}{f', part {index // 32}' if index >= 32 else ''})."},
              {"role": "user", "content": [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]},
                                           {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{images[index % len(images)]}"}}]}]
             for index in range(count)]

@@ -10,10 +10,12 @@ the longest row, copied the whole batch once per request joining and once per re
 the cache by concatenation (a copy of every row each step): at eight streams on two CPU cores that was a fifth
 of the scheduler's time.
 
-A sequence whose cache holds all of its prompt but the last token (a request the prefix cache had seen, or a retry)
-does not need a forward of its own: it takes its row and that token is fed by the next decode step, whose logits
-are then its first token's (`can_ride`). This is the one-token case of vLLM's chunked prefill, which mixes new
-prompts into decode steps; longer prompts are prefilled first, together, in a forward over their rows only.
+A sequence with at most RIDE_TOKENS of its prompt left to feed (a follow-up whose conversation the prefix cache
+holds, a short new question, a retry) needs no forward of its own: it takes its row and the next decode step feeds
+those tokens along with every other row's one (`can_ride`), and its logits there are its first token's, as vLLM's
+chunked prefill mixes prompts into decode steps. That step packs every row's tokens into one sequence, each
+attending to its own row's columns only. Longer prompts are prefilled first, together, in a forward over their rows
+only: packed, each of their tokens would be scored against every row's columns.
 
 Which models: plain full attention through SDPA or eager attention (the mask is built here; transformers builds
 the sliding-window and hybrid masks padded_batch relies on for the rest, see `supports`)."""
@@ -27,19 +29,27 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .kv_cache import cache_over
 
 ROWS_STEP = 4  # rows are allocated in multiples of this
+RIDE_TOKENS = 64  # a prompt with at most this many tokens left to feed joins the next decode step (see can_ride)
 COLUMNS_STEP = 64  # and columns, with at least this many free past the longest row (a buffer grows rarely)
 
 
 class _Write(NamedTuple):
     """Where the forward under way writes and reads: rows first .. end - 1; `rows` and `columns` (B, queries) index
     each query's place, or for a single row `rows` is a slice of columns and `columns` is None; every layer reads
-    columns 0 .. width - 1; `queries` per row."""
+    columns 0 .. width - 1; `queries` per row. `packed`: one sequence of every row's queries (B is 1), reading the
+    rows' columns laid end to end."""
     first: int
     end: int
     rows: torch.Tensor | slice
     columns: torch.Tensor | None
     width: int
     queries: int
+    packed: bool = False
+
+    @property
+    def seen(self) -> int:
+        """The keys and values a query is scored against."""
+        return (self.end - self.first) * self.width if self.packed else self.width
 
 
 class RowBatch:
@@ -54,6 +64,7 @@ class RowBatch:
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         self.rows: list = []
         self.lengths: list[int] = []
+        self._unfed: set = set()  # rows that joined by riding: the next step feeds their prompt's last tokens
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._cache = Cache(layers=[_RowLayer(self, layer) for layer in range(self.config.num_hidden_layers)])
@@ -79,9 +90,9 @@ class RowBatch:
                    for layer in cache.layers)
 
     def can_ride(self, sequence) -> bool:
-        """Whether the sequence joins with its last prompt token fed by the next decode step: one token left, and
-        no image among it."""
-        return sequence.pending.shape[1] == 1 and not sequence.image_inputs
+        """Whether the sequence joins with what is left of its prompt (images included) fed by the next decode
+        step: at most RIDE_TOKENS."""
+        return sequence.pending.shape[1] <= RIDE_TOKENS
 
     def ride(self, sequences: list):
         """Takes in sequences that `can_ride`; their first token comes from the next `step`. If it fails, the batch is
@@ -92,6 +103,7 @@ class RowBatch:
         except BaseException:
             del self.rows[first:], self.lengths[first:]
             raise
+        self._unfed.update(sequences)
 
     def prefill(self, sequences: list) -> tuple[list[int], torch.Tensor]:
         """Takes in the sequences and feeds each one's pending tokens after its cached prefix in one forward over
@@ -136,7 +148,11 @@ class RowBatch:
         return logits
 
     def step(self) -> torch.Tensor:
-        """Feeds every row's next input token; returns the logits (B, vocab) of the next."""
+        """Feeds every row's next input token, and a rider's whole rest of its prompt; returns the logits (B, vocab)
+        after each row's last token."""
+        if any(row.pending.shape[1] > 1 or row.image_inputs for row in self.rows if row in self._unfed):
+            return self._packed_step()
+        self._unfed.clear()
         width = max(self.lengths) + 1
         self._fit(len(self.rows), width)
         ids = torch.tensor([[row.next_input] for row in self.rows])
@@ -145,11 +161,46 @@ class RowBatch:
         self.lengths = [length + 1 for length in self.lengths]
         return logits
 
+    def _packed_step(self) -> torch.Tensor:
+        """A step that feeds some rows several tokens: all rows' tokens in one sequence (no padding), token t of row
+        r at position and column lengths[r] + t, scored against row r's columns only (a 4D mask over the rows'
+        columns end to end)."""
+        feeds = [row.pending[0].cpu() if row in self._unfed else torch.tensor([row.next_input]) for row in self.rows]
+        counts = [len(feed) for feed in feeds]
+        count, width = len(self.rows), max(length + fed for length, fed in zip(self.lengths, counts))
+        self._fit(count, width)
+        rows = torch.repeat_interleave(torch.arange(count), torch.tensor(counts))
+        columns = torch.cat([torch.arange(length, length + fed) for length, fed in zip(self.lengths, counts)])
+        keys = torch.arange(count * width)
+        seen = (keys[None, :] // width == rows[:, None]) & (keys[None, :] % width <= columns[:, None])
+        # the images' features in the order their tokens come, as merge_image_features fills them
+        riders = [row for row in self.rows if row in self._unfed and row.image_inputs]
+        extra = {"vision_features": torch.cat([row.image_inputs["vision_features"] for row in riders])} if riders else {}
+        sizes = [row.image_inputs["image_sizes"] for row in riders if "image_sizes" in row.image_inputs]
+        if sizes:  # AnyRes: each image's size lays out its tiles
+            extra["image_sizes"] = torch.cat(sizes)
+        last = torch.tensor(counts).cumsum(0) - 1  # each row's last token: its logits are the row's next token's
+        device = self.device
+        rows, columns = rows.to(device)[None], columns.to(device)[None]
+        self._write = _Write(0, count, rows, columns, width, rows.shape[1], packed=True)
+        try:
+            logits = self.model(input_ids=torch.cat(feeds)[None].to(device), cache=self._cache,
+                                attention_mask=self._mask(seen.to(device)[None, None]), position_ids=columns, use_cache=True,
+                                logits_to_keep=last.to(device), **extra).logits[0]
+        finally:
+            self._write = None
+        for row in riders:
+            row.image_inputs = {}
+        self.lengths = [length + fed for length, fed in zip(self.lengths, counts)]
+        self._unfed.clear()
+        return logits
+
     def remove(self, leaving: list[int]):
         """Takes rows out; each leaving sequence gets its own cache back (a copy: the row is reused). The last row
         moves into each hole."""
         for index in sorted(set(leaving), reverse=True):  # from the end: the row moved in is never one still to leave
             length, last = self.lengths[index], len(self.rows) - 1
+            self._unfed.discard(self.rows[index])
             self.rows[index].cache = cache_over(self.config, [
                 (keys[index: index + 1, :, :length].clone(), values[index: index + 1, :, :length].clone())
                 for keys, values in zip(self.keys, self.values)])
@@ -166,7 +217,7 @@ class RowBatch:
     def fail(self, error: BaseException):
         for row in self.rows:
             row.finish(error)
-        self.rows, self.lengths = [], []
+        self.rows, self.lengths, self._unfed = [], [], set()
         self.keys, self.values = [], []  # whatever a failed forward left in them goes too
 
     def _place(self, sequences: list):
@@ -231,19 +282,24 @@ class RowBatch:
             rows = torch.arange(first, first + count, device=self.device)[:, None].expand(count, queries)
             self._write = _Write(first, first + count, rows, columns, width, queries)
             seen = torch.arange(width, device=self.device)[None, None, :] <= attend[:, :, None]  # (B, queries, width)
-            mask = seen[:, None]
-            if self.model.language_model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
-                mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, torch.finfo(self.dtype).min)
+            mask = self._mask(seen[:, None])
         try:
             return self.model(input_ids=ids, cache=self._cache, attention_mask=mask, position_ids=columns, use_cache=True,
                               logits_to_keep=1, **extra).logits[:, -1]
         finally:
             self._write = None
 
+    def _mask(self, seen: torch.Tensor) -> torch.Tensor:
+        """The 4D mask the attention in use takes for `seen` (True: attended): SDPA a boolean one, eager attention one
+        it adds to the scores."""
+        if self.model.language_model.config._attn_implementation == "eager":
+            return torch.zeros(seen.shape, dtype=self.dtype, device=self.device).masked_fill_(~seen, torch.finfo(self.dtype).min)
+        return seen
+
     def _update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's new keys and values (B, kv heads, queries, head dim) into their rows and columns; returns the
         rows' columns 0 .. width - 1 to attend over."""
-        first, end, rows, columns, width, _ = self._write
+        first, end, rows, columns, width, _, packed = self._write
         if keys.shape[1] != self.heads or keys.shape[3] != self.head_dim or values.shape[3] != self.head_dim:
             raise ValueError(f"layer {layer}'s keys are {tuple(keys.shape)}, but the batch's buffers were sized for "
                              f"{self.heads} heads of {self.head_dim} from the model's config")
@@ -253,6 +309,9 @@ class RowBatch:
         else:
             self.keys[layer][rows, :, columns] = keys.transpose(1, 2)
             self.values[layer][rows, :, columns] = values.transpose(1, 2)
+        if packed:  # one sequence over the rows' columns end to end (a copy: a row's columns are apart in the buffer)
+            return tuple(buffer[first:end, :, :width].transpose(0, 1).reshape(1, self.heads, (end - first) * width, self.head_dim)
+                         for buffer in (self.keys[layer], self.values[layer]))
         return self.keys[layer][first:end, :, :width], self.values[layer][first:end, :, :width]
 
 
@@ -274,13 +333,13 @@ class _RowLayer(CacheLayerMixin):
         return self.batch._update(self.layer, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.batch._write.width, 0  # keys and values as wide as the forward's columns, from column 0
+        return self.batch._write.seen, 0  # keys and values as wide as the forward reads, from column 0
 
     def get_seq_length(self) -> int:
         """The tokens before this forward's queries (transformers' causal mask for one row without padding)."""
         if self.batch._write is None:
             return max(self.batch.lengths, default=0)
-        return self.batch._write.width - self.batch._write.queries
+        return self.batch._write.seen - self.batch._write.queries
 
     def get_max_length(self) -> int:
         return -1

@@ -1,9 +1,9 @@
 """Continuous batching: one thread owns the model and steps every active answer together.
 
 Between two decode steps the scheduler takes in the sequences that arrived (each with its own cache, which may
-already hold a reused prefix): those with more than their last prompt token left are prefilled together in one
-forward, the others join and have that token fed by the next step; a sequence that stops leaves the batch between
-steps. The batch (row_batch: each sequence keeps one row of preallocated key/value buffers; padded_batch for the
+already hold a reused prefix): those with a long rest of their prompt to feed are prefilled together in one forward,
+the others join and have theirs fed by the next decode step (row_batch's riders); a sequence that stops leaves the
+batch between steps. The batch (row_batch: each sequence keeps one row of preallocated key/value buffers; padded_batch for the
 models whose attention that cannot express) gives every row its own positions and mask, so one forward decodes every
 user's next token.
 
@@ -62,7 +62,7 @@ class Sequence:
     @property
     def next_input(self) -> int:
         """The token the next decode step feeds: the last one sampled, or, for a sequence that joined the batch with
-        only its prompt's last token left to feed (RowBatch.can_ride), that token."""
+        only its prompt's last token left to feed (a rider, see RowBatch.can_ride), that token."""
         return self.tokens[-1] if self.tokens else int(self.pending[0, -1])
 
     def emit(self, token: int) -> bool:
@@ -148,7 +148,7 @@ class Scheduler:
                 arrivals = self._admit()
             try:
                 for sequence in arrivals:
-                    if sequence.cancelled:  # its reader left while it waited
+                    if sequence.cancelled:  # its reader left while it waited: it ends without its prefill
                         sequence.finish()
                 self._join([sequence for sequence in arrivals if not sequence.done.is_set()])
                 self._decode()
@@ -160,17 +160,22 @@ class Scheduler:
                 self._batch.fail(error)
 
     def _admit(self) -> list[Sequence]:
+        """The waiting sequences that get a place (and the prefill budget) now, and every cancelled one, place or not:
+        its reader is gone, or going."""
+        cancelled = [sequence for sequence in self._waiting if sequence.cancelled]
+        if cancelled:
+            self._waiting = [sequence for sequence in self._waiting if not sequence.cancelled]
         arrivals, budget = [], PREFILL_TOKENS
         while self._waiting and self.active + len(arrivals) < self.max_batch and (budget > 0 or not arrivals):
             sequence = self._waiting.pop(0)
             budget -= sequence.pending.shape[1]
             arrivals.append(sequence)
-        return arrivals
+        return cancelled + arrivals
 
     @torch.no_grad()
     def _join(self, arrivals: list[Sequence]):
-        """Slot sequences one by one through their slots; into the batch the others: those with one prompt token
-        left, and no image, join as they are (the next step feeds it); the rest are prefilled in one forward."""
+        """Slot sequences one by one through their slots; into the batch the others: those that can ride join as
+        they are (the next step feeds the rest of their prompt); the rest are prefilled in one forward."""
         for sequence in [sequence for sequence in arrivals if isinstance(sequence.cache, StaticSlot)]:
             try:
                 logits = sequence.cache.forward(sequence.pending, sequence.image_inputs)

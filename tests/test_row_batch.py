@@ -57,7 +57,9 @@ def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, 
             def alone(row: int) -> torch.Tensor:
                 return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
 
-            assert batch.can_ride(sequences[3]) == (kind is RowBatch) and not batch.can_ride(sequences[1])
+            long = Sequence(DynamicCache(config=model.config.get_text_config()), text(row_batch.RIDE_TOKENS + 1), {},
+                            Sampling(0.0, 1.0, 8), set())
+            assert batch.can_ride(sequences[3]) == batch.can_ride(sequences[1]) == (kind is RowBatch) and not batch.can_ride(long)
             indices, logits = batch.prefill(sequences[:3])
             assert [batch.rows[index] for index in indices] == sequences[:3]
             checked = 0
@@ -87,6 +89,57 @@ def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, 
                 assert sequences[index].cache.get_seq_length() == full[index].shape[1]
             if kind is RowBatch:
                 assert batch.keys == [] and batch.rows == []  # an empty batch keeps no buffers
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_riders_of_several_tokens_and_an_image_join_a_decoding_batch(engine, attention, monkeypatch):
+    """Two rows decoding; then riders join: 5 new tokens after a cached prefix, 3 + an image + 4 with no prefix, and
+    one token: the packed step gives every row, old and new, the logits of its tokens alone, and so do the steps
+    after (buffers growing on the way)."""
+    monkeypatch.setattr(row_batch, "ROWS_STEP", 1)
+    monkeypatch.setattr(row_batch, "COLUMNS_STEP", 2)
+    model, image_id = engine.model, engine.model.config.image_token_id
+    batch = RowBatch(model)
+    model.set_attn_implementation(attention)
+    try:
+        torch.manual_seed(1)
+
+        def text(n: int) -> torch.Tensor:
+            return torch.randint(3, image_id, (1, n))
+
+        pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            features = model.get_vision_features(pixels)
+            image = torch.full((1, features.shape[1]), image_id)
+            rows = [(text(12), text(3), {}), (None, text(6), {}), (text(9), text(5), {}),
+                    (None, torch.cat([text(3), image, text(4)], 1), {"vision_features": features}), (text(4), text(1), {})]
+            sequences, full = [], []
+            for prefix, pending, image_inputs in rows:
+                cache = DynamicCache(config=model.config.get_text_config())
+                if prefix is not None:
+                    model(input_ids=prefix, cache=cache, use_cache=True)
+                sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
+                full.append(pending if prefix is None else torch.cat([prefix, pending], 1))
+            assert all(batch.can_ride(sequence) for sequence in sequences)
+
+            def alone(row: int) -> torch.Tensor:
+                return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
+
+            _, logits = batch.prefill(sequences[:2])
+            for step in range(4):
+                for row, sequence in enumerate(batch.rows):
+                    index = sequences.index(sequence)
+                    torch.testing.assert_close(logits[row], alone(index), atol=1e-4, rtol=1e-4)
+                    sequence.tokens.append(int(logits[row].argmax()))
+                    full[index] = torch.cat([full[index], torch.tensor([sequence.tokens[-1:]])], 1)
+                if step == 0:
+                    batch.ride(sequences[2:])
+                if step == 2:
+                    batch.remove([0])
+                logits = batch.step()
+            assert len(batch.rows) == 4 and batch._unfed == set()
     finally:
         model.set_attn_implementation("sdpa")
 
