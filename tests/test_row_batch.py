@@ -23,6 +23,45 @@ def engine(saved_checkpoint):
     return ChatEngine(str(saved_checkpoint), device="cpu")
 
 
+class Rows:
+    """Sequences to batch, from (cached prefix length, pending parts: a count of text tokens or "image" for an image's
+    span), and each one's tokens so far, to check a batch's logits against one forward over a row's tokens alone."""
+
+    def __init__(self, engine, spec: list[tuple[int, list]], seed: int):
+        self.model, image_id = engine.model, engine.model.config.image_token_id
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            features = self.model.get_vision_features(engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"])
+        self.sequences, self.full, self.features = [], [], []
+        for prefix_length, parts in spec:
+            pending = torch.cat([torch.full((1, features.shape[1]), image_id) if part == "image" else torch.randint(3, image_id, (1, part))
+                                 for part in parts], 1)
+            prefix = torch.randint(3, image_id, (1, prefix_length))
+            cache = DynamicCache(config=self.model.config.get_text_config())
+            if prefix_length:
+                with torch.no_grad():
+                    self.model(input_ids=prefix, cache=cache, use_cache=True)
+            image_inputs = {"vision_features": features} if "image" in parts else {}
+            self.sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
+            self.full.append(torch.cat([prefix, pending], 1))
+            self.features.append(image_inputs.get("vision_features"))
+
+    def check(self, in_order: list, logits: torch.Tensor) -> int:
+        """Each sequence's logits (row i of `logits` is in_order[i]'s) against its tokens alone; each then takes its
+        greedy token. Returns how many were checked."""
+        for row, sequence in enumerate(in_order):
+            index = self.sequences.index(sequence)
+            with torch.no_grad():
+                alone = self.model(input_ids=self.full[index], vision_features=self.features[index]).logits[0, -1]
+            torch.testing.assert_close(logits[row], alone, atol=1e-4, rtol=1e-4)
+            self.take(index, int(logits[row].argmax()))
+        return len(in_order)
+
+    def take(self, index: int, token: int):
+        self.sequences[index].tokens.append(token)
+        self.full[index] = torch.cat([self.full[index], torch.tensor([[token]])], 1)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", [RowBatch, PaddedBatch])
 def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, monkeypatch):
@@ -31,62 +70,34 @@ def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, 
     per buffer step, so the row batch's buffers grow and shrink on the way."""
     monkeypatch.setattr(row_batch, "ROWS_STEP", 1)
     monkeypatch.setattr(row_batch, "COLUMNS_STEP", 2)
-    model, image_id = engine.model, engine.model.config.image_token_id
+    model = engine.model
     batch = kind(model)  # before the switch: the batch reads the attention in use at each forward
     model.set_attn_implementation(attention)
     try:
-        torch.manual_seed(0)
-
-        def text(n: int) -> torch.Tensor:
-            return torch.randint(3, image_id, (1, n))
-
-        pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
+        rows = Rows(engine, [(10, [5]), (0, [3, "image", 4]), (20, [1]), (7, [1]), (0, [row_batch.RIDE_TOKENS + 1])], seed=0)
+        sequences = rows.sequences
+        assert batch.can_ride(sequences[3]) == batch.can_ride(sequences[1]) == (kind is RowBatch)
+        assert not batch.can_ride(sequences[4])
         with torch.no_grad():
-            features = model.get_vision_features(pixels)
-            image = torch.full((1, features.shape[1]), image_id)
-            rows = [(text(10), text(5), {}), (None, torch.cat([text(3), image, text(4)], 1), {"vision_features": features}),
-                    (text(20), text(1), {}), (text(7), text(1), {})]
-            sequences, full = [], []
-            for prefix, pending, image_inputs in rows:
-                cache = DynamicCache(config=model.config.get_text_config())
-                if prefix is not None:
-                    model(input_ids=prefix, cache=cache, use_cache=True)
-                sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
-                full.append(pending if prefix is None else torch.cat([prefix, pending], 1))
-
-            def alone(row: int) -> torch.Tensor:
-                return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
-
-            long = Sequence(DynamicCache(config=model.config.get_text_config()), text(row_batch.RIDE_TOKENS + 1), {},
-                            Sampling(0.0, 1.0, 8), set())
-            assert batch.can_ride(sequences[3]) == batch.can_ride(sequences[1]) == (kind is RowBatch) and not batch.can_ride(long)
             indices, logits = batch.prefill(sequences[:3])
             assert [batch.rows[index] for index in indices] == sequences[:3]
             checked = 0
             for step in range(4):
-                for row, sequence in enumerate(batch.rows):  # a rider's first logits are its prompt's last token's
-                    index = sequences.index(sequence)
-                    torch.testing.assert_close(logits[row], alone(index), atol=1e-4, rtol=1e-4)
-                    checked += 1
-                    token = int(logits[row].argmax())
-                    sequence.tokens.append(token)
-                    full[index] = torch.cat([full[index], torch.tensor([[token]])], 1)
+                checked += rows.check(batch.rows, logits)  # a rider's first logits are its prompt's last token's
                 if step == 0 and kind is RowBatch:
                     batch.ride([sequences[3]])
                 elif step == 0:  # the padded batch prefills it
                     _, first = batch.prefill([sequences[3]])
-                    torch.testing.assert_close(first[0], alone(3), atol=1e-4, rtol=1e-4)
-                    sequences[3].tokens.append(int(first[0].argmax()))
-                    full[3] = torch.cat([full[3], torch.tensor([sequences[3].tokens[-1:]])], 1)
+                    checked += rows.check([sequences[3]], first)
                 if step == 2:
                     batch.remove([batch.rows.index(sequences[1])])  # the image row leaves with its own cache
-                    assert sequences[1].cache.get_seq_length() == full[1].shape[1] - 1
+                    assert sequences[1].cache.get_seq_length() == rows.full[1].shape[1] - 1
                     assert sequences[1] not in batch.rows and len(batch.rows) == 3
                 logits = batch.step()
             assert checked >= 12
             batch.remove(list(range(len(batch.rows))))
             for index in (0, 2, 3):  # each leaver's cache holds every token it fed: the last step fed them all
-                assert sequences[index].cache.get_seq_length() == full[index].shape[1]
+                assert sequences[index].cache.get_seq_length() == rows.full[index].shape[1]
             if kind is RowBatch:
                 assert batch.keys == [] and batch.rows == []  # an empty batch keeps no buffers
     finally:
@@ -100,42 +111,18 @@ def test_riders_of_several_tokens_and_an_image_join_a_decoding_batch(engine, att
     after (buffers growing on the way)."""
     monkeypatch.setattr(row_batch, "ROWS_STEP", 1)
     monkeypatch.setattr(row_batch, "COLUMNS_STEP", 2)
-    model, image_id = engine.model, engine.model.config.image_token_id
+    model = engine.model
     batch = RowBatch(model)
     model.set_attn_implementation(attention)
     try:
-        torch.manual_seed(1)
-
-        def text(n: int) -> torch.Tensor:
-            return torch.randint(3, image_id, (1, n))
-
-        pixels = engine.processor.image_processor(IMAGE, return_tensors="pt")["pixel_values"]
+        rows = Rows(engine, [(12, [3]), (0, [6]), (9, [5]), (0, [3, "image", 4]), (4, [1])], seed=1)
+        assert all(batch.can_ride(sequence) for sequence in rows.sequences)
         with torch.no_grad():
-            features = model.get_vision_features(pixels)
-            image = torch.full((1, features.shape[1]), image_id)
-            rows = [(text(12), text(3), {}), (None, text(6), {}), (text(9), text(5), {}),
-                    (None, torch.cat([text(3), image, text(4)], 1), {"vision_features": features}), (text(4), text(1), {})]
-            sequences, full = [], []
-            for prefix, pending, image_inputs in rows:
-                cache = DynamicCache(config=model.config.get_text_config())
-                if prefix is not None:
-                    model(input_ids=prefix, cache=cache, use_cache=True)
-                sequences.append(Sequence(cache, pending, image_inputs, Sampling(0.0, 1.0, 8), set()))
-                full.append(pending if prefix is None else torch.cat([prefix, pending], 1))
-            assert all(batch.can_ride(sequence) for sequence in sequences)
-
-            def alone(row: int) -> torch.Tensor:
-                return model(input_ids=full[row], vision_features=rows[row][2].get("vision_features")).logits[0, -1]
-
-            _, logits = batch.prefill(sequences[:2])
+            _, logits = batch.prefill(rows.sequences[:2])
             for step in range(4):
-                for row, sequence in enumerate(batch.rows):
-                    index = sequences.index(sequence)
-                    torch.testing.assert_close(logits[row], alone(index), atol=1e-4, rtol=1e-4)
-                    sequence.tokens.append(int(logits[row].argmax()))
-                    full[index] = torch.cat([full[index], torch.tensor([sequence.tokens[-1:]])], 1)
+                rows.check(batch.rows, logits)
                 if step == 0:
-                    batch.ride(sequences[2:])
+                    batch.ride(rows.sequences[2:])
                 if step == 2:
                     batch.remove([0])
                 logits = batch.step()
