@@ -1,7 +1,7 @@
 """llava-serve under load: aggregate completion tokens/s with 1, 4, 8 and 16 concurrent streams, against the same
 requests one at a time (1 stream) in the same run, and time to first token (p50/p95) under each load.
 
-python bench/bench_serve.py [--model checkpoints/shapes-llava] [--requests 32] [--max-tokens 64] [--rounds 3] [--dtype auto] [--stream-interval S]
+python bench/bench_serve.py [--model checkpoints/shapes-llava] [--requests 128] [--max-tokens 64] [--rounds 3] [--dtype auto] [--stream-interval S]
                              [--single-process] [--threads N]
 
 The server runs in its own process (as in production: the client's threads do not share its interpreter), on a
@@ -77,7 +77,9 @@ def summary(streams: int, runs: list[tuple[float, int, list[float]]]) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "checkpoints" / "shapes-llava"))
-    parser.add_argument("--requests", type=int, default=32, help="requests per load level")
+    # 128: at 8 streams each stream asks 16 times, so the last wave, when fewer streams are left, is a sixteenth of
+    # the run, not a quarter (with 32, 16 streams asked twice each: ramp-up and ramp-down only)
+    parser.add_argument("--requests", type=int, default=128, help="requests per load level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=3)

@@ -169,9 +169,10 @@ class RowBatch:
         counts = [len(feed) for feed in feeds]
         count, width = len(self.rows), max(length + fed for length, fed in zip(self.lengths, counts))
         self._fit(count, width)
-        rows = torch.repeat_interleave(torch.arange(count), torch.tensor(counts))
-        columns = torch.cat([torch.arange(length, length + fed) for length, fed in zip(self.lengths, counts)])
-        keys = torch.arange(count * width)
+        device = self.device
+        rows = torch.repeat_interleave(torch.arange(count), torch.tensor(counts)).to(device)
+        columns = torch.cat([torch.arange(length, length + fed) for length, fed in zip(self.lengths, counts)]).to(device)
+        keys = torch.arange(count * width, device=device)  # the mask is built where it is used: it is queries x rows x width
         seen = (keys[None, :] // width == rows[:, None]) & (keys[None, :] % width <= columns[:, None])
         # the images' features in the order their tokens come, as merge_image_features fills them
         riders = [row for row in self.rows if row in self._unfed and row.image_inputs]
@@ -180,12 +181,11 @@ class RowBatch:
         if sizes:  # AnyRes: each image's size lays out its tiles
             extra["image_sizes"] = torch.cat(sizes)
         last = torch.tensor(counts).cumsum(0) - 1  # each row's last token: its logits are the row's next token's
-        device = self.device
-        rows, columns = rows.to(device)[None], columns.to(device)[None]
+        rows, columns = rows[None], columns[None]
         self._write = _Write(0, count, rows, columns, width, rows.shape[1], packed=True)
         try:
             logits = self.model(input_ids=torch.cat(feeds)[None].to(device), cache=self._cache,
-                                attention_mask=self._mask(seen.to(device)[None, None]), position_ids=columns, use_cache=True,
+                                attention_mask=self._mask(seen[None, None]), position_ids=columns, use_cache=True,
                                 logits_to_keep=last.to(device), **extra).logits[0]
         finally:
             self._write = None
