@@ -60,8 +60,9 @@ def available_memory() -> int:
 def compute_dtype(model_path: str, device: str, dtype: str | torch.dtype = "auto") -> str | torch.dtype:
     """The dtype to run in. "auto" is the checkpoint's own, except on a CPU for a float16 or bfloat16 checkpoint whose
     float32 weights take at most half the memory still available: float32 then. CPUs multiply half-precision matrices
-    slowly (the shapes model's decode step on the 2-core Xeon: one row 1.4 ms in float16 and float32, 2.3 in
-    bfloat16; eight rows 3.4 ms in float16, 2.6 in float32) and float32 holds half-precision weights exactly."""
+    slowly, most of all in batches (bench/decode_dtypes.py, the shapes model on the 2-core Xeon: eight rows 3.45 ms
+    a step in float16, 2.87 in float32, 3.00 in bfloat16; one row 1.50, 1.58, 2.34), and float32 holds
+    half-precision weights exactly."""
     if dtype != "auto" or torch.device(device).type != "cpu":
         return dtype
     stored = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=True), "dtype", None)
