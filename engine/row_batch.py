@@ -29,8 +29,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .kv_cache import cache_over
 
 ROWS_STEP = 4  # rows are allocated in multiples of this
-RIDE_TOKENS = 64  # a prompt with at most this many tokens left to feed joins the next decode step (see can_ride)
 COLUMNS_STEP = 64  # and columns, with at least this many free past the longest row (a buffer grows rarely)
+RIDE_TOKENS = 64  # a prompt with at most this many tokens left to feed joins the next decode step (see can_ride)
 
 
 class _Write(NamedTuple):
@@ -64,7 +64,7 @@ class RowBatch:
         self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         self.rows: list = []
         self.lengths: list[int] = []
-        self._unfed: set = set()  # rows that joined by riding: the next step feeds their prompt's last tokens
+        self._unfed: set = set()  # rows that joined by riding: the next step feeds the rest of their prompts
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._cache = Cache(layers=[_RowLayer(self, layer) for layer in range(self.config.num_hidden_layers)])
