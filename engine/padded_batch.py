@@ -23,9 +23,9 @@ class PaddedBatch:
         self.cache = self.mask = self.lengths = None  # mask (B, L): 1 on real tokens; lengths (B,): real tokens per row
         self.padded = False
 
-    def can_ride(self, sequence) -> bool:
-        """Every arrival is prefilled in a forward of its own here (see RowBatch.can_ride)."""
-        return False
+    def riders(self, sequences: list) -> list:
+        """None: every arrival is prefilled in a forward of its own here (see RowBatch.riders)."""
+        return []
 
     def prefill(self, sequences: list) -> tuple[list[int], torch.Tensor]:
         """Prefills the sequences (see `prefilled`) and takes them in; returns their rows and their logits."""

@@ -12,7 +12,7 @@ of the scheduler's time.
 
 A sequence with at most RIDE_TOKENS of its prompt left to feed (a follow-up whose conversation the prefix cache
 holds, a short new question, a retry) needs no forward of its own: it takes its row and the next decode step feeds
-those tokens along with every other row's one (`can_ride`), and its logits there are its first token's, as vLLM's
+those tokens along with every other row's one (`riders`), and its logits there are its first token's, as vLLM's
 chunked prefill mixes prompts into decode steps. That step packs every row's tokens into one sequence, each
 attending to its own row's columns only. Longer prompts are prefilled first, together, in a forward over their rows
 only: packed, each of their tokens would be scored against every row's columns.
@@ -30,7 +30,8 @@ from .kv_cache import cache_over
 
 ROWS_STEP = 4  # rows are allocated in multiples of this
 COLUMNS_STEP = 64  # and columns, with at least this many free past the longest row (a buffer grows rarely)
-RIDE_TOKENS = 64  # a prompt with at most this many tokens left to feed joins the next decode step (see can_ride)
+RIDE_TOKENS = 64  # a prompt with at most this many tokens left to feed joins the next decode step (see riders)
+PACKED_SCORES = 4_000_000  # and so long as the packed step scores at most this many keys per head
 
 
 class _Write(NamedTuple):
@@ -89,13 +90,26 @@ class RowBatch:
         return all(layer.keys.shape[1] == heads and layer.keys.shape[3] == layer.values.shape[3] == head_dim
                    for layer in cache.layers)
 
-    def can_ride(self, sequence) -> bool:
-        """Whether the sequence joins with what is left of its prompt (images included) fed by the next decode
-        step: at most RIDE_TOKENS."""
-        return sequence.pending.shape[1] <= RIDE_TOKENS
+    def riders(self, sequences: list) -> list:
+        """Those of the arriving sequences that join with the rest of their prompt fed by the next decode step: each
+        with one token left and no image (a plain step feeds it), and those with at most RIDE_TOKENS (images
+        included) while the packed step they make scores at most PACKED_SCORES keys per head (its tokens x rows x
+        columns: on a GPU with 32 rows of 4,000 tokens, a packed step would score every token against 128,000
+        keys, more than the rider's own prefill costs). The others are prefilled."""
+        queries, rows, width, chosen = len(self.rows), len(self.rows), max(self.lengths, default=0) + 1, []
+        for sequence in sequences:
+            count, start = sequence.pending.shape[1], sequence.cache.get_seq_length()
+            if count == 1 and not sequence.image_inputs:
+                chosen.append(sequence)
+            elif count <= RIDE_TOKENS and (queries + count) * (rows + 1) * max(width, start + count) <= PACKED_SCORES:
+                chosen.append(sequence)
+            else:
+                continue
+            queries, rows, width = queries + count, rows + 1, max(width, start + count)
+        return chosen
 
     def ride(self, sequences: list):
-        """Takes in sequences that `can_ride`; their first token comes from the next `step`. If it fails, the batch is
+        """Takes in `riders`; their first token comes from the next `step`. If it fails, the batch is
         as it was."""
         first = len(self.rows)
         try:

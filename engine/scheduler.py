@@ -62,7 +62,7 @@ class Sequence:
     @property
     def next_input(self) -> int:
         """The token the next decode step feeds: the last one sampled, or, for a sequence that joined the batch with
-        only its prompt's last token left to feed (a rider, see RowBatch.can_ride), that token."""
+        only its prompt's last token left to feed (a rider, see RowBatch.riders), that token."""
         return self.tokens[-1] if self.tokens else int(self.pending[0, -1])
 
     def emit(self, token: int) -> bool:
@@ -188,8 +188,8 @@ class Scheduler:
             else:
                 self._alone.append(sequence)
         batched = [sequence for sequence in arrivals if not isinstance(sequence.cache, StaticSlot)]
-        riders = [sequence for sequence in batched if self._batch.can_ride(sequence)]
-        prefilling = [sequence for sequence in batched if not self._batch.can_ride(sequence)]
+        riders = self._batch.riders(batched)
+        prefilling = [sequence for sequence in batched if not any(sequence is rider for rider in riders)]
         if prefilling:
             try:
                 rows, logits = self._batch.prefill(prefilling)

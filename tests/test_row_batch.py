@@ -76,8 +76,7 @@ def test_every_row_gets_the_logits_of_its_tokens_alone(engine, kind, attention, 
     try:
         rows = Rows(engine, [(10, [5]), (0, [3, "image", 4]), (20, [1]), (7, [1]), (0, [row_batch.RIDE_TOKENS + 1])], seed=0)
         sequences = rows.sequences
-        assert batch.can_ride(sequences[3]) == batch.can_ride(sequences[1]) == (kind is RowBatch)
-        assert not batch.can_ride(sequences[4])
+        assert batch.riders(sequences[1:]) == (sequences[1:4] if kind is RowBatch else [])  # 65 tokens: prefilled
         with torch.no_grad():
             indices, logits = batch.prefill(sequences[:3])
             assert [batch.rows[index] for index in indices] == sequences[:3]
@@ -116,7 +115,7 @@ def test_riders_of_several_tokens_and_an_image_join_a_decoding_batch(engine, att
     model.set_attn_implementation(attention)
     try:
         rows = Rows(engine, [(12, [3]), (0, [6]), (9, [5]), (0, [3, "image", 4]), (4, [1])], seed=1)
-        assert all(batch.can_ride(sequence) for sequence in rows.sequences)
+        assert batch.riders(rows.sequences) == rows.sequences
         with torch.no_grad():
             _, logits = batch.prefill(rows.sequences[:2])
             for step in range(4):
@@ -252,3 +251,15 @@ def test_a_remove_that_fails_half_way_still_ends_the_sequences_it_took_out(engin
     monkeypatch.undo()
     batch.fail(RuntimeError("out of memory"))  # what the scheduler's loop does next
     assert all(sequence.done.is_set() for sequence in sequences)
+
+
+def test_a_packed_step_over_a_wide_batch_is_not_made_a_prompt_prefills_instead(engine, monkeypatch):
+    """Riders of several tokens make a step that scores each token against every row's columns: past
+    PACKED_SCORES they are prefilled apart; one-token riders, fed by a plain step, always ride."""
+    rows = Rows(engine, [(20, [1]), (20, [30]), (20, [30]), (20, [1])], seed=2)
+    batch = RowBatch(engine.model)
+    # with the second: 31 tokens x 2 rows x 50 columns = 3,100 scores; with the third too, 61 x 3 x 50 = 9,150
+    monkeypatch.setattr(row_batch, "PACKED_SCORES", 5_000)
+    assert batch.riders(rows.sequences) == [rows.sequences[0], rows.sequences[1], rows.sequences[3]]
+    monkeypatch.setattr(row_batch, "PACKED_SCORES", 10_000)
+    assert batch.riders(rows.sequences) == rows.sequences
