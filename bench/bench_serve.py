@@ -65,6 +65,28 @@ def load(client, model: str, streams: int, batch: list, max_tokens: int) -> tupl
     return time.perf_counter() - start, sum(count for _, count in results), [ttft for ttft, _ in results]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes(server: subprocess.Popen) -> dict[str, list[int]]:
+    """The HTTP process and its children (the engine's process, multiprocessing's resource tracker)."""
+    try:
+        children = [int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+    except OSError:
+        children = []
+    return {"HTTP process": [server.pid], "engine process": children}
+
+
+def cpu_now(server: subprocess.Popen) -> dict[str, float]:
+    return {**{name: sum(map(cpu_seconds, pids)) for name, pids in processes(server).items()}, "client": time.process_time()}
+
+
 def summary(streams: int, runs: list[tuple[float, int, list[float]]]) -> dict:
     """The median round's throughput (the CPU is shared: rounds vary), TTFT percentiles over every round."""
     walls = sorted(runs)
@@ -108,9 +130,13 @@ def main():
         model = client.models.list().data[0].id
         load(client, model, 4, requests(8, "warm-up"), args.max_tokens)
         runs = {streams: [] for streams in args.levels}
+        cpu = {streams: {} for streams in args.levels}  # CPU seconds per process over all of a level's rounds
         for round_ in range(args.rounds):  # the levels interleaved, so that a busy minute does not favour one
             for streams in args.levels:
+                before = cpu_now(server)
                 runs[streams].append(load(client, model, streams, requests(args.requests, f"round {round_}, {streams} streams"), args.max_tokens))
+                for name, seconds in cpu_now(server).items():
+                    cpu[streams][name] = cpu[streams].get(name, 0.0) + seconds - before[name]
         rows = [summary(streams, runs[streams]) for streams in args.levels]
     finally:
         server.terminate()
@@ -124,6 +150,12 @@ def main():
     for row in rows:
         print(f"| {row['streams']} | {row['tokens']} | {row['wall']:.2f} | {row['tokens_per_s']:.0f} | {row['tokens_per_s'] / base:.2f} | "
               f"{row['ttft_p50'] * 1000:.0f} | {row['ttft_p95'] * 1000:.0f} |")
+    print("\nCPU milliseconds per request (all rounds; the client is this process, its openai threads):")
+    print("| streams | " + " | ".join(cpu[args.levels[0]]) + " |")
+    print("| --- |" + " --- |" * len(cpu[args.levels[0]]))
+    for streams in args.levels:
+        requests_made = args.requests * args.rounds
+        print(f"| {streams} | " + " | ".join(f"{seconds / requests_made * 1e3:.1f}" for seconds in cpu[streams].values()) + " |")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ class RowBatch:
         self._unfed: set = set()  # rows that joined by riding: the next step feeds the rest of their prompts
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self._capacity = (0, 0)  # rows and columns every buffer has (0, 0 while a resize is under way or failed)
         self._cache = Cache(layers=[_RowLayer(self, layer) for layer in range(self.config.num_hidden_layers)])
         self._write: _Write | None = None  # the forward under way
 
@@ -232,7 +233,7 @@ class RowBatch:
         for row in self.rows:
             row.finish(error)
         self.rows, self.lengths, self._unfed = [], [], set()
-        self.keys, self.values = [], []  # whatever a failed forward left in them goes too
+        self.keys, self.values, self._capacity = [], [], (0, 0)  # whatever a failed forward left in them goes too
 
     def _place(self, sequences: list):
         """Gives each sequence the next free row and copies its cached prefix in."""
@@ -255,19 +256,17 @@ class RowBatch:
         COLUMNS_STEP free past `columns`), shrunk when over twice that (a long conversation left), dropped when
         the batch is empty. Growing or shrinking copies the rows in use."""
         if not rows:
-            self.keys, self.values = [], []
+            self.keys, self.values, self._capacity = [], [], (0, 0)
             return
         want_rows = -(-rows // ROWS_STEP) * ROWS_STEP
         want_columns = -(-(columns + COLUMNS_STEP) // COLUMNS_STEP) * COLUMNS_STEP
+        have_rows, have_columns = self._capacity
+        if rows <= have_rows <= 2 * want_rows and columns <= have_columns <= 2 * want_columns:
+            return
         layers = self.config.num_hidden_layers
         if not self.keys:
             self.keys, self.values = [None] * layers, [None] * layers
-        buffers = [*self.keys, *self.values]
-        if all(buffer is not None for buffer in buffers):  # the smallest decides: a resize that failed half-way is done again
-            have_rows, most_rows = min(b.shape[0] for b in buffers), max(b.shape[0] for b in buffers)
-            have_columns, most_columns = min(b.shape[2] for b in buffers), max(b.shape[2] for b in buffers)
-            if rows <= have_rows and most_rows <= 2 * want_rows and columns <= have_columns and most_columns <= 2 * want_columns:
-                return
+        self._capacity = (0, 0)  # until every buffer is resized: one that failed half-way is done again, whole
         kept = min(len(self.rows), rows)
         used = max(self.lengths[:kept], default=0)
         shape = (want_rows, self.heads, want_columns, self.head_dim)
@@ -280,6 +279,7 @@ class RowBatch:
                 if buffers[layer] is not None:
                     fresh[:kept, :, :used] = buffers[layer][:kept, :, :used]
                 buffers[layer] = fresh
+        self._capacity = (want_rows, want_columns)
 
     def _forward(self, first: int, ids: torch.Tensor, columns: torch.Tensor, attend: torch.Tensor, width: int,
                  padded: bool, **extra) -> torch.Tensor:

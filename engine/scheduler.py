@@ -189,7 +189,7 @@ class Scheduler:
                 self._alone.append(sequence)
         batched = [sequence for sequence in arrivals if not isinstance(sequence.cache, StaticSlot)]
         riders = self._batch.riders(batched)
-        prefilling = [sequence for sequence in batched if not any(sequence is rider for rider in riders)]
+        prefilling = [sequence for sequence in batched if sequence not in set(riders)]
         if prefilling:
             try:
                 rows, logits = self._batch.prefill(prefilling)

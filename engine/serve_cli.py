@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="compute dtype (auto: the checkpoint's; on a CPU float32 for a float16 or bfloat16 checkpoint that fits "
-                             "twice over in half the memory, as half precision is slow on CPUs)")
+                        help="compute dtype (auto: the checkpoint's; on a CPU float32 for a float16 or bfloat16 checkpoint whose "
+                             "float32 weights take at most half the available memory, as half precision is slow on CPUs)")
     parser.add_argument("--allowed-local-media-path", type=Path,
                         help="allow file:// image URLs inside this folder (nothing outside it, links resolved)")
     parser.add_argument("--allow-image-urls", action="store_true",

@@ -12,7 +12,7 @@ from engine import ChatEngine, row_batch
 from engine.decoding import Sampling
 from engine.padded_batch import PaddedBatch
 from engine.row_batch import RowBatch
-from engine.scheduler import Sequence
+from engine.scheduler import Scheduler, Sequence
 from tiny_components import user_turn
 
 IMAGE = Image.new("RGB", (40, 30), (30, 200, 30))
@@ -174,11 +174,13 @@ def test_models_the_row_batch_cannot_serve_get_the_padded_one(engine):
     mistral = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             sliding_window=4)
     assert not RowBatch.supports(Stub(mistral)) and not RowBatch.supports(Stub(llama, "flash_attention_2"))
+    assert type(Scheduler(engine.model, [])._batch) is RowBatch
     config = engine.model.config.get_text_config()
     head_dim = config.head_dim
     config.head_dim = head_dim * 2  # keys and values unlike what the config says: the buffers would be sized wrong
     try:
         assert not RowBatch.supports(engine.model)
+        assert type(Scheduler(engine.model, [])._batch) is PaddedBatch
     finally:
         config.head_dim = head_dim
 
