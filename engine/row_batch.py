@@ -13,44 +13,81 @@ of the scheduler's time.
 A sequence with at most RIDE_TOKENS of its prompt left to feed (a follow-up whose conversation the prefix cache
 holds, a short new question, a retry) needs no forward of its own: it takes its row and the next decode step feeds
 those tokens along with every other row's one (`riders`), and its logits there are its first token's, as vLLM's
-chunked prefill mixes prompts into decode steps. That step packs every row's tokens into one sequence, each
-attending to its own row's columns only. Longer prompts are prefilled first, together, in a forward over their rows
-only: packed, each of their tokens would be scored against every row's columns.
+chunked prefill mixes prompts into decode steps. That step packs every row's tokens into one sequence, and its
+attention (`_row_attention`, the model's own attention called per group of rows) scores the one-token rows together
+over their rows' columns and each rider's tokens over its own row's only, as a varlen kernel would: one SDPA over the
+rows' columns laid end to end scored every token against every row (and copied the buffers per layer to lay them
+out). Longer prompts are prefilled first, together, in a forward over their rows only.
 
 Which models: plain full attention through SDPA or eager attention (the mask is built here; transformers builds
 the sliding-window and hybrid masks padded_batch relies on for the rest, see `supports`)."""
 
+import sys
 from typing import NamedTuple
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .kv_cache import cache_over
 
 ROWS_STEP = 4  # rows are allocated in multiples of this
 COLUMNS_STEP = 64  # and columns, with at least this many free past the longest row (a buffer grows rarely)
 RIDE_TOKENS = 64  # a prompt with at most this many tokens left to feed joins the next decode step (see riders)
-PACKED_SCORES = 4_000_000  # and so long as the packed step scores at most this many keys per head
+ROW_ATTENTION = "llava_row_batch"  # the attention a packed step runs under (registered below)
 
 
 class _Write(NamedTuple):
     """Where the forward under way writes and reads: rows first .. end - 1; `rows` and `columns` (B, queries) index
     each query's place, or for a single row `rows` is a slice of columns and `columns` is None; every layer reads
-    columns 0 .. width - 1; `queries` per row. `packed`: one sequence of every row's queries (B is 1), reading the
-    rows' columns laid end to end."""
+    columns 0 .. width - 1; `queries` per row (in a packed step, B is 1 and the queries are every row's)."""
     first: int
     end: int
     rows: torch.Tensor | slice
     columns: torch.Tensor | None
     width: int
     queries: int
-    packed: bool = False
 
     @property
     def seen(self) -> int:
-        """The keys and values a query is scored against."""
-        return (self.end - self.first) * self.width if self.packed else self.width
+        """The keys and values a query is scored against (at most: a packed step's queries see their own row's)."""
+        return self.width
+
+
+class _Group(NamedTuple):
+    """Queries of a packed step that attend together: `queries` (their places in the packed sequence) of `rows`
+    (the buffers' rows), under `mask` (rows, 1, queries per row, columns) in the form the model's attention takes.
+    One token per row (the decoding rows), or one row's several (a rider)."""
+    queries: slice | torch.Tensor
+    rows: slice | torch.Tensor
+    mask: torch.Tensor
+    one_each: bool
+
+
+def _eager_attention(module):
+    """The eager attention function of `module`'s modeling file (each model's own: some add softcapping or sinks)."""
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+
+
+def _row_attention(module, query, key, value, attention_mask, row_groups=(), row_attend="sdpa", **kwargs):
+    """A packed step's attention: `query` (1, heads, tokens, head dim) holds every row's tokens end to end, `key` and
+    `value` are the rows' buffers (rows, kv heads, columns, head dim). Each group's queries go through the model's
+    own attention (`row_attend` names it: SDPA or eager, so scaling, GQA and the rest are the model's) over its rows
+    only. Returns (1, tokens, heads, head dim), as transformers' attention functions do."""
+    attend = sdpa_attention_forward if row_attend == "sdpa" else _eager_attention(module)
+    heads, head_dim = query.shape[1], query.shape[3]
+    output = query.new_empty((1, query.shape[2], heads, head_dim))
+    for group in row_groups:
+        queries = query[0, :, group.queries]  # (heads, n, head dim)
+        queries = queries.transpose(0, 1)[:, :, None] if group.one_each else queries[None]
+        width = group.mask.shape[-1]
+        attended, _ = attend(module, queries, key[group.rows, :, :width], value[group.rows, :, :width], group.mask, **kwargs)
+        output[0, group.queries] = attended.reshape(-1, heads, head_dim)
+    return output, None
+
+
+AttentionInterface.register(ROW_ATTENTION, _row_attention)
 
 
 class RowBatch:
@@ -78,8 +115,12 @@ class RowBatch:
         are not one set of columns per row), its attention takes a 4D mask (SDPA, eager), and its keys and values
         have the heads and head size its config says (which size the buffers; a one-token forward shows them)."""
         config = model.config.get_text_config()
-        if model.language_model.config._attn_implementation not in ("sdpa", "eager"):
+        attention = model.language_model.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
             return False
+        if attention == "eager" and not all(_eager_attention(module) for module in model.language_model.modules()
+                                            if type(module).__name__.endswith("Attention")):
+            return False  # a packed step calls the modeling file's eager function per group of rows
         cache = DynamicCache(config=config)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             return False
@@ -92,22 +133,11 @@ class RowBatch:
                    for layer in cache.layers)
 
     def riders(self, sequences: list) -> list:
-        """Those of the arriving sequences that join with the rest of their prompt fed by the next decode step: each
-        with one token left and no image (a plain step feeds it), and those with at most RIDE_TOKENS (images
-        included) while the packed step they make scores at most PACKED_SCORES keys per head (its tokens x rows x
-        columns: on a GPU with 32 rows of 4,000 tokens, a packed step would score every token against 128,000
-        keys, more than the rider's own prefill costs). The others are prefilled."""
-        queries, rows, width, chosen = len(self.rows), len(self.rows), max(self.lengths, default=0) + 1, []
-        for sequence in sequences:
-            count, start = sequence.pending.shape[1], sequence.cache.get_seq_length()
-            if count == 1 and not sequence.image_inputs:
-                chosen.append(sequence)
-            elif count <= RIDE_TOKENS and (queries + count) * (rows + 1) * max(width, start + count) <= PACKED_SCORES:
-                chosen.append(sequence)
-            else:
-                continue
-            queries, rows, width = queries + count, rows + 1, max(width, start + count)
-        return chosen
+        """Those of the arriving sequences that join with the rest of their prompt fed by the next decode step: those
+        with at most RIDE_TOKENS left (images included; a rider's tokens are scored against its own row only, so
+        riding costs what its prefill would, less that forward's fixed cost). Longer prompts are prefilled apart,
+        so that one long prompt does not hold up every row's next token."""
+        return [sequence for sequence in sequences if sequence.pending.shape[1] <= RIDE_TOKENS]
 
     def ride(self, sequences: list):
         """Takes in `riders`; their first token comes from the next `step`. If it fails, the batch is
@@ -178,8 +208,7 @@ class RowBatch:
 
     def _packed_step(self) -> torch.Tensor:
         """A step that feeds some rows several tokens: all rows' tokens in one sequence (no padding), token t of row
-        r at position and column lengths[r] + t, scored against row r's columns only (a 4D mask over the rows'
-        columns end to end)."""
+        r at position and column lengths[r] + t, scored against row r's columns only (see _row_attention)."""
         feeds = [row.pending[0].cpu() if row in self._unfed else torch.tensor([row.next_input]) for row in self.rows]
         counts = [len(feed) for feed in feeds]
         count, width = len(self.rows), max(length + fed for length, fed in zip(self.lengths, counts))
@@ -187,8 +216,6 @@ class RowBatch:
         device = self.device
         rows = torch.repeat_interleave(torch.arange(count), torch.tensor(counts)).to(device)
         columns = torch.cat([torch.arange(length, length + fed) for length, fed in zip(self.lengths, counts)]).to(device)
-        keys = torch.arange(count * width, device=device)  # the mask is built where it is used: it is queries x rows x width
-        seen = (keys[None, :] // width == rows[:, None]) & (keys[None, :] % width <= columns[:, None])
         # the images' features in the order their tokens come, as merge_image_features fills them
         riders = [row for row in self.rows if row in self._unfed and row.image_inputs]
         extra = {"vision_features": torch.cat([row.image_inputs["vision_features"] for row in riders])} if riders else {}
@@ -196,19 +223,45 @@ class RowBatch:
         if sizes:  # AnyRes: each image's size lays out its tiles
             extra["image_sizes"] = torch.cat(sizes)
         last = torch.tensor(counts).cumsum(0) - 1  # each row's last token: its logits are the row's next token's
+        groups = self._groups(counts)  # the masks in the form the model's attention takes, before it is switched
         rows, columns = rows[None], columns[None]
-        self._write = _Write(0, count, rows, columns, width, rows.shape[1], packed=True)
+        self._write = _Write(0, count, rows, columns, width, rows.shape[1])
+        config = self.model.language_model.config
+        attention = config._attn_implementation
+        config._attn_implementation = ROW_ATTENTION  # for this forward only: nothing else runs this model meanwhile
         try:
-            logits = self.model(input_ids=torch.cat(feeds)[None].to(device), cache=self._cache,
-                                attention_mask=self._mask(seen[None, None]), position_ids=columns, use_cache=True,
-                                logits_to_keep=last.to(device), **extra).logits[0]
+            logits = self.model(input_ids=torch.cat(feeds)[None].to(device), cache=self._cache, position_ids=columns,
+                                use_cache=True, logits_to_keep=last.to(device), row_groups=groups,
+                                row_attend=attention, **extra).logits[0]
         finally:
+            config._attn_implementation = attention
             self._write = None
         for row in riders:
             row.image_inputs = {}
         self.lengths = [length + fed for length, fed in zip(self.lengths, counts)]
         self._unfed.clear()
         return logits
+
+    def _groups(self, counts: list[int]) -> list[_Group]:
+        """A packed step's attention groups: every row fed one token, together; each row fed several, alone."""
+        device, groups, ends = self.device, [], torch.tensor(counts).cumsum(0).tolist()
+        single = [row for row, fed in enumerate(counts) if fed == 1]
+        if single:
+            width = max(self.lengths[row] for row in single) + 1
+            lengths = torch.tensor([self.lengths[row] for row in single], device=device)
+            seen = torch.arange(width, device=device)[None, :] <= lengths[:, None]  # (rows, width)
+            if single == list(range(single[0], single[-1] + 1)):  # consecutive rows, one token each: slices, no copy
+                queries, rows = slice(ends[single[0]] - 1, ends[single[-1]]), slice(single[0], single[-1] + 1)
+            else:
+                queries = torch.tensor([ends[row] - 1 for row in single], device=device)
+                rows = torch.tensor(single, device=device)
+            groups.append(_Group(queries, rows, self._mask(seen[:, None, None]), one_each=True))
+        for row, fed in enumerate(counts):
+            if fed > 1:
+                start = self.lengths[row]
+                seen = torch.arange(start + fed, device=device)[None, :] <= torch.arange(start, start + fed, device=device)[:, None]
+                groups.append(_Group(slice(ends[row] - fed, ends[row]), slice(row, row + 1), self._mask(seen[None, None]), one_each=False))
+        return groups
 
     def remove(self, leaving: list[int]):
         """Takes rows out; each leaving sequence gets its own cache back (a copy: the row is reused). The last row
@@ -313,7 +366,7 @@ class RowBatch:
     def _update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's new keys and values (B, kv heads, queries, head dim) into their rows and columns; returns the
         rows' columns 0 .. width - 1 to attend over."""
-        first, end, rows, columns, width, _, packed = self._write
+        first, end, rows, columns, width, _ = self._write
         if keys.shape[1] != self.heads or keys.shape[3] != self.head_dim or values.shape[3] != self.head_dim:
             raise ValueError(f"layer {layer}'s keys are {tuple(keys.shape)}, but the batch's buffers were sized for "
                              f"{self.heads} heads of {self.head_dim} from the model's config")
@@ -323,9 +376,6 @@ class RowBatch:
         else:
             self.keys[layer][rows, :, columns] = keys.transpose(1, 2)
             self.values[layer][rows, :, columns] = values.transpose(1, 2)
-        if packed:  # one sequence over the rows' columns end to end (a copy: a row's columns are apart in the buffer)
-            return tuple(buffer[first:end, :, :width].transpose(0, 1).reshape(1, self.heads, (end - first) * width, self.head_dim)
-                         for buffer in (self.keys[layer], self.values[layer]))
         return self.keys[layer][first:end, :, :width], self.values[layer][first:end, :, :width]
 
 

@@ -255,13 +255,44 @@ def test_a_remove_that_fails_half_way_still_ends_the_sequences_it_took_out(engin
     assert all(sequence.done.is_set() for sequence in sequences)
 
 
-def test_a_packed_step_over_a_wide_batch_is_not_made_a_prompt_prefills_instead(engine, monkeypatch):
-    """Riders of several tokens make a step that scores each token against every row's columns: past
-    PACKED_SCORES they are prefilled apart; one-token riders, fed by a plain step, always ride."""
-    rows = Rows(engine, [(20, [1]), (20, [30]), (20, [30]), (20, [1])], seed=2)
-    batch = RowBatch(engine.model)
-    # with the second: 31 tokens x 2 rows x 50 columns = 3,100 scores; with the third too, 61 x 3 x 50 = 9,150
-    monkeypatch.setattr(row_batch, "PACKED_SCORES", 5_000)
-    assert batch.riders(rows.sequences) == [rows.sequences[0], rows.sequences[1], rows.sequences[3]]
-    monkeypatch.setattr(row_batch, "PACKED_SCORES", 10_000)
-    assert batch.riders(rows.sequences) == rows.sequences
+def test_prompts_past_the_riders_limit_are_prefilled_apart(engine, monkeypatch):
+    rows = Rows(engine, [(20, [1]), (20, [30]), (20, [20]), (0, [1])], seed=2)
+    monkeypatch.setattr(row_batch, "RIDE_TOKENS", 20)
+    assert RowBatch(engine.model).riders(rows.sequences) == [rows.sequences[0], rows.sequences[2], rows.sequences[3]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_step_scores_each_rider_against_its_own_row_only(engine, attention, monkeypatch):
+    """Three rows decoding (the longest 40 tokens) and a rider of 6 new tokens after 10 cached: the decoding rows are
+    scored together over their own columns, the rider alone over its 16 (one SDPA over every row's columns end to end
+    would score all 9 tokens against 4 x 41 keys), the model's attention is back after the step, and every row's
+    logits are those of its tokens alone."""
+    model = engine.model
+    model.set_attn_implementation(attention)
+    try:
+        rows = Rows(engine, [(30, [1]), (40, [1]), (12, [1]), (10, [6])], seed=3)
+        batch = RowBatch(model)
+        calls = []
+        attend = row_batch.sdpa_attention_forward if attention == "sdpa" else row_batch._eager_attention(
+            next(module for module in model.language_model.modules() if type(module).__name__.endswith("Attention")))
+
+        def counted(module, query, key, value, mask, **kwargs):
+            calls.append((tuple(query.shape[:3]), tuple(key.shape[:1]) + tuple(key.shape[2:3])))
+            return attend(module, query, key, value, mask, **kwargs)
+
+        monkeypatch.setattr(row_batch, "sdpa_attention_forward" if attention == "sdpa" else "_eager_attention",
+                            counted if attention == "sdpa" else lambda module: counted)
+        with torch.no_grad():
+            _, logits = batch.prefill(rows.sequences[:3])
+            rows.check(batch.rows, logits)
+            batch.ride(rows.sequences[3:])
+            calls.clear()
+            logits = batch.step()
+        heads = model.config.get_text_config().num_attention_heads
+        layers = model.config.get_text_config().num_hidden_layers
+        # per layer: (rows, heads, queries) against (rows, columns)
+        assert calls == [((3, heads, 1), (3, 42)), ((1, heads, 6), (1, 16))] * layers
+        assert model.language_model.config._attn_implementation == attention
+        rows.check(batch.rows, logits)
+    finally:
+        model.set_attn_implementation("sdpa")
