@@ -31,25 +31,42 @@ class Tokens:
     finish_reason: str | None = None
 
 
+class AnswerText:
+    """The growing text of one answer, fed what arrives (`add`): the same Progress as_text yields, for a reader that
+    is not an iterator (llava-serve's event loop, which the tokens reach without a thread of their own). `finished`
+    once a Progress carried a finish reason: the engine's, or "stop" at a stop string (cut from the text; the caller
+    then cancels the rest)."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
+        self.tokens: list[int] = []
+        self.finished = False
+
+    def add(self, arrived: Tokens) -> Progress:
+        known = len(self.tokens)
+        self.tokens += arrived.new
+        text = _text(self.tokenizer, self.tokens)
+        counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens}
+        if any(word in text for word in self.stop):
+            self.tokens, text = _until_stop(self.tokenizer, self.tokens, known, self.stop)
+            self.finished = True
+            return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop", **counts)
+        if arrived.finish_reason is not None:
+            self.finished = True
+            return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason, **counts)
+        return Progress(shown(text, self.stop), completion_tokens=len(self.tokens), **counts)
+
+
 def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = ()) -> Iterator[Progress]:
     """The growing answer of `arrivals`; a stop string ends it (cut from the text, `arrivals` closed: that cancels
     the rest). Each Progress holds back what could still become a stop string or half a character."""
-    tokens, text = [], ""
-    stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
+    text = AnswerText(tokenizer, stop)
     with closing(arrivals):
         for arrived in arrivals:
-            known = len(tokens)
-            tokens += arrived.new
-            text = _text(tokenizer, tokens)
-            counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens}
-            if any(word in text for word in stop):
-                tokens, text = _until_stop(tokenizer, tokens, known, stop)
-                yield Progress(text, completion_tokens=len(tokens), finish_reason="stop", **counts)
+            yield text.add(arrived)
+            if text.finished:
                 return
-            if arrived.finish_reason is not None:
-                yield Progress(text, completion_tokens=len(tokens), finish_reason=arrived.finish_reason, **counts)
-                return
-            yield Progress(shown(text, stop), completion_tokens=len(tokens), **counts)
 
 
 def _text(tokenizer, tokens: list[int]) -> str:

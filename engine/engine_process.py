@@ -8,9 +8,12 @@ decoded and fingerprinted, the chat template rendered, the tokens laid out; abou
 the model, the scheduler and the prefix cache, and sends back token ids; the parent turns them into text
 (answer_text), which took about a tenth of the child's time at eight streams.
 
-`EngineProcess.generate` has ChatEngine.generate's signature and behaviour as the server uses it: an iterator of
-Progress, ChatError and QueueFull raised as themselves, and closing it early cancels the answer in the child."""
+`EngineProcess.generate` has ChatEngine.generate's signature and behaviour: an iterator of Progress, ChatError and
+QueueFull raised as themselves, and closing it early cancels the answer in the child. `EngineProcess.answer` is the
+same for the server's event loop: the reader thread hands the child's messages straight to the loop, where each
+Progress is awaited (StreamedAnswer), so that a chunk of a stream costs no hop to a worker thread and back."""
 
+import asyncio
 import itertools
 import multiprocessing
 import os
@@ -23,7 +26,7 @@ from collections.abc import Iterator
 
 from transformers import AutoProcessor
 
-from .answer_text import Tokens, as_text
+from .answer_text import AnswerText, Progress, Tokens, as_text
 from .decoding import Sampling
 from .prompts import ChatError, Prompter
 from .scheduler import QueueFull
@@ -62,7 +65,7 @@ class EngineProcess:
             raise EngineStopped(f"the engine could not load {model_path}: {detail[0]}")
         (self.device, model_folder), self.alive = detail, True
         self.silence_limit, self._heard = silence_limit, time.monotonic()
-        self._streams: dict[int, queue.SimpleQueue] = {}
+        self._streams: dict[int, queue.SimpleQueue | StreamedAnswer] = {}  # request -> what its messages are put in
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         try:  # the processor of the folder the child loaded (a converted checkpoint's, or the hub's copy)
@@ -78,6 +81,22 @@ class EngineProcess:
         if session_id is not None:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
         return as_text(self._answer(messages, image, sampling, interval), self.tokenizer, tuple(stop))
+
+    def answer(self, messages: list[dict], image, sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0,
+               loop: asyncio.AbstractEventLoop | None = None) -> "StreamedAnswer":
+        """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
+        it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
+        the pipe, which blocks while the pipe is full (a child that stopped reading)."""
+        prompt = self.prompter.prompt(messages, image)
+        request = next(self._ids)
+        answer = StreamedAnswer(self, request, AnswerText(self.tokenizer, tuple(stop)), loop or asyncio.get_event_loop())
+        self._streams[request] = answer
+        try:
+            self._send(("generate", request, prompt, sampling, interval))
+        except BaseException:
+            self._streams.pop(request, None)
+            raise
+        return answer
 
     def _answer(self, messages, image, sampling, interval) -> Iterator[Tokens]:
         prompt = self.prompter.prompt(messages, image)  # ChatError here, before the child hears of it
@@ -159,6 +178,49 @@ class EngineProcess:
 
     def _stopped(self) -> str:
         return f"the engine's process stopped (exit code {self._process.exitcode})"
+
+
+class StreamedAnswer:
+    """One answer of the child, read on an event loop: the reader thread puts what arrives in an asyncio queue
+    (`put`), `next` turns it into the next Progress. `answering` while the child may still be computing it (its
+    last Progress not come, or cut short by a stop string): `close` then sends it a cancel, which can block."""
+
+    def __init__(self, engine: EngineProcess, request: int, text: AnswerText, loop: asyncio.AbstractEventLoop):
+        self._engine, self._request, self._text, self._loop = engine, request, text, loop
+        self._arrivals: asyncio.Queue = asyncio.Queue()
+        self.answering = True
+
+    def put(self, item):
+        """The reader thread's hand-over (Tokens, _END or an exception)."""
+        try:
+            self._loop.call_soon_threadsafe(self._arrivals.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server has stopped, nobody reads this answer
+            pass
+
+    async def next(self) -> Progress:
+        item = await self._arrivals.get()
+        if item is _END:  # the child ends an answer only after its last Tokens, or when it was cancelled
+            item = RuntimeError("the engine ended the answer before its last tokens")
+        if isinstance(item, BaseException):
+            self.answering = False
+            self.close()
+            raise item
+        if item.finish_reason is not None:
+            self.answering = False
+        progress = self._text.add(item)
+        if not self.answering:
+            self.close()  # nothing left to cancel: forgets it, no send
+        return progress
+
+    def close(self):
+        self._engine._streams.pop(self._request, None)
+        if self.answering:
+            self.answering = False
+            if self._engine.alive:
+                try:
+                    self._engine._send(("cancel", self._request))
+                except EngineStopped:  # it died meanwhile: nothing left to cancel
+                    pass
 
 
 def compute_threads(requested: int | None = None) -> int:

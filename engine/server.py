@@ -8,6 +8,7 @@ Everything a client sends is hostile: the body is read up to a limit before pars
 engine.media and engine.untrusted before decoding, and the API key, if any, is compared and never logged or echoed.
 """
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -26,7 +27,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
-from .engine_process import EngineStopped
+from .answer_text import Progress
+from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .openai_api import APIError, Completion, engine_messages, parse_request
 from .scheduler import QueueFull
@@ -110,16 +112,22 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                            kind="server_error")
         state["active"] += 1
         release = Release(state)
+        loop = asyncio.get_running_loop()
 
         def start():  # one worker thread's call: each hop to a thread and back costs a busy CPU a fraction of a ms
             messages, images = engine_messages(chat, policy)
             interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
-            release.answer = engine.generate(messages, images, chat.sampling(MAX_COMPLETION_TOKENS), stop=chat.stops,
-                                             interval=interval)
-            return advance(release.answer)  # input errors surface here, before any byte is sent
+            sampling = chat.sampling(MAX_COMPLETION_TOKENS)
+            with api_errors():  # input errors surface here, before any byte is sent
+                if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
+                    return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
+                answer = ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
+                answer.read_first()
+                return answer
 
         try:
-            first = await run_in_threadpool(start)
+            release.answer = await run_in_threadpool(start)
+            first = await next_progress(release.answer)
         except BaseException:
             await release()
             raise
@@ -137,15 +145,11 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     return app
 
 
-def advance(answer):
-    """The next Progress of a ChatEngine.generate iterator, with the engine's refusals as API errors. At the last one
-    the answer is closed here, in the worker thread that read it, so that the engine lets go of it without one more
-    hop to a thread (see Release)."""
+@contextlib.contextmanager
+def api_errors():
+    """The engine's refusals as API errors."""
     try:
-        progress = next(answer)
-        if progress.finish_reason is not None:
-            answer.close()
-        return progress
+        yield
     except ChatError as error:
         raise APIError(400, str(error), param="messages") from None
     except QueueFull as error:
@@ -154,20 +158,51 @@ def advance(answer):
         raise APIError(503, str(error), code="engine_stopped", kind="server_error") from None
 
 
-def last(answer, gone: threading.Event | None = None):
-    """The final Progress, read to the end in one worker thread's call; ClientDisconnect once `gone` is set."""
-    while (progress := advance(answer)).finish_reason is None:
-        if gone is not None and gone.is_set():
-            raise ClientDisconnect()
-    return progress
+async def next_progress(answer) -> Progress:
+    with api_errors():
+        return await answer.next()
 
 
-async def whole(request: Request, answer):
+class ThreadedAnswer:
+    """A ChatEngine.generate iterator (the engine in this process), read from the event loop as an
+    engine_process.StreamedAnswer is: a read blocks until the scheduler has tokens, so each one takes a worker
+    thread. At the last Progress the iterator is closed in the thread that read it, so that the engine lets go of
+    the answer without one more hop (see Release)."""
+
+    def __init__(self, iterator):
+        self._iterator, self._first = iterator, None
+
+    def read_first(self):
+        """The first Progress, read in the caller's worker thread (the one that started the answer)."""
+        self._first = self._read()
+
+    async def next(self) -> Progress:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await run_in_threadpool(self._read)
+
+    def _read(self) -> Progress:
+        progress = next(self._iterator)
+        if progress.finish_reason is not None:
+            self._iterator.close()
+        return progress
+
+    @property
+    def answering(self) -> bool:
+        """Whether closing has work to do (a generator that finished or was closed has no frame left)."""
+        return getattr(self._iterator, "gi_frame", True) is not None
+
+    def close(self):
+        self._iterator.close()
+
+
+async def whole(request: Request, answer) -> Progress:
     """The final Progress of a request that is not streamed, given up when its client leaves: nothing else would
     notice (no byte is sent before the end), and the engine would compute the answer to max_tokens for nobody,
     holding the request's place, once per retry of a client that timed out. Noticed at the answer's next Progress
     (at most `interval` apart); the caller's release then has the engine let go of it."""
-    gone = threading.Event()
+    gone = anyio.Event()
 
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":  # the body is read: only the disconnect comes
@@ -178,7 +213,9 @@ async def whole(request: Request, answer):
     async with anyio.create_task_group() as group:
         group.start_soon(watch)
         try:
-            progress = await run_in_threadpool(last, answer, gone)
+            while (progress := await next_progress(answer)).finish_reason is None:
+                if gone.is_set():
+                    raise ClientDisconnect()
         except Exception as error:  # raised past the group, which would wrap it in an ExceptionGroup (a 500)
             failed = error
         group.cancel_scope.cancel()
@@ -204,10 +241,13 @@ class Release:
             return
         self.done = True
         self.free()
-        # a generator that advance closed has no frame left: nothing to let go of, no hop to a thread
-        if self.answer is not None and getattr(self.answer, "gi_frame", True) is not None:
+        if self.answer is None:
+            return
+        if self.answer.answering:  # a cancel to send, or a generator to close: either can wait, so in a worker thread
             with anyio.CancelScope(shield=True):  # also when the client went away
                 await run_in_threadpool(self.answer.close)
+        else:
+            self.answer.close()  # an answer that ended: nothing to wait for
 
 
 async def events(release: Release, progress, completion: Completion, with_usage: bool):
@@ -224,7 +264,7 @@ async def events(release: Release, progress, completion: Completion, with_usage:
                 sent = progress.text
             if progress.finish_reason is not None:
                 break
-            progress = await run_in_threadpool(advance, release.answer)
+            progress = await next_progress(release.answer)
         yield sse(completion.chunk({}, progress.finish_reason, with_usage=with_usage))
         if with_usage:
             yield sse(completion.usage_chunk(progress))

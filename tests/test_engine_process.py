@@ -127,6 +127,54 @@ def test_the_server_over_the_child_streams_as_it_answers_whole(child):
         assert httpx.get(base_url.removesuffix("/v1") + "/health").status_code == 200
 
 
+def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_reading(child, local, monkeypatch):
+    """Over the child, a stream's chunks reach the event loop with no worker thread of their own (one hop, to start
+    the answer, however many chunks), and equal the engine's answer in process; a stop string cut in the parent
+    cancels the rest of the answer in the child, and so does a client that leaves mid-stream."""
+    import engine.server as server
+
+    hops, sent = [], []
+    real_hop, real_send = server.run_in_threadpool, child._send
+
+    async def counted(function, *args, **kwargs):
+        hops.append(getattr(function, "__name__", function))
+        return await real_hop(function, *args, **kwargs)
+
+    monkeypatch.setattr(server, "run_in_threadpool", counted)
+    monkeypatch.setattr(child, "_send", lambda message: (sent.append(message[:2]), real_send(message))[1])
+    image = IMAGES[2]
+    expected = last(local.generate(conversation(QUESTIONS[2]), image.read_bytes(), GREEDY))
+    with running(create_app(child, "shapes", stream_interval=0)) as base_url:  # a chunk per token
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        chunks = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model="shapes", messages=api_messages(QUESTIONS[2], image), temperature=0, max_tokens=40, stream=True) if chunk.choices]
+        assert "".join(chunks) == expected.text and len(chunks) > 5
+        assert hops == ["start"] and [kind for kind, _ in sent] == ["generate"]
+
+        words = expected.text.split()
+        stopped = client.chat.completions.create(model="shapes", messages=api_messages(QUESTIONS[2], image), temperature=0,
+                                                 max_tokens=40, stop=[" " + words[2]])
+        assert stopped.choices[0].message.content == expected.text[: expected.text.index(" " + words[2])].rstrip()
+        assert [kind for kind, _ in sent[1:]] == ["generate", "cancel"] and sent[1][1] == sent[2][1]
+
+        # an answer of 114 tokens (one chunk each): the client is gone after the first
+        body = {"model": "shapes", "messages": api_messages("Describe the image in detail.", IMAGES[1]), "stream": True,
+                "max_tokens": 2000, "temperature": 0}
+        del sent[:]
+        with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ") and next(lines) == ""
+        deadline = time.monotonic() + 20
+        while len(sent) < 2:  # the server notices at its next chunk, and cancels the answer in the child
+            assert time.monotonic() < deadline, sent
+            time.sleep(0.05)
+        assert [kind for kind, _ in sent] == ["generate", "cancel"] and sent[0][1] == sent[1][1]
+        deadline = time.monotonic() + 10
+        while child._streams:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 def test_a_stopped_engine_fails_the_health_check_until_it_goes_on(child, monkeypatch):
     monkeypatch.setattr(child, "silence_limit", 1.5)
     with running(create_app(child, "shapes")) as base_url:
