@@ -102,6 +102,37 @@ def conversations() -> list[list[dict]]:
     return [question(text, data_url(images[index % len(images)])) for index, text in enumerate(texts + texts[:2])]
 
 
+def test_a_stream_sends_what_is_ready_at_once_in_one_write():
+    """The role goes with the first text, and the finish reason, the usage and [DONE] together: a write per event
+    was a send here and a read in the client each."""
+    import asyncio
+    import json
+
+    from engine.openai_api import Completion
+    from engine.server import Release, ThreadedAnswer, events
+
+    def answer():
+        yield Progress("A red", prompt_tokens=9, cached_tokens=0, completion_tokens=2)
+        yield Progress("A red circle.", prompt_tokens=9, cached_tokens=0, completion_tokens=4, finish_reason="stop")
+
+    async def writes():
+        state = {"active": 1}
+        release = Release(state)
+        release.answer = ThreadedAnswer(answer())
+        release.answer.read_first()
+        first = await release.answer.next()
+        return [write async for write in events(release, first, Completion(MODEL), with_usage=True)], state
+
+    sent, state = asyncio.run(writes())
+    events_of = [[json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in write.split("\n\n") if line]
+                 for write in sent]
+    assert len(events_of) == 2, sent
+    assert [(event["choices"][0]["delta"]) for event in events_of[0]] == [{"role": "assistant", "content": ""}, {"content": "A red"}]
+    finish, usage, done = events_of[1][1:]
+    assert events_of[1][0]["choices"][0]["delta"] == {"content": " circle."} and finish["choices"][0]["finish_reason"] == "stop"
+    assert usage["usage"]["completion_tokens"] == 4 and done == "[DONE]" and state["active"] == 0
+
+
 def test_concurrent_greedy_streams_each_equal_their_answer_alone(client, engine):
     requests = conversations()
     alone = [ask(client, messages).choices[0].message.content for messages in requests]
