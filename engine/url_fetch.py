@@ -15,6 +15,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import httpx
 
@@ -23,6 +25,11 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], list[str]]  # host, port -> every address it resolves to
 EVERY_NETWORK = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+# getaddrinfo has no timeout of its own: a name whose name server never answers held a request for as long as the
+# system resolver tried (resolv.conf's timeouts x attempts x servers, 10 s and more), past the fetch's deadline. Names
+# are resolved on these threads, waited for until the deadline; a lookup left running holds one of them, not a
+# request, and at most this many at once (more wait, and time out with their request).
+_RESOLVERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="llava-resolve")
 
 
 class MediaError(ValueError):
@@ -69,16 +76,24 @@ def system_resolve(host: str, port: int) -> list[str]:
     return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)]
 
 
-def checked_address(url: httpx.URL, private_networks: tuple[Network, ...], resolve: Resolver) -> str:
+def checked_address(url: httpx.URL, private_networks: tuple[Network, ...], resolve: Resolver, deadline: float | None = None,
+                    timeout: float = 0.0) -> str:
     """The address to connect to for `url`. Every address its host resolves to must be allowed: a name with one
-    public and one private address is refused, since which one gets used is not the check's to know."""
+    public and one private address is refused, since which one gets used is not the check's to know. With a
+    `deadline` (time.monotonic()), a lookup still running then fails the fetch as too slow (`timeout` its seconds)."""
     if url.scheme not in ("http", "https"):
         raise MediaError(f"only http and https image URLs are fetched, not {url.scheme or 'a relative URL'}")
     host = url.raw_host.decode("ascii")
     if not host:
         raise MediaError("an image URL needs a host")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    lookup = _RESOLVERS.submit(resolve, host, port)
     try:
-        addresses = [ipaddress.ip_address(found) for found in resolve(host, url.port or (443 if url.scheme == "https" else 80))]
+        addresses = [ipaddress.ip_address(found) for found in lookup.result(
+            timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))]
+    except FutureTimeout:
+        lookup.cancel()  # if it has not started; else it ends on its resolver's own time, on its thread
+        raise MediaError(f"resolving the image URL's host {host} took more than the fetch's {timeout:g} s") from None
     except (OSError, UnicodeError, ValueError):
         addresses = []
     if not addresses:
@@ -98,7 +113,7 @@ def fetch(url: str, max_bytes: int, timeout: float, private_networks: tuple[Netw
     try:
         target = httpx.URL(url)
         for _ in range(MAX_REDIRECTS + 1):
-            address = checked_address(target, private_networks, resolve)
+            address = checked_address(target, private_networks, resolve, deadline, timeout)
             got = _get(target, address, max_bytes, deadline, timeout, verify)
             if isinstance(got, bytes):
                 return got

@@ -181,6 +181,33 @@ def test_a_server_that_drips_its_answer_is_cut_off_at_the_fetch_timeout():
             assert "took more than 1 s" in message and time.monotonic() - began < 2.5, (start, message)
 
 
+def test_a_name_server_that_never_answers_is_cut_off_at_the_fetch_timeout():
+    """getaddrinfo has no timeout: a host whose name server does not answer held the request for the system
+    resolver's own time. The lookup is given what is left of the fetch's time; the stuck lookups hold none of the
+    requests behind them, which are answered as usual."""
+    answer = threading.Event()
+
+    def resolve(host: str, port: int) -> list[str]:
+        if host == "slow.example":
+            answer.wait(30)  # a name server that never answers (until the test lets it go)
+        return ["127.0.0.1"]
+
+    policy = MediaPolicy(allow_urls=True, private_networks=LOOPBACK_ONLY, fetch_timeout=0.5, resolve=resolve)
+    try:
+        with image_server() as (base, seen):
+            port = base.rsplit(":", 1)[1]
+            for _ in range(10):  # more than there are resolver threads: each waits only for its own lookup
+                began = time.monotonic()
+                message = fetch_refused(f"http://slow.example:{port}/shapes.png", policy)
+                assert "resolving the image URL's host slow.example took more than the fetch's 0.5 s" in message
+                assert time.monotonic() - began < 1.5
+            answer.set()
+            assert image_bytes(f"http://fast.example:{port}/shapes.png", policy) == PNG
+            assert seen == [("/shapes.png", f"fast.example:{port}")]
+    finally:
+        answer.set()
+
+
 def test_local_file_urls_say_nothing_of_paths_outside_the_folder(tmp_path):
     """A missing file and one outside the folder get the same answer (else a client maps the server's files); a
     NUL byte, a host, a fifo and a device are refused as such, and nothing blocks."""
