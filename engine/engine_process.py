@@ -82,14 +82,14 @@ class EngineProcess:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
         return as_text(self._answer(messages, image, sampling, interval), self.tokenizer, tuple(stop))
 
-    def answer(self, messages: list[dict], image, sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0,
-               loop: asyncio.AbstractEventLoop | None = None) -> "StreamedAnswer":
+    def answer(self, messages: list[dict], image, sampling: Sampling, loop: asyncio.AbstractEventLoop, stop: tuple[str, ...] = (),
+               interval: float = 0.0) -> "StreamedAnswer":
         """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
         it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
         the pipe, which blocks while the pipe is full (a child that stopped reading)."""
         prompt = self.prompter.prompt(messages, image)
         request = next(self._ids)
-        answer = StreamedAnswer(self, request, AnswerText(self.tokenizer, tuple(stop)), loop or asyncio.get_event_loop())
+        answer = StreamedAnswer(self, request, AnswerText(self.tokenizer, tuple(stop)), loop)
         self._streams[request] = answer
         try:
             self._send(("generate", request, prompt, sampling, interval))

@@ -75,6 +75,10 @@ def _row_attention(module, query, key, value, attention_mask, row_groups=(), row
     `value` are the rows' buffers (rows, kv heads, columns, head dim). Each group's queries go through the model's
     own attention (`row_attend` names it: SDPA or eager, so scaling, GQA and the rest are the model's) over its rows
     only. Returns (1, tokens, heads, head dim), as transformers' attention functions do."""
+    if not row_groups:  # a forward under this attention that is not the batch's packed step: it would read nothing
+        raise RuntimeError(f"{ROW_ATTENTION} attention runs a RowBatch's packed step only (no row groups given)")
+    if row_attend not in ("sdpa", "eager"):
+        raise ValueError(f"a packed step runs under SDPA or eager attention, not {row_attend!r}")
     attend = sdpa_attention_forward if row_attend == "sdpa" else _eager_attention(module)
     heads, head_dim = query.shape[1], query.shape[3]
     output = query.new_empty((1, query.shape[2], heads, head_dim))
@@ -228,13 +232,16 @@ class RowBatch:
         self._write = _Write(0, count, rows, columns, width, rows.shape[1])
         config = self.model.language_model.config
         attention = config._attn_implementation
-        config._attn_implementation = ROW_ATTENTION  # for this forward only: nothing else runs this model meanwhile
+        if attention not in ("sdpa", "eager"):  # changed since the batch was chosen (supports)
+            raise ValueError(f"the row batch's packed step needs SDPA or eager attention; the model now has {attention!r}")
+        # for this forward only (the scheduler's thread is the only one running the language model)
+        config._attn_implementation_internal = ROW_ATTENTION
         try:
             logits = self.model(input_ids=torch.cat(feeds)[None].to(device), cache=self._cache, position_ids=columns,
                                 use_cache=True, logits_to_keep=last.to(device), row_groups=groups,
                                 row_attend=attention, **extra).logits[0]
         finally:
-            config._attn_implementation = attention
+            config._attn_implementation_internal = attention
             self._write = None
         for row in riders:
             row.image_inputs = {}

@@ -16,6 +16,8 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 import uvicorn
@@ -36,6 +38,7 @@ from .scheduler import QueueFull
 from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL
 
 log = logging.getLogger("llava-serve")
+T = TypeVar("T")
 MAX_COMPLETION_TOKENS = 4096
 
 
@@ -118,23 +121,25 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             messages, images = engine_messages(chat, policy)
             interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
             sampling = chat.sampling(MAX_COMPLETION_TOKENS)
+            # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
+            # thread is) still lets go of it
             with api_errors():  # input errors surface here, before any byte is sent
                 if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
-                    return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
-                answer = ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
-                answer.read_first()
-                return answer
+                    release.answer = engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
+                    return
+                release.answer = ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
+                release.answer.read_first()
 
         try:
-            release.answer = await run_in_threadpool(start)
-            first = await next_progress(release.answer)
+            await run_in_threadpool(start)
+            first = await unless_gone(request, lambda: next_progress(release.answer))
         except BaseException:
             await release()
             raise
         completion = Completion(model_name)
         if not chat.stream:
             try:
-                return completion.whole(first if first.finish_reason else await whole(request, release.answer))
+                return completion.whole(first if first.finish_reason else await unless_gone(request, lambda: rest(release.answer)))
             finally:
                 await release()
         usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -197,31 +202,39 @@ class ThreadedAnswer:
         self._iterator.close()
 
 
-async def whole(request: Request, answer) -> Progress:
-    """The final Progress of a request that is not streamed, given up when its client leaves: nothing else would
-    notice (no byte is sent before the end), and the engine would compute the answer to max_tokens for nobody,
-    holding the request's place, once per retry of a client that timed out. Noticed at the answer's next Progress
-    (at most `interval` apart); the caller's release then has the engine let go of it."""
-    gone = anyio.Event()
+async def rest(answer) -> Progress:
+    """The answer's final Progress."""
+    while (progress := await next_progress(answer)).finish_reason is None:
+        pass
+    return progress
+
+
+async def unless_gone(request: Request, reading: Callable[[], Awaitable[T]]) -> T:
+    """What `reading()` gives, or ClientDisconnect as soon as the client leaves first. Nothing else would notice before
+    the next byte is sent: a request still waiting for its first token (for a place in the batch, or from an engine
+    that froze) would hold its place for nobody, and so would a whole answer computed to max_tokens for a client
+    that timed out, once per retry. The caller's release then has the engine let go of it."""
+    outcome = {}
+
+    async def read():
+        try:
+            outcome["value"] = await reading()
+        except Exception as error:  # kept past the group, which would wrap it in an ExceptionGroup (a 500)
+            outcome["error"] = error
+        group.cancel_scope.cancel()
 
     async def watch():
         while (await request.receive())["type"] != "http.disconnect":  # the body is read: only the disconnect comes
             pass
-        gone.set()
-
-    failed = None
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch)
-        try:
-            while (progress := await next_progress(answer)).finish_reason is None:
-                if gone.is_set():
-                    raise ClientDisconnect()
-        except Exception as error:  # raised past the group, which would wrap it in an ExceptionGroup (a 500)
-            failed = error
+        outcome.setdefault("error", ClientDisconnect())
         group.cancel_scope.cancel()
-    if failed is not None:
-        raise failed
-    return progress
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(read)
+        group.start_soon(watch)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class Release:

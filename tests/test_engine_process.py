@@ -209,7 +209,41 @@ def _refused(engine, outcome: list):
         outcome.append(type(error))
 
 
+def test_a_client_gone_before_its_first_token_is_let_go_at_once(child, monkeypatch):
+    """A client that leaves while its answer has not started (here the engine's process is frozen): the server
+    notices the disconnect itself, cancels the answer in the child and frees the place, without waiting for a token."""
+    sent, real_send = [], child._send
+    monkeypatch.setattr(child, "_send", lambda message: (sent.append(message[:2]), real_send(message))[1])
+    with running(create_app(child, "shapes", max_concurrent=1)) as base_url:
+        os.kill(child._process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up before the first token
+                httpx.post(base_url + "/chat/completions", json={"model": "shapes", "stream": True,
+                           "messages": api_messages(QUESTIONS[0], IMAGES[0])}, timeout=1.0)
+            deadline = time.monotonic() + 10
+            while len(sent) < 2 or child._streams:
+                assert time.monotonic() < deadline, (sent, child._streams)
+                time.sleep(0.05)
+            assert [kind for kind, _ in sent] == ["generate", "cancel"] and sent[0][1] == sent[1][1]
+        finally:
+            os.kill(child._process.pid, signal.SIGCONT)
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        assert client.chat.completions.create(model="shapes", messages=api_messages(QUESTIONS[0], IMAGES[0]), temperature=0,
+                                              max_tokens=10).choices[0].message.content  # the only place is free
+
+
 def test_a_dead_engine_fails_its_answers_and_the_health_check():
+    engine = EngineProcess(str(MODEL), threads=1, device="cpu")
+    with running(create_app(engine, "shapes")) as base_url:
+        body = {"model": "shapes", "messages": api_messages("Describe the image in detail.", IMAGES[1]), "stream": True,
+                "max_tokens": 2000, "temperature": 0}
+        with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            engine._process.kill()  # mid-stream: the stream ends with an error event, then [DONE]
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and "stopped" in rest[-2] and '"error"' in rest[-2], rest[-3:]
+        assert engine._streams == {}
     engine = EngineProcess(str(MODEL), threads=1, device="cpu")
     with running(create_app(engine, "shapes")) as base_url:
         answer = engine.generate(conversation("Describe the image in detail."), IMAGES[0].read_bytes(), Sampling(temperature=0, max_new_tokens=4000))

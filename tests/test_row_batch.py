@@ -296,3 +296,30 @@ def test_a_packed_step_scores_each_rider_against_its_own_row_only(engine, attent
         rows.check(batch.rows, logits)
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_a_packed_step_that_fails_gives_the_model_its_attention_back(engine, monkeypatch):
+    """Out of memory in a packed step's attention: the error reaches the caller and the model's attention is back (a
+    forward under the row attention outside a packed step is refused, not computed from nothing)."""
+    model = engine.model
+    rows = Rows(engine, [(8, [1]), (6, [4])], seed=4)
+    batch = RowBatch(model)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with torch.no_grad():
+        batch.prefill(rows.sequences[:1])
+        rows.sequences[0].tokens.append(5)
+        batch.ride(rows.sequences[1:])
+        monkeypatch.setattr(row_batch, "sdpa_attention_forward", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            batch.step()
+        assert model.language_model.config._attn_implementation == "sdpa"
+        monkeypatch.undo()
+        model.language_model.config._attn_implementation_internal = row_batch.ROW_ATTENTION
+        try:
+            with pytest.raises(RuntimeError, match="packed step only"):
+                model(input_ids=torch.tensor([[5, 6]]))
+        finally:
+            model.language_model.config._attn_implementation_internal = "sdpa"
