@@ -2,6 +2,7 @@
 shapes and colours, so answers can be checked against the image)."""
 
 import base64
+import json
 import struct
 import threading
 import time
@@ -327,9 +328,12 @@ def test_what_review_found_is_refused_cheaply(client):
     assert error.status_code == 400 and error.body["param"] == "seed"
     assert ask(client, CIRCLES, max_tokens=3).choices[0].message.content is not None  # the connection still serves
     empty = [*CIRCLES, *[{"role": "assistant", "content": ""}, {"role": "user", "content": ""}] * 10_000]
+    # the body is sent as it is: the openai client's own typing of 20,001 messages takes seconds of its own here
+    body = json.dumps({"model": MODEL, "messages": empty, "max_tokens": 2})
     started = time.monotonic()
-    error = refused(lambda: ask(client, empty, max_tokens=2))
-    assert error.status_code == 400 and "20,001 messages" in error.message and time.monotonic() - started < 5
+    response = httpx.post(f"{client.base_url}chat/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 400 and "20,001 messages" in response.json()["error"]["message"] and elapsed < 5
     long_text = question("q " * 492 + "Describe the image.", data_url(EXAMPLES / "three_shapes.png"))
     answer = ask(client, long_text, max_tokens=200, temperature=0)
     assert answer.usage.prompt_tokens + answer.usage.completion_tokens <= 1024  # the model's context
