@@ -87,6 +87,20 @@ def cpu_now(server: subprocess.Popen) -> dict[str, float]:
     return {**{name: sum(map(cpu_seconds, pids)) for name, pids in processes(server).items()}, "client": time.process_time()}
 
 
+def metrics(port: int) -> dict[str, float]:
+    """llava-serve's /metrics as {name: value}."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {name: float(value) for name, value in (line.split() for line in text.splitlines() if line and not line.startswith("#"))}
+
+
+def metrics_after(port: int, finished: float) -> dict[str, float]:
+    """/metrics once they count `finished` answers (the engine's process reports once a second)."""
+    deadline = time.monotonic() + 10
+    while (now := metrics(port))["llava_requests_finished_total"] < finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
 def summary(streams: int, runs: list[tuple[float, int, list[float]]]) -> dict:
     """The median round's throughput (the CPU is shared: rounds vary), TTFT percentiles over every round."""
     walls = sorted(runs)
@@ -131,12 +145,18 @@ def main():
         load(client, model, 4, requests(8, "warm-up"), args.max_tokens)
         runs = {streams: [] for streams in args.levels}
         cpu = {streams: {} for streams in args.levels}  # CPU seconds per process over all of a level's rounds
+        engine = {streams: {} for streams in args.levels}  # the engine's counters' growth over a level's rounds
+        counted = metrics_after(port, 8)
         for round_ in range(args.rounds):  # the levels interleaved, so that a busy minute does not favour one
             for streams in args.levels:
                 before = cpu_now(server)
                 runs[streams].append(load(client, model, streams, requests(args.requests, f"round {round_}, {streams} streams"), args.max_tokens))
                 for name, seconds in cpu_now(server).items():
                     cpu[streams][name] = cpu[streams].get(name, 0.0) + seconds - before[name]
+                now = metrics_after(port, counted["llava_requests_finished_total"] + args.requests)
+                for name, value in now.items():
+                    engine[streams][name] = engine[streams].get(name, 0.0) + value - counted.get(name, 0.0)
+                counted = now
         rows = [summary(streams, runs[streams]) for streams in args.levels]
     finally:
         server.terminate()
@@ -156,6 +176,16 @@ def main():
     for streams in args.levels:
         requests_made = args.requests * args.rounds
         print(f"| {streams} | " + " | ".join(f"{seconds / requests_made * 1e3:.1f}" for seconds in cpu[streams].values()) + " |")
+    print("\nThe engine's counters (/metrics, all rounds): rows per decode step, and per request its riders (prompts fed by a "
+          "decode step) and prefilled prompts; the scheduler's thread busy, of the level's wall time:")
+    print("| streams | rows per step | riders per request | prefills per request | scheduler busy |")
+    print("| --- | --- | --- | --- | --- |")
+    for streams in args.levels:
+        grown, requests_made = engine[streams], args.requests * args.rounds
+        wall = sum(run[0] for run in runs[streams])
+        print(f"| {streams} | {grown['llava_decode_rows_total'] / max(1, grown['llava_decode_steps_total']):.2f} | "
+              f"{grown['llava_decode_riders_total'] / requests_made:.2f} | {grown['llava_prefill_sequences_total'] / requests_made:.2f} | "
+              f"{grown['llava_scheduler_busy_seconds_total'] / wall:.0%} |")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,10 @@ class ChatEngine:
         self.stop_ids = {generation.eos_token_id} if isinstance(generation.eos_token_id, int) else set(generation.eos_token_id or [])
         self.stop_ids.add(self.processor.tokenizer.eos_token_id)
         self.scheduler = Scheduler(self.model, list(generation.suppress_tokens or []), max_batch, max_waiting)
+        # answers' counts for /metrics (each reader thread adds its own answer's at its end)
+        self._counts = dict.fromkeys(["requests_finished", "requests_failed", "prompt_tokens", "cached_prompt_tokens",
+                                      "generation_tokens"], 0)
+        self._counts_lock = threading.Lock()
         on_cuda = torch.device(self.device).type == "cuda"
         static_slots = (4 if on_cuda else 0) if static_slots is None else static_slots
         self.slots = None
@@ -152,6 +156,15 @@ class ChatEngine:
     def reset(self, session_id: str):
         self.sessions.reset(session_id)
 
+    def stats(self) -> dict:
+        """The engine's counts so far and its state now (engine.metrics names each); cheap, and it waits for
+        nothing but a lock held for a few additions."""
+        with self._counts_lock:
+            counts = dict(self._counts)
+        prefixes = self.prefixes
+        return {**counts, **self.scheduler.stats(), "prefix_cache_tokens": prefixes.cached_tokens if prefixes else 0,
+                "prefix_cache_entries": len(prefixes) if prefixes else 0}
+
     def _turn(self, session: Session | None, prompt: Prompt, sampling: Sampling, interval: float,
               cancel: threading.Event | None = None) -> Iterator[Tokens]:
         """One answer, in `session` or (None) as a one-off answer over the prefix cache."""
@@ -200,6 +213,11 @@ class ChatEngine:
                     yield Tokens(arrived, **counts)
             yield Tokens([], finish_reason=sequence.finish_reason or "stop", **counts)
         finally:
+            with self._counts_lock:
+                self._counts["requests_failed" if sequence.error is not None else "requests_finished"] += 1
+                self._counts["prompt_tokens"] += counts["prompt_tokens"]
+                self._counts["cached_prompt_tokens"] += keep
+                self._counts["generation_tokens"] += len(sequence.tokens)
             # once `stream` is closed the scheduler has let go: the cache holds the prompt and the tokens fed back
             session.cache = sequence.cache
             if session.cache is None:

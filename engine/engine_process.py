@@ -65,6 +65,7 @@ class EngineProcess:
             raise EngineStopped(f"the engine could not load {model_path}: {detail[0]}")
         (self.device, model_folder), self.alive = detail, True
         self.silence_limit, self._heard = silence_limit, time.monotonic()
+        self._stats, self._stats_time = {}, time.monotonic()  # the engine's last snapshot (each heartbeat brings one)
         self._streams: dict[int, queue.SimpleQueue | StreamedAnswer] = {}  # request -> what its messages are put in
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
@@ -130,6 +131,11 @@ class EngineProcess:
         full) nor a worker thread (the server's are all taken by answers under load)."""
         return self.alive and time.monotonic() - self._heard < self.silence_limit
 
+    def stats(self) -> dict:
+        """The engine's counts and state (ChatEngine.stats) as of its last heartbeat, and how old that is
+        (`stats_age_seconds`, at most HEARTBEAT while it is responsive): asking the child would wait for it."""
+        return {**self._stats, "stats_age_seconds": time.monotonic() - self._stats_time}
+
     def close(self):
         """Stops the child (at exit; answers in flight fail with EngineStopped)."""
         if self._process.is_alive():
@@ -156,8 +162,11 @@ class EngineProcess:
             while True:
                 kind, request, *rest = self._pipe.recv()
                 self._heard = time.monotonic()
+                if kind == "beat":
+                    self._stats, self._stats_time = rest[0], self._heard
+                    continue
                 arrivals = self._streams.get(request)
-                if arrivals is None:  # cancelled meanwhile, or a heartbeat
+                if arrivals is None:  # cancelled meanwhile
                     continue
                 if kind == "tokens":
                     arrivals.put(Tokens(*rest))
@@ -261,10 +270,10 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
         with send_lock:
             pipe.send(message)
 
-    def beat():
+    def beat():  # a sign of life, with the engine's counts for /metrics
         while True:
+            send(("beat", None, engine.stats()))
             time.sleep(HEARTBEAT)
-            send(("beat", None))
 
     def answer(request, prompt, sampling, interval):
         try:

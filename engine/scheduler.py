@@ -17,6 +17,7 @@ its slot: that keeps the graphs' speed for a single user on a GPU.
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import torch
@@ -97,6 +98,11 @@ class Scheduler:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self.peak_batch = 0  # the most rows one decode step ever had (tests and benchmarks read it)
+        # What the scheduler's thread did, for /metrics and the benchmarks (rows per step = decode_rows / decode_steps:
+        # how full the batch ran). Written on that thread only; its keys are fixed, so a reader's copy never races.
+        self.counts = dict.fromkeys(["decode_steps", "decode_rows", "riders", "prefill_forwards",
+                                     "prefill_sequences", "slot_steps"], 0)
+        self.busy_seconds = 0.0  # in forwards and sampling, not waiting for work
 
     def submit(self, sequence: Sequence) -> Sequence:
         with self._wake:
@@ -140,12 +146,17 @@ class Scheduler:
     def active(self) -> int:
         return len(self._batch.rows) + len(self._alone)
 
+    def stats(self) -> dict:
+        """A snapshot of the counts, the busy time and the answers decoding (`running`) and waiting for a place."""
+        return {**self.counts, "busy_seconds": self.busy_seconds, "running": self.active, "waiting": len(self._waiting)}
+
     def _loop(self):
         while True:
             with self._wake:
                 while not self._waiting and not self.active:
                     self._wake.wait()
                 arrivals = self._admit()
+            start = time.perf_counter()
             try:
                 for sequence in arrivals:
                     if sequence.cancelled:  # its reader left while it waited: it ends without its prefill
@@ -158,6 +169,7 @@ class Scheduler:
                         sequence.finish(error)
                 self._alone = []
                 self._batch.fail(error)
+            self.busy_seconds += time.perf_counter() - start
 
     def _admit(self) -> list[Sequence]:
         """The waiting sequences that get a place (and the prefill budget) now, and every cancelled one, place or not:
@@ -178,6 +190,7 @@ class Scheduler:
         they are (the next step feeds the rest of their prompt); the rest are prefilled in one forward."""
         for sequence in [sequence for sequence in arrivals if isinstance(sequence.cache, StaticSlot)]:
             try:
+                self.counts["slot_steps"] += 1
                 logits = sequence.cache.forward(sequence.pending, sequence.image_inputs)
             except Exception as error:
                 sequence.finish(error)
@@ -191,6 +204,8 @@ class Scheduler:
         riders = self._batch.riders(batched)
         prefilling = [sequence for sequence in batched if sequence not in set(riders)]
         if prefilling:
+            self.counts["prefill_forwards"] += 1
+            self.counts["prefill_sequences"] += len(prefilling)
             try:
                 rows, logits = self._batch.prefill(prefilling)
             except Exception as error:
@@ -206,6 +221,8 @@ class Scheduler:
             except Exception as error:  # out of memory growing the buffers: the batch is as it was
                 for sequence in riders:
                     sequence.finish(error)
+            else:
+                self.counts["riders"] += len(riders)  # the next step feeds their prompts
 
     @torch.no_grad()
     def _decode(self):
@@ -213,6 +230,7 @@ class Scheduler:
             try:
                 finished = sequence.cancelled
                 if not finished:
+                    self.counts["slot_steps"] += 1
                     logits = sequence.cache.forward(torch.tensor([[sequence.tokens[-1]]], device=sequence.pending.device), {})
                     finished = sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress)[0])
             except Exception as error:
@@ -227,6 +245,8 @@ class Scheduler:
         if not batch.rows:
             return
         self.peak_batch = max(self.peak_batch, len(batch.rows))
+        self.counts["decode_steps"] += 1
+        self.counts["decode_rows"] += len(batch.rows)
         try:
             logits = batch.step()
         except Exception as error:

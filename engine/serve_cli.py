@@ -17,7 +17,7 @@ STREAM_INTERVAL = 0.02
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="llava-serve", description="An OpenAI-compatible chat-completions server on "
-                                     "the engine: /v1/chat/completions, /v1/models, /health.")
+                                     "the engine: /v1/chat/completions, /v1/models, /health, /metrics.")
     parser.add_argument("--model", required=True, help="a llava_plugin, llava-hf or original LLaVA checkpoint (folder or hub id)")
     parser.add_argument("--served-model-name", help="the model id clients ask for (default: the checkpoint folder's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")

@@ -22,7 +22,7 @@ from typing import TypeVar
 import anyio
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -32,6 +32,7 @@ from .chat import ChatEngine, ChatError
 from .answer_text import Progress
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
+from .metrics import render
 from .openai_api import APIError, Completion, engine_messages, parse_request
 from .scheduler import QueueFull
 
@@ -96,6 +97,11 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         if hasattr(engine, "responsive") and not engine.responsive():  # alive but silent: stopped or frozen
             return JSONResponse({"status": "engine not responding"}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():  # like /health, without the key (as vLLM's): counts and times only, see engine.metrics
+        stats = engine.stats() if hasattr(engine, "stats") else {}
+        return PlainTextResponse(render(stats, state["active"]), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models(request: Request):

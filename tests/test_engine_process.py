@@ -18,7 +18,7 @@ import pytest
 
 from engine import ChatEngine, ChatError
 from engine.decoding import Sampling
-from engine.engine_process import EngineProcess, EngineStopped, compute_threads
+from engine.engine_process import HEARTBEAT, EngineProcess, EngineStopped, compute_threads
 from engine.server import create_app, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +173,30 @@ def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_
         while child._streams:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_the_engines_counts_reach_metrics_with_its_heartbeat(child):
+    """The child's counts come with its heartbeat (once a second), so /metrics never waits for the child: after an
+    answer, within a beat or two, they include it, and say how old they are."""
+    def next_beat() -> dict:  # the figures of a beat sent after this call
+        asked, deadline = time.monotonic(), time.monotonic() + 30
+        while (stats := child.stats()).get("running") is None or time.monotonic() - stats["stats_age_seconds"] <= asked:
+            assert time.monotonic() < deadline, "no heartbeat brought the engine's figures"
+            time.sleep(0.05)
+        return stats
+
+    before = next_beat()
+    answer = last(child.generate(conversation(QUESTIONS[1]), IMAGES[1].read_bytes(), GREEDY))
+    after = next_beat()
+    if after["requests_finished"] == before["requests_finished"]:  # the child counts it once its answer's last message is sent
+        after = next_beat()
+    assert after["requests_finished"] - before["requests_finished"] == 1 and after["running"] == 0
+    assert after["prompt_tokens"] - before["prompt_tokens"] == answer.prompt_tokens
+    assert after["generation_tokens"] - before["generation_tokens"] == answer.completion_tokens
+    assert after["stats_age_seconds"] < 2 * HEARTBEAT
+    with running(create_app(child, "shapes")) as base_url:
+        text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    assert f"llava_requests_finished_total {after['requests_finished']}\n" in text and "llava_engine_stats_age_seconds " in text
 
 
 def test_a_stopped_engine_fails_the_health_check_until_it_goes_on(child, monkeypatch):

@@ -337,3 +337,48 @@ def test_what_review_found_is_refused_cheaply(client):
     long_text = question("q " * 492 + "Describe the image.", data_url(EXAMPLES / "three_shapes.png"))
     answer = ask(client, long_text, max_tokens=200, temperature=0)
     assert answer.usage.prompt_tokens + answer.usage.completion_tokens <= 1024  # the model's context
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """/metrics read as Prometheus reads it: every sample line is `name value`, each name announced by its HELP and
+    TYPE lines first."""
+    response = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples, announced = {}, set()
+    for line in response.text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("gauge", "counter") and (kind == "counter") == name.endswith("_total")
+            announced.add(name)
+        elif not line.startswith("#"):
+            name, value = line.split()
+            assert name in announced and name not in samples
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_what_the_answers_report():
+    """A fresh engine (no other test's request in its counts): the counters grow by what the answers' usage says,
+    and rows per decode step show that concurrent answers decoded together."""
+    engine = ChatEngine(str(ROOT / "checkpoints" / MODEL), device="cpu")
+    with running(create_app(engine, MODEL)) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        before = scrape(base_url)
+        assert before["llava_requests_finished_total"] == 0 and before["llava_http_requests_active"] == 0
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda messages: ask(client, messages, max_tokens=24), conversations()[:4] * 2))
+        answers.append(ask(client, CIRCLES, max_tokens=24))
+        answers.append(ask(client, CIRCLES, max_tokens=24))  # the same prompt again: from the prefix cache
+        after = scrape(base_url)
+    usages = [answer.usage for answer in answers]
+    assert after["llava_requests_finished_total"] == len(answers) and after["llava_requests_failed_total"] == 0
+    assert after["llava_generation_tokens_total"] == sum(usage.completion_tokens for usage in usages)
+    assert after["llava_prompt_tokens_total"] == sum(usage.prompt_tokens for usage in usages)
+    cached = sum(usage.prompt_tokens_details.cached_tokens for usage in usages)
+    assert after["llava_prompt_tokens_cached_total"] == cached and cached >= usages[-1].prompt_tokens - 1
+    assert after["llava_requests_running"] == after["llava_requests_waiting"] == 0
+    steps, rows = after["llava_decode_steps_total"], after["llava_decode_rows_total"]
+    assert steps > 0 and rows / steps > 1.5  # four at a time decoded in one batch
+    # every generated token but each answer's first (its prefill's, or the step that fed a rider) came from a step
+    assert rows >= after["llava_generation_tokens_total"] - len(answers)
+    assert after["llava_prefix_cache_entries"] > 0 and after["llava_scheduler_busy_seconds_total"] > 0
