@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 import openai
 
-from engine import ChatEngine, ChatError
+from engine import ChatEngine, ChatError, NonFiniteScores
 from engine.untrusted import MAX_QUESTION_CHARS, UntrustedInputError, check_text, image_size, open_image
 from trainer.datagen import KINDS, AnnotationError, draft_records
 from trainer.datagen.openai_backend import DEFAULT_MODEL as DEFAULT_DRAFT_MODEL
@@ -134,10 +134,14 @@ def respond_with(engine, notice: str = "", max_question_chars: int = MAX_QUESTIO
             yield ASK_FOR_IMAGE
             return
         session = request.session_hash if request else None
+        answer = ""
         try:
-            yield from engine.stream(messages, image, float(temperature), float(top_p), int(max_new_tokens), session_id=session)
+            for answer in engine.stream(messages, image, float(temperature), float(top_p), int(max_new_tokens), session_id=session):
+                yield answer
         except ChatError as error:
             yield REFUSAL + str(error)
+        except NonFiniteScores as error:  # the answer so far stays, with why it stopped
+            yield f"{answer}\n\n({error})".lstrip()
 
     return respond
 

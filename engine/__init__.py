@@ -7,7 +7,7 @@ import os
 # the same 32 requests took 13.4 s instead of 1.05 s. Set before torch loads OpenMP; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__all__ = ["ChatEngine", "ChatError"]
+__all__ = ["ChatEngine", "ChatError", "NonFiniteScores"]
 
 
 def __getattr__(name: str):

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, DynamicCache
 from llava_plugin.convert import convert, detect_format, local_folder
 
 from .answer_text import Progress, Tokens, as_text
-from .decoding import Sampling
+from .decoding import NonFiniteScores, Sampling  # noqa: F401 (NonFiniteScores: engine's export)
 from .prefix_cache import PrefixCache, common_prefix
 from .prompts import ChatError, Prompt, Prompter
 from .scheduler import Scheduler, Sequence

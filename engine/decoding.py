@@ -16,6 +16,11 @@ MIN_TEMPERATURE = 1e-5
 MIN_TOP_P = 1e-30
 
 
+class NonFiniteScores(RuntimeError):
+    """A sequence's next-token scores were NaN or infinite (a float16 model's activations overflow most often): it
+    ends with this error, and the other sequences of its batch go on."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one sequence picks its tokens; temperature 0 is greedy."""
@@ -50,10 +55,12 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
-                suppress: list[int]) -> list[int]:
+                suppress: list[int]) -> list[int | None]:
     """One token per row of `logits` (B, V), row i following samplings[i] and drawing from generators[i] (None: the
-    global generator)."""
+    global generator); None for a row whose scores hold a NaN or +inf. Such a row is not drawn from (the multinomial
+    would raise for the whole batch, failing every other sequence's answer), and its argmax would be noise."""
     logits = logits.float()
+    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)  # before suppress writes its -inf
     if suppress:
         logits[:, suppress] = -float("inf")
     tokens = logits.argmax(dim=-1)
@@ -62,7 +69,9 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
         rows = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([samplings[row].temperature for row in sampled], device=logits.device)
         top_p = torch.tensor([samplings[row].top_p for row in sampled], device=logits.device)
-        probs = nucleus(torch.softmax(logits[rows] / temperature[:, None], dim=-1), top_p)
+        # a broken row draws from even scores (never read): telling which rows are broken first would wait for a GPU
+        scores = torch.where(broken[rows, None], 0.0, logits[rows]) / temperature[:, None]
+        probs = nucleus(torch.softmax(scores, dim=-1), top_p)
         for index, row in enumerate(sampled):
             tokens[row] = torch.multinomial(probs[index], 1, generator=generators[row])[0]
-    return tokens.tolist()
+    return [None if token < 0 else token for token in torch.where(broken, -1, tokens).tolist()]

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -27,11 +28,11 @@ from collections.abc import Iterator
 from transformers import AutoProcessor
 
 from .answer_text import AnswerText, Progress, Tokens, as_text
-from .decoding import Sampling
+from .decoding import NonFiniteScores, Sampling
 from .prompts import ChatError, Prompter
 from .scheduler import QueueFull
 
-_ERRORS = {"ChatError": ChatError, "QueueFull": QueueFull}
+_ERRORS = {"ChatError": ChatError, "QueueFull": QueueFull, "NonFiniteScores": NonFiniteScores}
 _END = object()
 HEARTBEAT = 1.0  # seconds between the child's signs of life
 
@@ -288,7 +289,9 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
                 arrivals.close()
             send(("end", request))
         except BaseException as error:
-            if not isinstance(error, (ChatError, QueueFull)):
+            if isinstance(error, NonFiniteScores):  # the model's, not a bug: one line for the operator
+                print(f"llava-engine: an answer failed: {error}", file=sys.stderr, flush=True)
+            elif not isinstance(error, (ChatError, QueueFull)):
                 traceback.print_exc()
             send(("error", request, type(error).__name__, str(error)))
         finally:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoding import Sampling, next_tokens
+from .decoding import NonFiniteScores, Sampling, next_tokens
 from .padded_batch import PaddedBatch
 from .row_batch import RowBatch
 from .static_slots import StaticSlot
@@ -66,8 +66,14 @@ class Sequence:
         only its prompt's last token left to feed (a rider, see RowBatch.riders), that token."""
         return self.tokens[-1] if self.tokens else int(self.pending[0, -1])
 
-    def emit(self, token: int) -> bool:
-        """Records a sampled token; True when the sequence is finished."""
+    def emit(self, token: int | None) -> bool:
+        """Records a sampled token; True when the sequence is finished. None (next_tokens: its scores were not
+        numbers) finishes it with NonFiniteScores."""
+        if token is None:
+            self.error = NonFiniteScores(f"the model's next-token scores for this answer were NaN or infinite after "
+                                         f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "
+                                         f"may not overflow")
+            return True
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return True
@@ -80,7 +86,9 @@ class Sequence:
 
     def finish(self, error: BaseException | None = None):
         if error is not None:
-            self.error, self.cache = error, None
+            self.error = error
+        if self.error is not None:  # a failed step's cache, or one holding what gave NaN scores: never reused
+            self.cache = None
         self.out.put(END)
         self.done.set()
 

@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
 from .answer_text import Progress
+from .decoding import NonFiniteScores
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .metrics import render
@@ -167,6 +168,8 @@ def api_errors():
         raise APIError(503, str(error), code="queue_full", kind="server_error") from None
     except EngineStopped as error:
         raise APIError(503, str(error), code="engine_stopped", kind="server_error") from None
+    except NonFiniteScores as error:  # this answer's only: the others go on
+        raise APIError(500, str(error), code="model_output_not_finite", kind="server_error") from None
 
 
 async def next_progress(answer) -> Progress:

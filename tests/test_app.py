@@ -336,3 +336,21 @@ def test_a_multi_image_app_answers_about_both_images(saved_checkpoint, tmp_path)
     assert answer_two == list(engine.stream(both, pictures, temperature=0.0, max_new_tokens=16))[-1]
     alone = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]}]
     assert answer_two != list(engine.stream(alone, pictures[1], temperature=0.0, max_new_tokens=16))[-1]  # can tell
+
+
+def test_an_answer_the_model_breaks_off_keeps_its_text_and_says_why():
+    """NonFiniteScores mid-answer (a float16 model overflowing): the chat keeps what was answered and adds why it
+    stopped, instead of Gradio's bare "Error" in place of the whole answer."""
+    from app import respond_with
+    from engine import NonFiniteScores
+
+    class Breaking:
+        def stream(self, *args, **kwargs):
+            yield "A red"
+            yield "A red circle"
+            raise NonFiniteScores("the model's next-token scores for this answer were NaN or infinite after 3 tokens")
+
+    respond = respond_with(Breaking())
+    said = list(respond({"text": "What is it?", "files": ["/tmp/x.png"]}, [], 0.2, 0.7, 64))
+    assert said[:2] == ["A red", "A red circle"]
+    assert said[-1].startswith("A red circle\n\n(") and "NaN or infinite" in said[-1]

@@ -376,3 +376,19 @@ def test_auto_dtype_runs_half_precision_checkpoints_in_float32_on_a_cpu_when_the
     monkeypatch.setattr(chat, "available_memory", lambda: 4 * weights - 1)  # float32 weights would take over half of it
     assert compute_dtype(str(half), "cpu") == "auto"
 
+
+
+def test_a_row_whose_scores_are_not_numbers_gets_no_token_and_the_others_theirs():
+    from engine.decoding import next_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    logits[1, 7] = float("nan")
+    logits[3, 2] = float("inf")
+    samplings = [Sampling(0.0), Sampling(1.0, 0.9, seed=3), Sampling(1.0, 0.9, seed=3), Sampling(1.0)]
+    generators = [sampling.generator("cpu") for sampling in samplings]
+    tokens = next_tokens(logits, samplings, generators, suppress=[0])  # suppress's -inf is no reason to refuse a row
+    assert tokens[1] is None and tokens[3] is None
+    assert tokens[0] == int(logits[0, 1:].argmax()) + 1
+    alone = next_tokens(logits[2:3], samplings[2:3], [samplings[2].generator("cpu")], suppress=[0])
+    assert tokens[2] == alone[0] is not None  # drawn as it would be alone: the broken rows took nothing from it

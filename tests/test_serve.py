@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from engine import ChatEngine
 from engine.chat import Progress
@@ -382,3 +383,33 @@ def test_metrics_count_what_the_answers_report():
     # every generated token but each answer's first (its prefill's, or the step that fed a rider) came from a step
     assert rows >= after["llava_generation_tokens_total"] - len(answers)
     assert after["llava_prefix_cache_entries"] > 0 and after["llava_scheduler_busy_seconds_total"] > 0
+
+
+def test_an_answer_whose_scores_turn_to_nan_fails_alone(client, engine, monkeypatch):
+    """A row whose logits become NaN (a float16 model overflowing) used to be decoded as noise, or, sampled, raised in
+    the batched multinomial and failed every answer in the batch. Now that answer alone ends with a 500 that says
+    why, its cache is not kept for later requests, and the others answer as they do alone."""
+    requests = conversations()[:3]
+    alone = [ask(client, messages).choices[0].message.content for messages in requests]
+    batch, real_step = engine.scheduler._batch, engine.scheduler._batch.step
+    poisoned = []
+
+    def step():
+        logits = real_step()
+        for index, row in enumerate(batch.rows):
+            if row.sampling.seed == 5 and len(row.tokens) >= 3:
+                logits[index] = float("nan")
+                poisoned.append(index)
+        return logits
+
+    monkeypatch.setattr(batch, "step", step)
+    engine.scheduler.peak_batch = 0
+    with ThreadPoolExecutor(4) as pool:  # the broken answer (3 tokens) in one batch with the others (40 each)
+        broken = pool.submit(ask, client, CIRCLES, temperature=1.0, seed=5, max_tokens=30)
+        others = [pool.submit(streamed, client, messages) for messages in requests]
+        with pytest.raises(openai.InternalServerError) as refused:
+            broken.result()
+        assert [other.result()[0] for other in others] == alone
+    assert poisoned and engine.scheduler.peak_batch > 1 and refused.value.code == "model_output_not_finite" and "NaN or infinite" in refused.value.message
+    entries = list(engine.prefixes._entries.values())
+    assert all(torch.isfinite(keys).all() and torch.isfinite(values).all() for entry in entries for keys, values in entry.layers)
