@@ -208,10 +208,19 @@ class ChatEngine:
         sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids, cancel))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
         try:
+            last = []
             with closing(self.scheduler.tokens(sequence, interval)) as stream:
-                for arrived in stream:
-                    yield Tokens(arrived, **counts)
-            yield Tokens([], finish_reason=sequence.finish_reason or "stop", **counts)
+                try:
+                    for arrived, ended in stream:
+                        if ended:  # they go with the finish reason (or before the error)
+                            last = arrived
+                        else:
+                            yield Tokens(arrived, **counts)
+                except Exception:
+                    if last:
+                        yield Tokens(last, **counts)  # what the answer had before it failed
+                    raise
+            yield Tokens(last, finish_reason=sequence.finish_reason or "stop", **counts)
         finally:
             with self._counts_lock:
                 self._counts["requests_failed" if sequence.error is not None else "requests_finished"] += 1

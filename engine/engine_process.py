@@ -117,6 +117,8 @@ class EngineProcess:
                     raise item
                 finished = item.finish_reason is not None  # its reader may stop here: nothing left to cancel
                 yield item
+                if finished:  # the child sends no "end" after a finish reason
+                    return
         finally:
             self._streams.pop(request, None)
             if not finished and self.alive:
@@ -279,15 +281,18 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
     def answer(request, prompt, sampling, interval):
         try:
             arrivals = engine.answer_prompt(prompt, sampling, interval=interval, cancel=cancels[request])
+            finished = False
             try:
                 for item in arrivals:
                     if cancels[request].is_set():
                         break
                     # a plain tuple: pickling a dataclass per message cost more than its tokens
                     send(("tokens", request, item.new, item.prompt_tokens, item.cached_tokens, item.finish_reason))
+                    finished = item.finish_reason is not None
             finally:
                 arrivals.close()
-            send(("end", request))
+            if not finished:  # a finish reason ends the answer for the parent already: no message more per answer
+                send(("end", request))
         except BaseException as error:
             if isinstance(error, NonFiniteScores):  # the model's, not a bug: one line for the operator
                 print(f"llava-engine: an answer failed: {error}", file=sys.stderr, flush=True)

@@ -123,12 +123,13 @@ class Scheduler:
             self._wake.notify()
         return sequence
 
-    def tokens(self, sequence: Sequence, interval: float = 0.0) -> Iterator[list[int]]:
-        """The sequence's tokens as they come, in lists: all that arrived since the last read. With `interval`, the
-        reader sleeps that long between reads (waking at once when the sequence ends): a reader woken for every
-        token takes the interpreter from the scheduler's thread once per token, which on a busy CPU costs the
-        whole batch its speed. Closing this early cancels the sequence and returns once the scheduler has let go
-        of it (its cache is then final)."""
+    def tokens(self, sequence: Sequence, interval: float = 0.0) -> Iterator[tuple[list[int], bool]]:
+        """The sequence's tokens as they come, in lists: all that arrived since the last read, each with whether it
+        is the last (the sequence ended with it: its reader can send the end with its last tokens, one message and
+        one write less per answer). With `interval`, the reader sleeps that long between reads (waking at once when
+        the sequence ends): a reader woken for every token takes the interpreter from the scheduler's thread once
+        per token, which on a busy CPU costs the whole batch its speed. Closing this early cancels the sequence and
+        returns once the scheduler has let go of it (its cache is then final)."""
         try:
             ended = False
             while not ended:
@@ -137,8 +138,8 @@ class Scheduler:
                     tokens.append(sequence.out.get())
                 if ended := tokens[-1] is END:
                     tokens.pop()
-                if tokens:
-                    yield tokens
+                if tokens or ended:
+                    yield tokens, ended
                 if interval and not ended:
                     sequence.done.wait(interval)
             if sequence.error is not None:

@@ -392,3 +392,12 @@ def test_a_row_whose_scores_are_not_numbers_gets_no_token_and_the_others_theirs(
     assert tokens[0] == int(logits[0, 1:].argmax()) + 1
     alone = next_tokens(logits[2:3], samplings[2:3], [samplings[2].generator("cpu")], suppress=[0])
     assert tokens[2] == alone[0] is not None  # drawn as it would be alone: the broken rows took nothing from it
+
+
+def test_the_end_comes_with_the_last_tokens(engine):
+    """An answer's finish reason travels with its last tokens, not in an empty message of its own: over the engine's
+    process and to the client, that is one message and one write less per answer."""
+    arrivals = list(engine.generate_tokens([user_turn("What is in the picture?")], IMAGE, Sampling(0.0, max_new_tokens=8),
+                                           interval=0.5))
+    assert arrivals[-1].finish_reason is not None and arrivals[-1].new
+    assert all(arrived.new for arrived in arrivals) and all(arrived.finish_reason is None for arrived in arrivals[:-1])

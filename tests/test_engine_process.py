@@ -151,10 +151,20 @@ def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_
         assert "".join(chunks) == expected.text and len(chunks) > 5
         assert hops == ["start"] and [kind for kind, _ in sent] == ["generate"]
 
-        words = expected.text.split()
-        stopped = client.chat.completions.create(model="shapes", messages=api_messages(QUESTIONS[2], image), temperature=0,
-                                                 max_tokens=40, stop=[" " + words[2]])
-        assert stopped.choices[0].message.content == expected.text[: expected.text.index(" " + words[2])].rstrip()
+        # a long answer (114 tokens) streamed a chunk per token, cut at its third word: the child is still answering
+        # when the parent sees it
+        # (a short one may reach the parent whole, with its finish reason, in one message: nothing to cancel)
+        detailed = last(local.generate(conversation("Describe the image in detail."), IMAGES[1].read_bytes(),
+                                       Sampling(temperature=0, max_new_tokens=200))).text
+        words = detailed.split()
+        stopped = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model="shapes", messages=api_messages("Describe the image in detail.", IMAGES[1]), temperature=0, max_tokens=200,
+            stop=[" " + words[2]], stream=True) if chunk.choices)
+        assert stopped == detailed[: detailed.index(" " + words[2])].rstrip()
+        deadline = time.monotonic() + 10
+        while len(sent) < 3:  # the stream's release sends it, after [DONE]
+            assert time.monotonic() < deadline, sent
+            time.sleep(0.05)
         assert [kind for kind, _ in sent[1:]] == ["generate", "cancel"] and sent[1][1] == sent[2][1]
 
         # an answer of 114 tokens (one chunk each): the client is gone after the first
