@@ -115,7 +115,8 @@ class ChatEngine:
 
     def stream(self, messages: list[dict], image, temperature: float = 0.2, top_p: float = 0.7, max_new_tokens: int = 512,
                session_id: str | None = None) -> Iterator[str]:
-        """Yields the growing answer to `messages` (chat-template format, one image part in a user turn)."""
+        """Yields the growing answer to `messages` (chat-template format, one image part in a user turn; or none, and
+        `image` None)."""
         try:
             sampling = Sampling(temperature, top_p, max_new_tokens)
         except ValueError as error:
@@ -172,7 +173,9 @@ class ChatEngine:
         if session is not None and key != session.image_key:
             session.forget_image()
             session.image_key = key
-        if session is not None:
+        if not prompt.sources:  # a conversation without images needs no features
+            have_features = True
+        elif session is not None:
             have_features = session.vision_features is not None
         else:
             have_features = self.prefixes is not None and self.prefixes.has_features(key)
@@ -189,7 +192,7 @@ class ChatEngine:
         one_off = session is None
         if one_off:
             session = self.prefixes.session(key, ids[0]) if self.prefixes is not None else Session(image_key=key)
-            if session.vision_features is None and pixel_values is None:  # forgotten meanwhile
+            if prompt.sources and session.vision_features is None and pixel_values is None:  # forgotten meanwhile
                 ids, pixel_values = self._inputs(prompt)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free

@@ -155,7 +155,7 @@ def _same(value, neutral) -> bool:
 
 def engine_messages(request: ChatRequest, policy: MediaPolicy) -> tuple[list[dict], list[bytes]]:
     """The conversation in chat-template form and its images' bytes, in the order they come (each becomes an image
-    marker in its user turn), at most `policy.max_images` of them."""
+    marker in its user turn), at most `policy.max_images` of them; none for a conversation of text only."""
     count = sum(isinstance(part, ImagePart) for message in request.messages if isinstance(message.content, list)
                 for part in message.content)
     if count > policy.max_images:  # before a single one is fetched or decoded
@@ -183,8 +183,6 @@ def engine_messages(request: ChatRequest, policy: MediaPolicy) -> tuple[list[dic
                                code="image_too_large" if getattr(error, "status", 400) == 413 else "invalid_image") from None
             parts.append({"type": "image"})
         messages.append({"role": role, "content": parts if role == "user" else "".join(part["text"] for part in parts)})
-    if not images:
-        raise APIError(400, "this model answers about an image: send an image_url part in a user message", param="messages")
     return messages, images
 
 

@@ -63,9 +63,9 @@ class Prompter:
         self._images = DecodedImages()
 
     def prompt(self, messages: list[dict], image) -> Prompt:
-        """The Prompt of `messages` (chat-template format) and `image` (one, or a list for a conversation with several);
-        ChatError for input we refuse."""
-        sources = list(image) if isinstance(image, (list, tuple)) else [image]
+        """The Prompt of `messages` (chat-template format) and `image` (one, a list for a conversation with several, or
+        None for a conversation without images); ChatError for input we refuse."""
+        sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         try:
             decoded = [self.decoded(source) for source in sources]
             if conversation_size(messages) > MAX_CONVERSATION_CHARS:
@@ -85,8 +85,10 @@ class Prompter:
         return prompt
 
     def inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """The processor's token ids and pixels for the prompt (its images decoded again if they stayed behind in
-        another process); ValueError if too long for the model."""
+        """The processor's token ids and pixels (None without images) for the prompt (its images decoded again if they
+        stayed behind in another process); ValueError if too long for the model."""
+        if not prompt.sources:
+            return self._laid_out(prompt.text, []), None
         images = prompt.images
         if images is None:
             images = [self.decoded(source)[0] for source in prompt.sources]
@@ -113,16 +115,21 @@ class Prompter:
         """The prompt's token ids without running the processor on the pixels, where the layout needs none: the
         image's marker, a special token, repeated image_seq_length times (AnyRes: a count by the image's size).
         Preprocessing the pixels, or tokenizing the repeated markers, would cost more than the whole step on a GPU;
-        a turn whose image's features are cached needs nothing else. None for several images or markers."""
-        if text.count(self.processor.image_token) != 1 or len(images) != 1:
+        a turn whose image's features are cached needs nothing else. None for several images or markers; without
+        images, the text's tokens (the processor would add nothing to them)."""
+        markers = text.count(self.processor.image_token)
+        if markers != len(images):
+            raise ValueError(f"the conversation has {markers} image markers for {len(images)} images")
+        if markers > 1:
             return None
-        image = images[0]
         ids = self.processor.tokenizer(text, return_tensors="pt")["input_ids"]
-        at = int((ids[0] == self.processor.image_token_id).nonzero()[0])
-        count = self.processor.image_seq_length
-        if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is not None:  # AnyRes: by the image's size
-            count = self.processor.anyres_token_count(image.height, image.width)
-        ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
+        if images:
+            image = images[0]
+            at = int((ids[0] == self.processor.image_token_id).nonzero()[0])
+            count = self.processor.image_seq_length
+            if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is not None:  # AnyRes: by its size
+                count = self.processor.anyres_token_count(image.height, image.width)
+            ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
         context = self.processor.tokenizer.model_max_length
         if ids.shape[1] > context:
             raise ValueError(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")

@@ -64,6 +64,8 @@ def test_answers_equal_the_engine_in_process_alone_and_at_once(child, local):
     with ThreadPoolExecutor(len(cases)) as pool:
         together = list(pool.map(lambda case: last(child.generate(conversation(case[0]), case[1], GREEDY)).text, cases))
     assert together == expected
+    text_only = [{"role": "user", "content": "What is a circle?"}]  # no image: the prompt carries none across
+    assert last(child.generate(text_only, None, GREEDY)).text == last(local.generate(text_only, None, GREEDY)).text
 
 
 def test_stop_strings_are_cut_in_the_parent_as_the_engine_cuts_them(child, local):

@@ -89,6 +89,20 @@ def test_a_follow_up_with_history_reuses_the_cached_prefix(client):
     assert again.choices[0].message.content == answer.choices[0].message.content
 
 
+def test_a_conversation_without_images_is_answered_and_an_image_can_join_it(client):
+    text_only = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is a circle?"}]
+    whole = ask(client, text_only)
+    assert whole.choices[0].message.content and whole.usage.completion_tokens > 0
+    text, usage = streamed(client, text_only)
+    assert text == whole.choices[0].message.content and usage.prompt_tokens == whole.usage.prompt_tokens
+    assert ask(client, text_only).usage.prompt_tokens_details.cached_tokens == whole.usage.prompt_tokens - 1
+    joined = text_only + [{"role": "assistant", "content": whole.choices[0].message.content},
+                          {"role": "user", "content": CIRCLES[0]["content"]}]
+    answer = ask(client, joined)
+    assert "red" in answer.choices[0].message.content
+    assert answer.usage.prompt_tokens_details.cached_tokens >= whole.usage.prompt_tokens - 1  # the text before the image
+
+
 def test_stop_strings_and_token_limits(client):
     full = ask(client, CIRCLES).choices[0].message.content  # "The circle is red."
     cut = ask(client, CIRCLES, stop=[" is"])
@@ -186,7 +200,7 @@ def test_bad_input_gets_openai_errors_while_other_streams_go_on(client):
         (400, "invalid_image", lambda: ask(client, question("Hi?", "https://example.com/cat.png"))),  # URLs are off
         (400, "invalid_image", lambda: ask(client, question("Hi?", (EXAMPLES / "three_shapes.png").as_uri()))),  # files too
         (400, None, lambda: ask(client, CIRCLES + CIRCLES[:1])),  # two user turns in a row
-        (400, None, lambda: ask(client, [{"role": "user", "content": "no image"}])),
+        (400, None, lambda: ask(client, [{"role": "assistant", "content": [{"type": "image_url", "image_url": CIRCLES[0]["content"][1]["image_url"]}]}])),
         (400, None, lambda: ask(client, CIRCLES, temperature=3)),
         (404, "model_not_found", lambda: client.chat.completions.create(model="gpt-4o", messages=CIRCLES)),
         (413, "request_too_large", lambda: ask(client, question("x" * 2_500_000, CIRCLES[0]["content"][1]["image_url"]["url"]))),
