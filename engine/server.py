@@ -104,10 +104,20 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         stats = engine.stats() if hasattr(engine, "stats") else {}
         return PlainTextResponse(render(stats, state["active"]), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    served = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "llava-plugin"}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "llava-plugin"}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model:path}")  # a hub id has a slash in it
+    async def model(request: Request, model: str):
+        authorize(request)
+        if model != model_name:
+            raise APIError(404, f"the model {model!r} does not exist here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return served
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -64,6 +64,8 @@ def streamed(client, messages, **options) -> tuple[str, object]:
 
 def test_an_image_question_is_answered_about_that_image(client):
     assert [model.id for model in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert refused(lambda: client.models.retrieve("gpt-4o")).body["code"] == "model_not_found"
     red = ask(client, CIRCLES)
     assert "red" in red.choices[0].message.content and red.choices[0].finish_reason == "stop"
     yellow = ask(client, question("What color is the circle?", data_url(EXAMPLES / "three_shapes.png")))
@@ -300,6 +302,13 @@ def test_local_files_only_inside_the_allowed_folder(engine, tmp_path):
             assert error.status_code == 400 and error.body["code"] == "invalid_image", escape
 
 
+def test_a_model_served_under_its_hub_id_is_found_by_it(engine):
+    with running(create_app(engine, "liuhaotian/llava-v1.5-7b")) as base_url:  # the id's slash is part of the path
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
+        assert client.models.retrieve("liuhaotian/llava-v1.5-7b").id == "liuhaotian/llava-v1.5-7b"
+        assert refused(lambda: client.models.retrieve("liuhaotian")).status_code == 404
+
+
 def test_an_api_key_is_required_and_never_echoed(engine):
     with running(create_app(engine, MODEL, api_key="s3cret-key")) as base_url:
         wrong = openai.OpenAI(base_url=base_url, api_key="guessed-key", max_retries=0, timeout=30)
@@ -307,6 +316,7 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         assert error.status_code == 401 and "guessed-key" not in str(error.body) and "s3cret" not in str(error.body)
         right = openai.OpenAI(base_url=base_url, api_key="s3cret-key", max_retries=0, timeout=30)
         assert [model.id for model in right.models.list()] == [MODEL]
+        assert refused(lambda: wrong.models.retrieve(MODEL)).status_code == 401
         assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # health needs no key
         lower = httpx.get(base_url + "/models", headers={"authorization": "bearer s3cret-key"})  # the scheme's case is free
         assert lower.status_code == 200
