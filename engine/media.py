@@ -48,6 +48,9 @@ def _too_large(size: int, policy: MediaPolicy) -> MediaError:
     return MediaError(f"the image is {size:,} bytes; the limit is {policy.max_bytes:,}", status=413)
 
 
+_LENIENT = str.maketrans({"-": "+", "_": "/", **dict.fromkeys(" \t\r\n", None)})
+
+
 def _data(url: str, policy: MediaPolicy) -> bytes:
     header = DATA_URL.match(url)
     if header is None:
@@ -55,8 +58,11 @@ def _data(url: str, policy: MediaPolicy) -> bytes:
     encoded = url[header.end():]
     if len(encoded) * 3 // 4 > policy.max_bytes:  # measured before a byte is decoded
         raise _too_large(len(encoded) * 3 // 4, policy)
+    # as the encoders clients use write it: lines wrapped at 76 (MIME, the `base64` tool), the URL-safe alphabet,
+    # the padding left off; anything else outside the alphabet is refused
+    encoded = encoded.translate(_LENIENT).rstrip("=")
     try:
-        return base64.b64decode(encoded, validate=True)
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except binascii.Error as error:
         raise MediaError(f"the image's base64 is malformed: {error}") from error
 

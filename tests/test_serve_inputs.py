@@ -2,6 +2,7 @@
 does not implement, several images, long stop strings. On loopback, through the official openai client where a
 client is involved."""
 
+import base64
 import ipaddress
 import os
 import shutil
@@ -335,3 +336,14 @@ def test_a_long_stop_string_holds_back_only_what_could_start_it(engine):
         cut = ask(api, CIRCLES, stop=[stop, "y" * 300])
         assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
         assert streamed(api, CIRCLES, stop=[stop, "y" * 300])[0] == expected
+
+
+def test_base64_as_clients_encode_it_is_read_and_garbage_is_not():
+    policy, encoded = MediaPolicy(), base64.b64encode(PNG).decode()
+    wrapped = "\n".join(encoded[at: at + 76] for at in range(0, len(encoded), 76))  # MIME, the `base64` tool
+    for variant in (encoded, wrapped, wrapped.replace("\n", "\r\n"), encoded.rstrip("="),
+                    base64.urlsafe_b64encode(PNG).decode()):
+        assert image_bytes("data:image/png;base64," + variant, policy) == PNG
+    for garbage in ("not base64!", encoded[:-1] + "*", "QUJD" * 10 + "Q"):  # outside the alphabet; a dangling character
+        with pytest.raises(MediaError, match="base64 is malformed"):
+            image_bytes("data:image/png;base64," + garbage, policy)
