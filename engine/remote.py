@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import openai
 
+from .decoding import NonFiniteScores
 from .prompts import MAX_IMAGE_SIDE, ChatError
 from .untrusted import UntrustedInputError, open_image
 
@@ -28,7 +29,7 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def openai_messages(messages: list[dict], image_url: str) -> list[dict]:
+def openai_messages(messages: list[dict], image_url: str | None) -> list[dict]:
     """Chat-template messages -> OpenAI ones: the `{"type": "image"}` part becomes an image_url part."""
     converted = []
     for message in messages:
@@ -62,7 +63,7 @@ class RemoteChat:
         answer = ""
         try:
             chunks = self.client.chat.completions.create(
-                model=self.model, messages=openai_messages(messages, data_url(image)), temperature=temperature,
+                model=self.model, messages=openai_messages(messages, None if image is None else data_url(image)), temperature=temperature,
                 top_p=top_p, max_tokens=max_new_tokens, stream=True)
             with chunks:
                 for chunk in chunks:
@@ -71,5 +72,9 @@ class RemoteChat:
                         yield answer
         except (openai.BadRequestError, openai.UnprocessableEntityError) as error:
             raise ChatError(error.body.get("message", str(error)) if isinstance(error.body, dict) else str(error)) from error
+        except openai.APIError as error:  # an error event in the stream: llava-serve's for an answer the model broke off
+            if isinstance(error.body, dict) and error.body.get("code") == "model_output_not_finite":
+                raise NonFiniteScores(error.body.get("message") or str(error)) from error
+            raise
         if not answer:
             yield ""

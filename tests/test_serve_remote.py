@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from tiny_components import user_turn
 
-from engine import ChatEngine, ChatError
+from engine import ChatEngine, ChatError, NonFiniteScores
 from engine.remote import RemoteChat
 from engine.server import create_app, running
 
@@ -36,3 +36,25 @@ def test_remote_chat_streams_what_the_local_engine_answers(engine, tmp_path):
             list(remote.stream(messages, str(bogus)))
         with pytest.raises(ChatError, match="temperature"):  # refused by the server: a ChatError the app shows
             list(remote.stream(messages, str(IMAGE), temperature=5.0))
+
+
+def test_an_answer_the_served_model_breaks_off_keeps_its_text_and_says_why(engine, monkeypatch):
+    """The server's error event for NaN scores mid-stream becomes the engine's own NonFiniteScores, which the app
+    shows after the text so far (a generic error would lose both)."""
+    batch, real_step = engine.scheduler._batch, engine.scheduler._batch.step
+
+    def step():  # every answer's scores turn NaN from its fourth token on
+        logits = real_step()
+        for index, row in enumerate(batch.rows):
+            if len(row.tokens) >= 3:
+                logits[index] = float("nan")
+        return logits
+
+    monkeypatch.setattr(batch, "step", step)
+    messages = [user_turn("Describe the image in detail.", image_first=False)]
+    with running(create_app(engine, "shapes-llava", stream_interval=0.0)) as base_url:
+        remote, chunks = RemoteChat(base_url), []
+        with pytest.raises(NonFiniteScores, match="NaN or infinite"):
+            for chunk in remote.stream(messages, str(IMAGE), temperature=0.0, max_new_tokens=30):
+                chunks.append(chunk)
+    assert chunks and chunks[-1].strip()  # the text before the scores broke
