@@ -50,3 +50,13 @@ def test_a_prompt_lays_out_the_processors_tokens_without_its_pixels(engine):
     ids = prompt.ids
     assert ids.tolist() == expected and prompt.sizes == [(WIDE.height, WIDE.width)]
     assert int((ids == engine.processor.image_token_id).sum()) == engine.processor.anyres_token_count(31, 45) != 16
+
+
+def test_a_conversation_without_an_image_answers_as_generate_does(engine):
+    messages = [{"role": "user", "content": "What is in the picture?"}]
+    answer = list(engine.stream(messages, None, temperature=0.0, max_new_tokens=6))[-1]
+    prompt = engine.processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = engine.processor.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    assert engine.model.config.image_token_id not in ids[0].tolist()
+    tokens = engine.model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert answer == engine.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip()
