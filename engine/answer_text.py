@@ -35,33 +35,68 @@ class AnswerText:
     """The growing text of one answer, fed what arrives (`add`): the same Progress as_text yields, for a reader that
     is not an iterator (llava-serve's event loop, which the tokens reach without a thread of their own). `finished`
     once a Progress carried a finish reason: the engine's, or "stop" at a stop string (cut from the text; the caller
-    then cancels the rest)."""
+    then cancels the rest).
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    A chat answer's text is stripped of the spaces around it. With `context` (the prompt's last token ids, see
+    `continuation`) the text is a raw continuation, as a text-completion API returns it: exactly what follows the
+    prompt, its leading space included, which a tokenizer that drops the first token's space on decoding would lose
+    if the answer's tokens were decoded alone."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None):
         self.tokenizer = tokenizer
         self.stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
         self.tokens: list[int] = []
         self.finished = False
+        self._context = context
+        self._before = None if context is None else self._decode(context)
+
+    def text_of(self, tokens: list[int]) -> str:
+        if self._context is None:
+            return self._decode(tokens).strip()
+        whole = self._decode(self._context + tokens)
+        # the prompt's text is a prefix of the whole but where its last bytes were half a character the answer completes
+        return whole[len(self._before):] if whole.startswith(self._before) else self._decode(tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, arrived: Tokens) -> Progress:
         known = len(self.tokens)
         self.tokens += arrived.new
-        text = _text(self.tokenizer, self.tokens)
+        text = self.text_of(self.tokens)
         counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens}
         if any(word in text for word in self.stop):
-            self.tokens, text = _until_stop(self.tokenizer, self.tokens, known, self.stop)
+            self.tokens, text = self._until_stop(known)
             self.finished = True
             return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop", **counts)
         if arrived.finish_reason is not None:
             self.finished = True
             return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason, **counts)
-        return Progress(shown(text, self.stop), completion_tokens=len(self.tokens), **counts)
+        return Progress(shown(text, self.stop, strip=self._context is None), completion_tokens=len(self.tokens), **counts)
+
+    def _until_stop(self, known: int) -> tuple[list[int], str]:
+        """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
+        that text cut before it."""
+        for count in range(known + 1, len(self.tokens) + 1):
+            text = self.text_of(self.tokens[:count])
+            cuts = [text.find(word) for word in self.stop if word in text]
+            if cuts:
+                text = text[: min(cuts)]
+                return self.tokens[:count], text.rstrip() if self._context is None else text
+        raise AssertionError("the stop string was in the whole text")
 
 
-def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = ()) -> Iterator[Progress]:
+def continuation(prompt_ids: list[int]) -> list[int]:
+    """The prompt's last tokens that a continuation's text is decoded after (AnswerText's `context`): enough for a
+    tokenizer's rules about the first token's space and for a character split across tokens."""
+    return list(prompt_ids[-6:])
+
+
+def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None) -> Iterator[Progress]:
     """The growing answer of `arrivals`; a stop string ends it (cut from the text, `arrivals` closed: that cancels
-    the rest). Each Progress holds back what could still become a stop string or half a character."""
-    text = AnswerText(tokenizer, stop)
+    the rest). Each Progress holds back what could still become a stop string or half a character. `context`: see
+    AnswerText."""
+    text = AnswerText(tokenizer, stop, context)
     with closing(arrivals):
         for arrived in arrivals:
             yield text.add(arrived)
@@ -69,25 +104,11 @@ def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = ()) -
                 return
 
 
-def _text(tokenizer, tokens: list[int]) -> str:
-    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-
-def _until_stop(tokenizer, tokens: list[int], known: int, stop: tuple[str, ...]) -> tuple[list[int], str]:
-    """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
-    that text cut before it."""
-    for count in range(known + 1, len(tokens) + 1):
-        text = _text(tokenizer, tokens[:count])
-        cuts = [text.find(word) for word in stop if word in text]
-        if cuts:
-            return tokens[:count], text[: min(cuts)].rstrip()
-    raise AssertionError("the stop string was in the whole text")
-
-
-def shown(text: str, stops: tuple[str, ...]) -> str:
+def shown(text: str, stops: tuple[str, ...], strip: bool = True) -> str:
     """`text` less its longest suffix that is a proper prefix of some stop string (so a 200-character stop string
     that never comes holds back nothing of an answer that does not end like its beginning), less half characters
-    (U+FFFD of an incomplete byte sequence) and trailing spaces, which the final answer may drop."""
+    (U+FFFD of an incomplete byte sequence) and, with `strip` (a chat answer's, which ends stripped), trailing
+    spaces, which the final answer may drop."""
     cut = len(text)
     for stop in filter(None, stops):  # an empty stop string matches at once, elsewhere
         start = max(0, len(text) - len(stop) + 1)  # a tail as long as the stop string would have matched
@@ -96,4 +117,5 @@ def shown(text: str, stops: tuple[str, ...]) -> str:
                 cut = start  # the earliest such start is the longest such tail
                 break
             start += 1
-    return text[:cut].rstrip("\ufffd").rstrip()
+    text = text[:cut].rstrip("\ufffd")
+    return text.rstrip() if strip else text

@@ -14,10 +14,10 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, DynamicCache
 
 from llava_plugin.convert import convert, detect_format, local_folder
 
-from .answer_text import Progress, Tokens, as_text
+from .answer_text import Progress, Tokens, as_text, continuation
 from .decoding import NonFiniteScores, Sampling  # noqa: F401 (NonFiniteScores: engine's export)
 from .prefix_cache import PrefixCache, common_prefix
-from .prompts import ChatError, Prompt, Prompter
+from .prompts import ChatError, ContextTooLong, Prompt, Prompter
 from .scheduler import Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
@@ -130,6 +130,14 @@ class ChatEngine:
         With `interval`, at most one Progress per that many seconds (the end is never held back)."""
         return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop)
 
+    def complete(self, prompt: str | list[int], sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
+        """A text completion: `prompt` (raw text, tokenized as it is without a chat template, or token ids; no images)
+        continued, its text exactly what follows the prompt (a leading space kept, nothing stripped), as OpenAI's
+        and vLLM's /v1/completions return it. ChatError here for a prompt we refuse."""
+        made = self.prompter.text_prompt(prompt)
+        return as_text(self.answer_prompt(made, sampling, interval=interval), self.processor.tokenizer, stop,
+                       continuation(made.ids[0].tolist()))
+
     def generate_tokens(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
                         interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Tokens]:
         """The answer's token ids as they come (see answer_text.as_text for its text); closing it early cancels the
@@ -183,7 +191,7 @@ class ChatEngine:
         ids = ids.to(self.device)
         room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
         if room < 1:
-            raise ChatError(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
+            raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if sampling.max_new_tokens > room:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size
@@ -246,7 +254,9 @@ class ChatEngine:
         """The processor's token ids and pixels, for a turn whose images' features are not computed yet."""
         try:
             return self.prompter.inputs(prompt)
-        except ValueError as error:  # too long for the model
+        except ChatError:  # too long for the model
+            raise
+        except ValueError as error:  # the processor's refusal
             raise ChatError(str(error)) from error
 
     def _reuse(self, session: Session, ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int, evict: bool,

@@ -23,16 +23,16 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from transformers import AutoProcessor
 
-from .answer_text import AnswerText, Progress, Tokens, as_text
+from .answer_text import AnswerText, Progress, Tokens, as_text, continuation
 from .decoding import NonFiniteScores, Sampling
-from .prompts import ChatError, Prompter
+from .prompts import ChatError, ContextTooLong, Prompt, Prompter
 from .scheduler import QueueFull
 
-_ERRORS = {"ChatError": ChatError, "QueueFull": QueueFull, "NonFiniteScores": NonFiniteScores}
+_ERRORS = {"ChatError": ChatError, "ContextTooLong": ContextTooLong, "QueueFull": QueueFull, "NonFiniteScores": NonFiniteScores}
 _END = object()
 HEARTBEAT = 1.0  # seconds between the child's signs of life
 
@@ -82,16 +82,30 @@ class EngineProcess:
                  stop: tuple[str, ...] = (), interval: float = 0.0):
         if session_id is not None:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
-        return as_text(self._answer(messages, image, sampling, interval), self.tokenizer, tuple(stop))
+        return as_text(self._answer(lambda: self.prompter.prompt(messages, image), sampling, interval), self.tokenizer, tuple(stop))
+
+    def complete(self, prompt: str | list[int], sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
+        """ChatEngine.complete's: `prompt` continued as it is."""
+        made = self.prompter.text_prompt(prompt)
+        return as_text(self._answer(lambda: made, sampling, interval), self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()))
 
     def answer(self, messages: list[dict], image, sampling: Sampling, loop: asyncio.AbstractEventLoop, stop: tuple[str, ...] = (),
                interval: float = 0.0) -> "StreamedAnswer":
         """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
         it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
         the pipe, which blocks while the pipe is full (a child that stopped reading)."""
-        prompt = self.prompter.prompt(messages, image)
+        return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop)), sampling, loop, interval)
+
+    def answer_completion(self, prompt: str | list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
+                          stop: tuple[str, ...] = (), interval: float = 0.0) -> "StreamedAnswer":
+        """As complete, for a reader on the event loop `loop` (see answer)."""
+        made = self.prompter.text_prompt(prompt)
+        return self._stream(made, AnswerText(self.tokenizer, tuple(stop), continuation(made.ids[0].tolist())), sampling, loop, interval)
+
+    def _stream(self, prompt: Prompt, text: AnswerText, sampling: Sampling, loop: asyncio.AbstractEventLoop,
+                interval: float) -> "StreamedAnswer":
         request = next(self._ids)
-        answer = StreamedAnswer(self, request, AnswerText(self.tokenizer, tuple(stop)), loop)
+        answer = StreamedAnswer(self, request, text, loop)
         self._streams[request] = answer
         try:
             self._send(("generate", request, prompt, sampling, interval))
@@ -100,8 +114,8 @@ class EngineProcess:
             raise
         return answer
 
-    def _answer(self, messages, image, sampling, interval) -> Iterator[Tokens]:
-        prompt = self.prompter.prompt(messages, image)  # ChatError here, before the child hears of it
+    def _answer(self, make_prompt: Callable[[], Prompt], sampling: Sampling, interval: float) -> Iterator[Tokens]:
+        prompt = make_prompt()  # ChatError at the first read, as ChatEngine.generate's, before the child hears of it
         request, arrivals = next(self._ids), queue.SimpleQueue()
         self._streams[request] = arrivals
         finished = False

@@ -3,9 +3,9 @@ response, chunk and error objects. No HTTP here (that is server.py)."""
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from pydantic_core import from_json
 
 from .answer_text import Progress
@@ -20,9 +20,10 @@ class APIError(Exception):
     """Answered as OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -53,16 +54,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The fields we honour. Others are kept (`model_extra`) for `refuse_unsupported`: those that ask for what this
-    server does not do are refused by name; the rest (user, metadata, store, ...) change nothing and are ignored."""
+class SamplingRequest(BaseModel):
+    """The fields both completion APIs share. Others are kept (`model_extra`) for `refuse_unsupported`: those that
+    ask for what this server does not do are refused by name; the rest (user, metadata, store, ...) change nothing
+    and are ignored."""
     model_config = ConfigDict(extra="allow")
+    default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
     model: str
-    messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch generator takes
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
@@ -73,11 +74,30 @@ class ChatRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(stop for stop in stops if stop)
 
+    @property
+    def wanted_tokens(self) -> int | None:
+        return self.max_tokens
+
     def sampling(self, max_tokens: int) -> Sampling:
-        wanted = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
         return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
                         top_p=1.0 if self.top_p is None else self.top_p,
-                        max_new_tokens=min(wanted, max_tokens), seed=self.seed)
+                        max_new_tokens=min(self.wanted_tokens or self.default_max_tokens, max_tokens), seed=self.seed)
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def wanted_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    """/v1/completions: `prompt` continued as it is, text or token ids (one prompt: a list of one is taken too, as
+    clients that batch send it). max_tokens defaults to 16, as OpenAI's and vLLM's do."""
+    default_max_tokens: ClassVar[int] = 16
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
 
 
 # Parameters this server does not implement -> the values that ask for nothing (what a client may send by habit).
@@ -93,7 +113,10 @@ NEUTRAL = {
     "ignore_eos": (None, False), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,),
 }
+# /v1/completions' own: echo, logprobs (a count there, where 0 still asks for the chosen token's), best_of, suffix
+COMPLETION_NEUTRAL = {**NEUTRAL, "logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
 MAX_STOPS, MAX_STOP_CHARS = 4, 1_000
+MAX_PROMPT_TOKENS = MAX_CONVERSATION_CHARS  # token ids in a completion's prompt: no more than the characters of a text one
 # Messages and content parts of one request together: each costs the chat template MESSAGE_OVERHEAD characters at
 # least, so more could never fit the conversation's limit. Counted before the body becomes typed objects: a 30 MB
 # body of a million empty text parts took 5 s and 1.9 GB to validate.
@@ -101,20 +124,49 @@ MAX_ITEMS = MAX_CONVERSATION_CHARS // MESSAGE_OVERHEAD
 
 
 def parse_request(body: bytes) -> ChatRequest:
+    """A /v1/chat/completions body, checked; APIError (400) that names what is wrong."""
+    raw = _json(body)
+    refuse_too_many_items(raw)
+    return _checked(_validated(ChatRequest, raw), NEUTRAL)
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    """A /v1/completions body, checked; APIError (400) that names what is wrong."""
+    raw = _json(body)
+    prompt = raw.get("prompt") if isinstance(raw, dict) else None
+    if isinstance(prompt, list):
+        if len(prompt) > 1 and all(isinstance(item, (str, list)) for item in prompt):
+            raise APIError(400, f"prompt: {len(prompt)} prompts in one request; this server takes one per request (send "
+                           "several requests: they are decoded together)", param="prompt", code="unsupported_parameter")
+        tokens = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
+        if len(tokens) > MAX_PROMPT_TOKENS:  # before a million ids become typed objects
+            raise APIError(400, f"prompt: {len(tokens):,} token ids; at most {MAX_PROMPT_TOKENS:,}", param="prompt")
+    request = _checked(_validated(CompletionRequest, raw), COMPLETION_NEUTRAL)
+    if isinstance(request.prompt, list) and len(request.prompt) == 1 and not isinstance(request.prompt[0], int):
+        request.prompt = request.prompt[0]  # a batch of one
+    return request
+
+
+def _json(body: bytes):
     try:
-        raw = from_json(body)
+        return from_json(body)
     except ValueError as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from None
-    refuse_too_many_items(raw)
+
+
+def _validated(kind: type[SamplingRequest], raw):
     try:
-        request = ChatRequest.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as error:
         # the deepest error is the telling one: of content's string-or-parts union, the part's, not "not a string"
         first = max(error.errors(), key=lambda found: len(found["loc"]))
         loc = [part for part in first["loc"] if not _union_branch(part)]
         where = ".".join(str(part) for index, part in enumerate(loc) if loc[index + 1: index + 2] != [part]) or None
         raise APIError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where) from None
-    refuse_unsupported(request)
+
+
+def _checked(request: SamplingRequest, neutral: dict):
+    refuse_unsupported(request, neutral)
     if len(request.stops) > MAX_STOPS:
         raise APIError(400, f"stop: at most {MAX_STOPS} stop strings", param="stop")
     if any(len(stop) > MAX_STOP_CHARS for stop in request.stops):
@@ -141,9 +193,9 @@ def refuse_too_many_items(raw):
                        f"at most {MAX_ITEMS:,} in all", param="messages")
 
 
-def refuse_unsupported(request: ChatRequest):
+def refuse_unsupported(request: SamplingRequest, neutral: dict):
     for name, value in (request.model_extra or {}).items():
-        if name in NEUTRAL and not any(_same(value, neutral) for neutral in NEUTRAL[name]):
+        if name in neutral and not any(_same(value, allowed) for allowed in neutral[name]):
             raise APIError(400, f"{name}: not supported by this server (it answers with one plain-text choice and "
                            "samples with temperature, top_p and seed only)", param=name, code="unsupported_parameter")
 
@@ -182,7 +234,8 @@ def engine_messages(request: ChatRequest, policy: MediaPolicy) -> tuple[list[dic
                 raise APIError(getattr(error, "status", 400), str(error), param=where,
                                code="image_too_large" if getattr(error, "status", 400) == 413 else "invalid_image") from None
             parts.append({"type": "image"})
-        messages.append({"role": role, "content": parts if role == "user" else "".join(part["text"] for part in parts)})
+        # a system or assistant message's text parts joined as the template joins a user's: a line each
+        messages.append({"role": role, "content": parts if role == "user" else "\n".join(part["text"] for part in parts)})
     return messages, images
 
 
@@ -192,25 +245,61 @@ def usage(progress: Progress) -> dict:
             "prompt_tokens_details": {"cached_tokens": progress.cached_tokens}}
 
 
-class Completion:
-    """One response's identity, and its objects: the whole completion, or its stream's chunks."""
+class ChatCompletion:
+    """One /v1/chat/completions response's identity, and its objects: the whole completion, or its stream's chunks
+    (`opening`, a `delta` per new text, `ending`, `usage_chunk`). With `with_usage` every chunk has the usage key,
+    as OpenAI's do when a stream's usage was asked for: only the last one a value."""
+    prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str):
-        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
+    def __init__(self, model: str, with_usage: bool = False):
+        self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
+        self.with_usage = with_usage
 
     def whole(self, progress: Progress) -> dict:
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": progress.text},
-                             "finish_reason": progress.finish_reason, "logprobs": None}],
+        return {**self._head(self.kind), "choices": [self._choice(progress.text, progress.finish_reason, whole=True)],
                 "usage": usage(progress)}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None, with_usage: bool = False) -> dict:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-        if with_usage:
-            chunk["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
-        return chunk
+    def opening(self) -> dict | None:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def delta(self, text: str) -> dict:
+        return self._chunk({"content": text})
+
+    def ending(self, finish_reason: str) -> dict:
+        return self._chunk({}, finish_reason)
 
     def usage_chunk(self, progress: Progress) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage(progress)}
+        return {**self._head(self.chunk_kind), "choices": [], "usage": usage(progress)}
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(self, text, finish_reason: str | None, whole: bool = False) -> dict:
+        """`text`: the message's content when whole, else the chunk's delta."""
+        if whole:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": 0, "delta": text, "finish_reason": finish_reason, "logprobs": None}
+
+    def _chunk(self, delta, finish_reason: str | None = None) -> dict:
+        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason)]}
+        if self.with_usage:
+            chunk["usage"] = None
+        return chunk
+
+
+class TextCompletion(ChatCompletion):
+    """The same for /v1/completions: choices carry `text`, chunks are text_completion objects too, and a stream
+    opens with its first text (there is no role)."""
+    prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
+
+    def opening(self) -> dict | None:
+        return None
+
+    def delta(self, text: str) -> dict:
+        return self._chunk(text)
+
+    def ending(self, finish_reason: str) -> dict:
+        return self._chunk("", finish_reason)
+
+    def _choice(self, text, finish_reason: str | None, whole: bool = False) -> dict:
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}

@@ -25,6 +25,10 @@ class ChatError(ValueError):
     """A problem with the user's input, worded for the user."""
 
 
+class ContextTooLong(ChatError):
+    """The prompt does not fit the model's context (the API's `context_length_exceeded`)."""
+
+
 def fingerprint(image) -> str:
     return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
 
@@ -66,6 +70,10 @@ class Prompter:
         """The Prompt of `messages` (chat-template format) and `image` (one, a list for a conversation with several, or
         None for a conversation without images); ChatError for input we refuse."""
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        later = next((index for index, message in enumerate(messages) if index and message.get("role") == "system"), None)
+        if later is not None:  # LLaVA's prompt has one system text, first: a template would render it as anything else
+            raise ChatError(f"messages.{later}: a system message comes first, before the conversation; this model's prompt "
+                            "has no place for one later")
         try:
             decoded = [self.decoded(source) for source in sources]
             if conversation_size(messages) > MAX_CONVERSATION_CHARS:
@@ -80,9 +88,35 @@ class Prompter:
                         images=images)
         try:
             prompt.ids = self._laid_out(text, images)
-        except ValueError as error:  # too long for the model
+        except ChatError:  # too long for the model
+            raise
+        except ValueError as error:  # markers and images that do not match
             raise ChatError(str(error)) from error
         return prompt
+
+    def text_prompt(self, prompt: str | list[int]) -> Prompt:
+        """The Prompt of a text-completion request: `prompt` is raw text, tokenized as it is (the tokenizer's own
+        start token added, no chat template), or token ids; no images (their markers are refused: the model would
+        look for features nobody sent). ChatError for input we refuse."""
+        tokenizer = self.processor.tokenizer
+        if isinstance(prompt, str):
+            if len(prompt) > MAX_CONVERSATION_CHARS:
+                raise ChatError(f"the prompt ({len(prompt):,} characters) is over the limit of {MAX_CONVERSATION_CHARS:,}")
+            ids, text = tokenizer(prompt)["input_ids"], prompt
+        else:
+            ids, text = list(prompt), ""
+            outside = next((token for token in ids if not 0 <= token < len(tokenizer)), None)
+            if outside is not None:
+                raise ChatError(f"the prompt has the token id {outside}, outside the model's vocabulary (0 .. {len(tokenizer) - 1})")
+        if not ids:
+            raise ChatError("the prompt is empty")
+        if self.processor.image_token_id in ids:
+            raise ChatError(f"the prompt has the image token ({self.processor.image_token}); images go in messages of "
+                            "/v1/chat/completions")
+        context = tokenizer.model_max_length
+        if len(ids) > context:
+            raise ContextTooLong(f"the prompt is {len(ids)} tokens but the model's context is {context}")
+        return Prompt(text, "", [], [], ids=torch.tensor([ids], dtype=torch.long))
 
     def inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
         """The processor's token ids and pixels (None without images) for the prompt (its images decoded again if they
@@ -132,5 +166,5 @@ class Prompter:
             ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
         context = self.processor.tokenizer.model_max_length
         if ids.shape[1] > context:
-            raise ValueError(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")
+            raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")
         return ids

@@ -1,4 +1,5 @@
-"""llava-serve: an OpenAI-compatible HTTP API on the chat engine (chat completions, streamed or not; models; health).
+"""llava-serve: an OpenAI-compatible HTTP API on the chat engine (chat completions and text completions, streamed or
+not; models; health; metrics).
 
 llava-serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--allowed-local-media-path DIR] [--allow-image-urls]
 
@@ -29,12 +30,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
+from .prompts import ContextTooLong
 from .answer_text import Progress
 from .decoding import NonFiniteScores
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .metrics import render
-from .openai_api import APIError, Completion, engine_messages, parse_request
+from .openai_api import (APIError, ChatCompletion, SamplingRequest, TextCompletion, engine_messages, parse_completion_request,
+                         parse_request)
 from .scheduler import QueueFull
 
 from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL
@@ -42,10 +45,11 @@ from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL
 log = logging.getLogger("llava-serve")
 T = TypeVar("T")
 MAX_COMPLETION_TOKENS = 4096
+RETRY_SOON = {"Retry-After": "1"}  # a 503's: the openai client waits that long before its retry
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None = None, api_key: str | None = None,
@@ -89,7 +93,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")  # the scheme's case is free (RFC 9110)
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "a valid API key is needed (Authorization: Bearer ...)", code="invalid_api_key")
+            raise APIError(401, "a valid API key is needed (Authorization: Bearer ...)", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/health")
     async def health():
@@ -122,68 +127,94 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = await read_body(request, max_body_bytes)
-        chat = parse_request(body)
-        if chat.model != model_name:
-            raise APIError(404, f"the model {chat.model!r} does not exist here; this server serves {model_name!r}",
+        chat = parse_request(await read_body(request, max_body_bytes))
+
+        def begin(loop, interval: float):
+            messages, images = engine_messages(chat, policy)
+            sampling = chat.sampling(MAX_COMPLETION_TOKENS)
+            if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
+                return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
+            return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
+
+        return await respond(request, chat, begin, ChatCompletion)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        completion = parse_completion_request(await read_body(request, max_body_bytes))
+
+        def begin(loop, interval: float):
+            prompt, sampling = completion.prompt, completion.sampling(MAX_COMPLETION_TOKENS)
+            if isinstance(engine, EngineProcess):
+                return engine.answer_completion(prompt, sampling, stop=completion.stops, interval=interval, loop=loop)
+            return ThreadedAnswer(engine.complete(prompt, sampling, stop=completion.stops, interval=interval))
+
+        return await respond(request, completion, begin, TextCompletion, param="prompt")
+
+    async def respond(request: Request, asked: SamplingRequest, begin: Callable, response: type[ChatCompletion],
+                      param: str = "messages"):
+        """A request's answer, whole or streamed. `begin(loop, interval)` runs in a worker thread (one hop there and
+        back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input it refuses
+        came in `param`."""
+        if asked.model != model_name:
+            raise APIError(404, f"the model {asked.model!r} does not exist here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+        if getattr(engine, "alive", False) and not engine.responsive():  # alive but frozen, or stopped by a signal: it may never answer
+            raise APIError(503, "the engine is not responding (no heartbeat); retry shortly", code="engine_not_responding",
+                           kind="server_error", headers=RETRY_SOON)
         if state["active"] >= max_concurrent:
             raise APIError(503, f"the server is busy ({max_concurrent} requests at once); retry shortly", code="queue_full",
-                           kind="server_error")
+                           kind="server_error", headers=RETRY_SOON)
         state["active"] += 1
         release = Release(state)
         loop = asyncio.get_running_loop()
+        interval = stream_interval if asked.stream else 0.5  # a whole answer: its reader need not wake per token
 
-        def start():  # one worker thread's call: each hop to a thread and back costs a busy CPU a fraction of a ms
-            messages, images = engine_messages(chat, policy)
-            interval = stream_interval if chat.stream else 0.5  # a whole answer: its reader need not wake per token
-            sampling = chat.sampling(MAX_COMPLETION_TOKENS)
+        def start():
             # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
             # thread is) still lets go of it
-            with api_errors():  # input errors surface here, before any byte is sent
-                if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
-                    release.answer = engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
-                    return
-                release.answer = ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
-                release.answer.read_first()
+            with api_errors(param):  # input errors surface here, before any byte is sent
+                release.answer = begin(loop, interval)
+                if isinstance(release.answer, ThreadedAnswer):
+                    release.answer.read_first()
 
         try:
             await run_in_threadpool(start)
-            first = await unless_gone(request, lambda: next_progress(release.answer))
+            first = await unless_gone(request, lambda: next_progress(release.answer, param))  # the engine's refusals come here
         except BaseException:
             await release()
             raise
-        completion = Completion(model_name)
-        if not chat.stream:
+        completion = response(model_name, with_usage=bool(asked.stream and asked.stream_options and asked.stream_options.include_usage))
+        if not asked.stream:
             try:
                 return completion.whole(first if first.finish_reason else await unless_gone(request, lambda: rest(release.answer)))
             finally:
                 await release()
-        usage = bool(chat.stream_options and chat.stream_options.include_usage)
         # the release also as a background task: a client gone before the stream's first byte never starts `events`
-        return StreamingResponse(events(release, first, completion, usage), media_type="text/event-stream",
+        return StreamingResponse(events(release, first, completion), media_type="text/event-stream",
                                  background=BackgroundTask(release))
 
     return app
 
 
 @contextlib.contextmanager
-def api_errors():
-    """The engine's refusals as API errors."""
+def api_errors(param: str = "messages"):
+    """The engine's refusals as API errors; `param`: the request's field a refused input came in."""
     try:
         yield
     except ChatError as error:
-        raise APIError(400, str(error), param="messages") from None
+        raise APIError(400, str(error), param=param,
+                       code="context_length_exceeded" if isinstance(error, ContextTooLong) else None) from None
     except QueueFull as error:
-        raise APIError(503, str(error), code="queue_full", kind="server_error") from None
+        raise APIError(503, str(error), code="queue_full", kind="server_error", headers=RETRY_SOON) from None
     except EngineStopped as error:
         raise APIError(503, str(error), code="engine_stopped", kind="server_error") from None
     except NonFiniteScores as error:  # this answer's only: the others go on
         raise APIError(500, str(error), code="model_output_not_finite", kind="server_error") from None
 
 
-async def next_progress(answer) -> Progress:
-    with api_errors():
+async def next_progress(answer, param: str = "messages") -> Progress:
+    with api_errors(param):
         return await answer.next()
 
 
@@ -282,18 +313,19 @@ class Release:
             self.answer.close()  # an answer that ended: nothing to wait for
 
 
-async def events(release: Release, progress, completion: Completion, with_usage: bool):
-    """Server-sent events: the role, the text as it grows, the finish reason, the usage if asked, then [DONE]. Events
-    ready at once go out in one write (the role with the first text; the end's three): each write is a send here
-    and a read for the client, whose CPU a loaded machine shares."""
+async def events(release: Release, progress, completion: ChatCompletion):
+    """Server-sent events: the opening (a chat stream's role), the text as it grows, the finish reason, the usage if
+    asked, then [DONE]. Events ready at once go out in one write (the opening with the first text; the end's three):
+    each write is a send here and a read for the client, whose CPU a loaded machine shares."""
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    sent, ready = "", sse(completion.chunk({"role": "assistant", "content": ""}, with_usage=with_usage))
+    opening = completion.opening()
+    sent, ready = "", sse(opening) if opening else ""
     try:
         while True:
             if progress.text.startswith(sent) and len(progress.text) > len(sent):
-                ready += sse(completion.chunk({"content": progress.text[len(sent):]}, with_usage=with_usage))
+                ready += sse(completion.delta(progress.text[len(sent):]))
                 sent = progress.text
             if progress.finish_reason is not None:
                 break
@@ -301,8 +333,8 @@ async def events(release: Release, progress, completion: Completion, with_usage:
                 yield ready
                 ready = ""
             progress = await next_progress(release.answer)
-        ready += sse(completion.chunk({}, progress.finish_reason, with_usage=with_usage))
-        if with_usage:
+        ready += sse(completion.ending(progress.finish_reason))
+        if completion.with_usage:
             ready += sse(completion.usage_chunk(progress))
     except APIError as error:
         ready += sse(error.body())

@@ -129,6 +129,20 @@ def test_the_server_over_the_child_streams_as_it_answers_whole(child):
         assert httpx.get(base_url.removesuffix("/v1") + "/health").status_code == 200
 
 
+def test_a_text_completion_over_the_child_equals_the_engines_in_process(child, local):
+    prompt = "A chat about a picture of shapes. USER: Describe the picture. ASSISTANT:"
+    expected = last(local.complete(prompt, GREEDY))
+    assert last(child.complete(prompt, GREEDY)).text == expected.text
+    with pytest.raises(ChatError, match="image token"):  # refused in the parent, before the child hears of it
+        child.complete("<image>", GREEDY)
+    with running(create_app(child, "shapes")) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        whole = client.completions.create(model="shapes", prompt=prompt, temperature=0, max_tokens=40)
+        chunks = client.completions.create(model="shapes", prompt=prompt, temperature=0, max_tokens=40, stream=True)
+        assert whole.choices[0].text == "".join(chunk.choices[0].text for chunk in chunks) == expected.text
+        assert expected.text.startswith(" ")  # a continuation's text, not a stripped answer
+
+
 def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_reading(child, local, monkeypatch):
     """Over the child, a stream's chunks reach the event loop with no worker thread of their own (one hop, to start
     the answer, however many chunks), and equal the engine's answer in process; a stop string cut in the parent
@@ -226,9 +240,13 @@ def test_a_stopped_engine_fails_the_health_check_until_it_goes_on(child, monkeyp
             started = time.monotonic()
             stopped = httpx.get(health, timeout=10)
             waited = time.monotonic() - started
+            # a new request is turned away at once rather than left waiting for an engine that may never answer
+            turned_away = httpx.post(f"{base_url}/completions", json={"model": "shapes", "prompt": "Hi"}, timeout=10)
         finally:
             os.kill(child._process.pid, signal.SIGCONT)
         assert (stopped.status_code, stopped.json()) == (503, {"status": "engine not responding"}) and waited < 1.0
+        assert turned_away.status_code == 503 and turned_away.json()["error"]["code"] == "engine_not_responding"
+        assert turned_away.headers["retry-after"] == "1"
         blocked.join(30)
         assert not blocked.is_alive() and outcome == [ChatError]
         deadline = time.monotonic() + 10

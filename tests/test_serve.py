@@ -126,7 +126,7 @@ def test_a_stream_sends_what_is_ready_at_once_in_one_write():
     import asyncio
     import json
 
-    from engine.openai_api import Completion
+    from engine.openai_api import ChatCompletion
     from engine.server import Release, ThreadedAnswer, events
 
     def answer():
@@ -139,7 +139,7 @@ def test_a_stream_sends_what_is_ready_at_once_in_one_write():
         release.answer = ThreadedAnswer(answer())
         release.answer.read_first()
         first = await release.answer.next()
-        return [write async for write in events(release, first, Completion(MODEL), with_usage=True)], state
+        return [write async for write in events(release, first, ChatCompletion(MODEL, with_usage=True))], state
 
     sent, state = asyncio.run(writes())
     events_of = [[json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in write.split("\n\n") if line]
@@ -244,6 +244,7 @@ def test_a_full_server_answers_503_and_recovers():
             assert gate.entered.wait(30)
             busy = refused(lambda: ask(client, CIRCLES))
             assert busy.status_code == 503 and busy.body["code"] == "queue_full"
+            assert busy.response.headers["retry-after"] == "1"  # the openai client's retry waits that long
             gate.release.set()
             assert first.result().choices[0].message.content == "ok"
         assert ask(client, CIRCLES).choices[0].message.content == "ok"
@@ -314,6 +315,7 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         wrong = openai.OpenAI(base_url=base_url, api_key="guessed-key", max_retries=0, timeout=30)
         error = refused(lambda: wrong.models.list())
         assert error.status_code == 401 and "guessed-key" not in str(error.body) and "s3cret" not in str(error.body)
+        assert error.response.headers["www-authenticate"] == "Bearer"
         right = openai.OpenAI(base_url=base_url, api_key="s3cret-key", max_retries=0, timeout=30)
         assert [model.id for model in right.models.list()] == [MODEL]
         assert refused(lambda: wrong.models.retrieve(MODEL)).status_code == 401

@@ -4,6 +4,7 @@ client is involved."""
 
 import base64
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -347,3 +348,13 @@ def test_base64_as_clients_encode_it_is_read_and_garbage_is_not():
     for garbage in ("not base64!", encoded[:-1] + "*", "QUJD" * 10 + "Q"):  # outside the alphabet; a dangling character
         with pytest.raises(MediaError, match="base64 is malformed"):
             image_bytes("data:image/png;base64," + garbage, policy)
+
+
+def test_a_system_message_in_text_parts_is_joined_a_line_each_as_a_users_is():
+    from engine.openai_api import engine_messages, parse_request
+
+    body = {"model": MODEL, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Answer in one word."}]},
+        {"role": "user", "content": "Hi"}]}
+    messages, images = engine_messages(parse_request(json.dumps(body).encode()), MediaPolicy())
+    assert messages[0] == {"role": "system", "content": "You are terse.\nAnswer in one word."} and images == []

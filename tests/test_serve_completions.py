@@ -1,0 +1,130 @@
+"""llava-serve's /v1/completions (a prompt continued as it is, no chat template) through the official openai client
+on loopback, and the raw continuation's text."""
+
+import httpx
+import openai
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from engine.answer_text import AnswerText, Tokens
+from engine.decoding import Sampling
+from test_serve import MODEL, client, engine, refused  # noqa: F401
+
+PROMPT = "A chat about a picture of shapes. USER: Describe the picture. ASSISTANT:"
+
+
+def complete(client, prompt, **options) -> openai.types.Completion:
+    return client.completions.create(model=MODEL, prompt=prompt, **{"temperature": 0, "max_tokens": 12, **options})
+
+
+def greedy_continuation(engine, ids: list[int], count: int) -> list[int]:
+    """The model's greedy next tokens after `ids`, one forward per token over the whole text (no cache, no batch)."""
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(count):
+            logits = engine.model(input_ids=torch.tensor([ids])).logits[0, -1]
+            token = int(logits.argmax())
+            if token in engine.stop_ids:
+                break
+            ids.append(token)
+    return ids
+
+
+def test_a_text_prompt_is_continued_exactly_as_the_model_continues_it(client, engine):
+    tokenizer = engine.processor.tokenizer
+    ids = tokenizer(PROMPT)["input_ids"]
+    whole = greedy_continuation(engine, ids, 12)
+    expected = tokenizer.decode(whole)[len(tokenizer.decode(ids)):]
+    answer = complete(client, PROMPT)
+    assert answer.object == "text_completion" and answer.id.startswith("cmpl-")
+    assert answer.choices[0].text == expected and expected.startswith(" ")  # the space before the answer's first word kept
+    assert answer.usage.prompt_tokens == len(ids) and answer.usage.completion_tokens == len(whole) - len(ids)
+    # as token ids, and as the batch of one that clients which batch send: the same answer
+    assert complete(client, ids).choices[0].text == expected
+    assert complete(client, [ids]).choices[0].text == expected
+    assert complete(client, [PROMPT]).choices[0].text == expected
+    # OpenAI's default length for a completion is 16 tokens
+    assert complete(client, PROMPT, max_tokens=None).usage.completion_tokens <= 16
+
+
+def test_a_streamed_completion_equals_the_whole_and_a_stop_string_cuts_it_exactly(client):
+    whole = complete(client, PROMPT).choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert all(chunk.object == "text_completion" for chunk in chunks)
+    assert "".join(choice.text for chunk in chunks for choice in chunk.choices) == whole
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    # a stop string: the text up to it, its spaces kept (a chat answer's is stripped; a completion's is not)
+    word = whole.split()[1]
+    cut = complete(client, PROMPT, stop=[word])
+    assert cut.choices[0].text == whole[: whole.index(word)] and cut.choices[0].text.endswith(" ")
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_prompts_it_cannot_answer_get_openai_errors_that_name_the_prompt(client, engine):
+    image_token = engine.processor.image_token_id
+    for prompt, wanted in [(["one prompt", "and another"], "2 prompts in one request"),
+                           ("<image> what is this?", "image token"),
+                           ([5, image_token, 7], "image token"),
+                           ([5, 100_000], "outside the model's vocabulary"),
+                           ([-1], "outside the model's vocabulary"),
+                           ([], "the prompt is empty"),
+                           ([[]], "the prompt is empty")]:
+        error = refused(lambda: complete(client, prompt))
+        assert error.status_code == 400 and wanted in error.body["message"] and error.body["param"] == "prompt", (prompt, error.body)
+    too_long = refused(lambda: complete(client, [5] * 1100))  # the model's context is 1024
+    assert too_long.status_code == 400 and too_long.body["code"] == "context_length_exceeded"
+    for extra in ({"echo": True}, {"logprobs": 1}, {"best_of": 2}, {"suffix": "!"}, {"n": 2}):
+        error = refused(lambda: complete(client, PROMPT, extra_body=extra))
+        assert error.status_code == 400 and error.body["code"] == "unsupported_parameter" and error.body["param"] == next(iter(extra))
+    assert complete(client, PROMPT, extra_body={"echo": False, "logprobs": None, "n": 1}).choices[0].text  # neutral values pass
+    base_url = str(client.base_url).rstrip("/")
+    for body, param in [({"model": MODEL, "prompt": [True]}, "prompt.0"), ({"model": MODEL}, "prompt"),
+                        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, "max_tokens")]:
+        response = httpx.post(f"{base_url}/completions", json=body, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert refused(lambda: client.completions.create(model="gpt-3.5-turbo-instruct", prompt="x")).status_code == 404
+
+
+class _Dropping:
+    """A tokenizer that, as SentencePiece's do, drops the space of a text's first word when decoding."""
+
+    def __init__(self):
+        vocabulary = {word: index for index, word in enumerate(["[UNK]", "▁The", "▁circle", "▁is", "▁red", "."])}
+        tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+        tokenizer.decoder = decoders.Metaspace()
+        self.fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+    def ids(self, text: str) -> list[int]:
+        return self.fast(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_continuation_keeps_the_space_a_tokenizer_drops_from_a_texts_first_word():
+    tokenizer = _Dropping()
+    prompt, answer = tokenizer.ids("The circle is"), tokenizer.ids(" red.")
+    assert tokenizer.fast.decode(answer) == "red."  # decoded alone, the space is gone
+    text = AnswerText(tokenizer.fast, context=prompt[-6:])
+    first = text.add(Tokens(answer[:1], prompt_tokens=3, cached_tokens=0))
+    last = text.add(Tokens(answer[1:], prompt_tokens=3, cached_tokens=0, finish_reason="stop"))
+    assert (first.text, last.text) == (" red", " red.")
+    # a chat answer is decoded alone and stripped, as before
+    assert AnswerText(tokenizer.fast).add(Tokens(answer, prompt_tokens=3, cached_tokens=0, finish_reason="stop")).text == "red."
+
+
+def test_the_engine_completes_in_process_as_the_server_does(client, engine):
+    progresses = list(engine.complete(PROMPT, Sampling(0.0, 1.0, 12)))
+    assert progresses[-1].text == complete(client, PROMPT).choices[0].text and progresses[-1].finish_reason
+
+
+@pytest.mark.parametrize("messages, where", [
+    ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Answer in French."}], "messages.1"),
+    ([{"role": "system", "content": "One."}, {"role": "system", "content": "Two."}, {"role": "user", "content": "Hi"}], "messages.1"),
+])
+def test_a_system_message_after_the_first_is_refused_not_rendered_as_an_answer(client, messages, where):
+    """LLaVA's prompt has one system text, first; the template rendered a later one as an assistant's turn."""
+    error = refused(lambda: client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4))
+    assert error.status_code == 400 and where in error.body["message"] and "system message" in error.body["message"]
