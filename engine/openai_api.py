@@ -236,7 +236,25 @@ def engine_messages(request: ChatRequest, policy: MediaPolicy) -> tuple[list[dic
             parts.append({"type": "image"})
         # a system or assistant message's text parts joined as the template joins a user's: a line each
         messages.append({"role": role, "content": parts if role == "user" else "\n".join(part["text"] for part in parts)})
-    return messages, images
+    return _merged(messages), images
+
+
+def _merged(messages: list[dict]) -> list[dict]:
+    """Each run of messages of one role as one message, their texts a line apart as a message's parts are: OpenAI's
+    API takes two user messages in a row (LangChain sends them for two HumanMessages, and two system messages for
+    two SystemMessages), while LLaVA's prompt has one system text and alternates user and assistant turns."""
+    def as_parts(content) -> list[dict]:
+        return [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+    runs = []
+    for message in messages:
+        if not runs or runs[-1]["role"] != message["role"]:
+            runs.append(message)
+            continue
+        before, content = runs[-1]["content"], message["content"]
+        joined = f"{before}\n{content}" if isinstance(before, str) and isinstance(content, str) else as_parts(before) + as_parts(content)
+        runs[-1] = {**runs[-1], "content": joined}
+    return runs
 
 
 def usage(progress: Progress) -> dict:

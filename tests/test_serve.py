@@ -201,7 +201,7 @@ def test_bad_input_gets_openai_errors_while_other_streams_go_on(client):
         (400, None, lambda: ask(client, question("Hi?", bomb))),
         (400, "invalid_image", lambda: ask(client, question("Hi?", "https://example.com/cat.png"))),  # URLs are off
         (400, "invalid_image", lambda: ask(client, question("Hi?", (EXAMPLES / "three_shapes.png").as_uri()))),  # files too
-        (400, None, lambda: ask(client, CIRCLES + CIRCLES[:1])),  # two user turns in a row
+        (400, None, lambda: ask(client, [{"role": "assistant", "content": "Hello!"}, *CIRCLES])),  # LLaVA's turns start with a user's
         (400, None, lambda: ask(client, [{"role": "assistant", "content": [{"type": "image_url", "image_url": CIRCLES[0]["content"][1]["image_url"]}]}])),
         (400, None, lambda: ask(client, CIRCLES, temperature=3)),
         (404, "model_not_found", lambda: client.chat.completions.create(model="gpt-4o", messages=CIRCLES)),

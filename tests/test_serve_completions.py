@@ -122,7 +122,8 @@ def test_the_engine_completes_in_process_as_the_server_does(client, engine):
 
 @pytest.mark.parametrize("messages, where", [
     ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Answer in French."}], "messages.1"),
-    ([{"role": "system", "content": "One."}, {"role": "system", "content": "Two."}, {"role": "user", "content": "Hi"}], "messages.1"),
+    ([{"role": "system", "content": "One."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+      {"role": "system", "content": "Two."}, {"role": "user", "content": "Why?"}], "messages.3"),
 ])
 def test_a_system_message_after_the_first_is_refused_not_rendered_as_an_answer(client, messages, where):
     """LLaVA's prompt has one system text, first; the template rendered a later one as an assistant's turn."""

@@ -358,3 +358,18 @@ def test_a_system_message_in_text_parts_is_joined_a_line_each_as_a_users_is():
         {"role": "user", "content": "Hi"}]}
     messages, images = engine_messages(parse_request(json.dumps(body).encode()), MediaPolicy())
     assert messages[0] == {"role": "system", "content": "You are terse.\nAnswer in one word."} and images == []
+
+
+def test_messages_of_one_role_in_a_row_are_one_turn_and_are_answered(client):
+    """OpenAI takes them (LangChain sends two HumanMessages so); LLaVA's prompt alternates user and assistant."""
+    from engine.openai_api import engine_messages, parse_request
+
+    image = {"type": "image_url", "image_url": {"url": CIRCLES[0]["content"][1]["image_url"]["url"]}}
+    sent = [{"role": "system", "content": "Shapes."}, {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Look at this."}, {"role": "user", "content": [{"type": "text", "text": "What color is the circle?"}, image]}]
+    messages, images = engine_messages(parse_request(json.dumps({"model": MODEL, "messages": sent}).encode()), MediaPolicy())
+    assert messages == [{"role": "system", "content": "Shapes.\nBe brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "Look at this."},
+                                                     {"type": "text", "text": "What color is the circle?"}, {"type": "image"}]}]
+    assert len(images) == 1
+    assert "red" in ask(client, sent).choices[0].message.content
