@@ -40,14 +40,18 @@ class AnswerText:
     A chat answer's text is stripped of the spaces around it. With `context` (the prompt's last token ids, see
     `continuation`) the text is a raw continuation, as a text-completion API returns it: exactly what follows the
     prompt, its leading space included, which a tokenizer that drops the first token's space on decoding would lose
-    if the answer's tokens were decoded alone."""
+    if the answer's tokens were decoded alone.
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None):
+    With `min_tokens` (the sampling's), a stop string ends the answer only where it ends past the text of its first
+    `min_tokens` tokens, as vLLM checks stop strings only once an answer has that many."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None, min_tokens: int = 0):
         self.tokenizer = tokenizer
         self.stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
         self.tokens: list[int] = []
         self.finished = False
         self._context = context
+        self.min_tokens, self._floor = min_tokens, None if min_tokens else 0  # the floor: that text's length
         self._before = None if context is None else self._decode(context)
 
     def text_of(self, tokens: list[int]) -> str:
@@ -65,7 +69,7 @@ class AnswerText:
         self.tokens += arrived.new
         text = self.text_of(self.tokens)
         counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens}
-        if any(word in text for word in self.stop):
+        if self._stop_in(text, len(self.tokens)) >= 0:
             self.tokens, text = self._until_stop(known)
             self.finished = True
             return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop", **counts)
@@ -77,13 +81,21 @@ class AnswerText:
     def _until_stop(self, known: int) -> tuple[list[int], str]:
         """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
         that text cut before it."""
-        for count in range(known + 1, len(self.tokens) + 1):
+        for count in range(max(known, self.min_tokens) + 1, len(self.tokens) + 1):
             text = self.text_of(self.tokens[:count])
-            cuts = [text.find(word) for word in self.stop if word in text]
-            if cuts:
-                text = text[: min(cuts)]
+            if (cut := self._stop_in(text, count)) >= 0:
+                text = text[:cut]
                 return self.tokens[:count], text.rstrip() if self._context is None else text
         raise AssertionError("the stop string was in the whole text")
+
+    def _stop_in(self, text: str, count: int) -> int:
+        """Where the first stop string that counts starts in `text` (the text of the first `count` tokens), or -1."""
+        if not self.stop or count <= self.min_tokens:
+            return -1
+        if self._floor is None:
+            self._floor = len(self.text_of(self.tokens[: self.min_tokens]))
+        cuts = [at for word in self.stop if (at := text.find(word, max(0, self._floor - len(word) + 1))) >= 0]
+        return min(cuts, default=-1)
 
 
 def continuation(prompt_ids: list[int]) -> list[int]:
@@ -92,11 +104,12 @@ def continuation(prompt_ids: list[int]) -> list[int]:
     return list(prompt_ids[-6:])
 
 
-def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None) -> Iterator[Progress]:
+def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None,
+            min_tokens: int = 0) -> Iterator[Progress]:
     """The growing answer of `arrivals`; a stop string ends it (cut from the text, `arrivals` closed: that cancels
-    the rest). Each Progress holds back what could still become a stop string or half a character. `context`: see
-    AnswerText."""
-    text = AnswerText(tokenizer, stop, context)
+    the rest). Each Progress holds back what could still become a stop string or half a character. `context` and
+    `min_tokens`: see AnswerText."""
+    text = AnswerText(tokenizer, stop, context, min_tokens)
     with closing(arrivals):
         for arrived in arrivals:
             yield text.add(arrived)

@@ -128,7 +128,8 @@ class ChatEngine:
                  stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
         """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
         With `interval`, at most one Progress per that many seconds (the end is never held back)."""
-        return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop)
+        return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop,
+                       min_tokens=sampling.min_tokens)
 
     def complete(self, prompt: str | list[int], sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
         """A text completion: `prompt` (raw text, tokenized as it is without a chat template, or token ids; no images)
@@ -136,7 +137,7 @@ class ChatEngine:
         and vLLM's /v1/completions return it. ChatError here for a prompt we refuse."""
         made = self.prompter.text_prompt(prompt)
         return as_text(self.answer_prompt(made, sampling, interval=interval), self.processor.tokenizer, stop,
-                       continuation(made.ids[0].tolist()))
+                       continuation(made.ids[0].tolist()), sampling.min_tokens)
 
     def generate_tokens(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
                         interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Tokens]:
@@ -193,7 +194,7 @@ class ChatEngine:
         if room < 1:
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if sampling.max_new_tokens > room:
-            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+            sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size
         anyres = self.model.config.image_grid_pinpoints is not None
         image_sizes = torch.tensor(prompt.sizes, device=self.device) if anyres else None

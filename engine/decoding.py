@@ -3,6 +3,7 @@
 The scaling and the nucleus cut are one tensor operation over the batch; only the draw itself is per row, since a
 seeded sequence draws from its own generator so that its answer does not depend on who else was in the batch."""
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,18 @@ class NonFiniteScores(RuntimeError):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one sequence picks its tokens; temperature 0 is greedy."""
+    """How one sequence picks its tokens; temperature 0 is greedy. `top_k` (0: no limit) and `min_p` (0: none) cut
+    the candidates as vLLM's and transformers' samplers do; `min_tokens` keeps the end token (and stop strings) from
+    ending the answer before that many tokens; `ignore_eos` decodes on through end tokens up to `max_new_tokens`
+    (benchmarks ask for it to get answers of a fixed length)."""
     temperature: float = 0.2
     top_p: float = 0.7
     max_new_tokens: int = 512
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -36,6 +44,12 @@ class Sampling:
             raise ValueError(f"top_p is {self.top_p}; it must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
+        if self.top_k < 0:
+            raise ValueError(f"top_k is {self.top_k}; it must be at least 0 (0: no limit)")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p is {self.min_p}; it must be between 0 and 1")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens is {self.min_tokens}; it must be between 0 and max_new_tokens ({self.max_new_tokens})")
         if self.temperature < MIN_TEMPERATURE:  # whoever asks (the API, the app, a caller of the engine)
             object.__setattr__(self, "temperature", 0.0)
         object.__setattr__(self, "top_p", max(self.top_p, MIN_TOP_P))
@@ -44,34 +58,48 @@ class Sampling:
         return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)
 
 
-def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """(B, V) probabilities with, per row, everything outside the smallest set holding `top_p` of the mass zeroed
-    (the most likely token always stays)."""
+def truncated(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """(B, V) probabilities with, per row, the candidates outside its cut zeroed, in vLLM's order: those below
+    `min_p` times the most likely token's probability and those past the `top_k` most likely (0: none) go first,
+    then `top_p` keeps the smallest set holding that share of what is left (transformers' generate cuts top_p
+    before min_p, which keeps more where both cut; the API's clients speak vLLM's dialect). The most likely token
+    always stays."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device)
+    cut = ((ranks[None, :] >= top_k[:, None]) & (top_k[:, None] > 0)) | (sorted_probs < min_p[:, None] * sorted_probs[:, :1])
+    sorted_probs[cut] = 0
+    # the share of the mass left, for the rows that lost some (the others keep top_p over their whole mass, unrounded)
+    kept = torch.where(cut.any(dim=-1), sorted_probs.sum(dim=-1), 1.0)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
-    sorted_probs[before >= top_p[:, None]] = 0
+    sorted_probs[before >= top_p[:, None] * kept[:, None]] = 0
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
 @torch.no_grad()
 def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
-                suppress: list[int]) -> list[int | None]:
+                suppress: list[int], blocked: list[Collection[int]] | None = None) -> list[int | None]:
     """One token per row of `logits` (B, V), row i following samplings[i] and drawing from generators[i] (None: the
-    global generator); None for a row whose scores hold a NaN or +inf. Such a row is not drawn from (the multinomial
+    global generator), never one of `suppress` nor of its own `blocked[i]` (the end tokens of a sequence short of its
+    min_tokens); None for a row whose scores hold a NaN or +inf. Such a row is not drawn from (the multinomial
     would raise for the whole batch, failing every other sequence's answer), and its argmax would be noise."""
     logits = logits.float()
     broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)  # before suppress writes its -inf
     if suppress:
         logits[:, suppress] = -float("inf")
+    for row, ids in enumerate(blocked or []):
+        if ids:
+            logits[row, list(ids)] = -float("inf")
     tokens = logits.argmax(dim=-1)
     sampled = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([samplings[row].temperature for row in sampled], device=logits.device)
         top_p = torch.tensor([samplings[row].top_p for row in sampled], device=logits.device)
+        top_k = torch.tensor([samplings[row].top_k for row in sampled], device=logits.device)
+        min_p = torch.tensor([samplings[row].min_p for row in sampled], device=logits.device)
         # a broken row draws from even scores (never read): telling which rows are broken first would wait for a GPU
         scores = torch.where(broken[rows, None], 0.0, logits[rows]) / temperature[:, None]
-        probs = nucleus(torch.softmax(scores, dim=-1), top_p)
+        probs = truncated(torch.softmax(scores, dim=-1), top_p, top_k, min_p)
         for index, row in enumerate(sampled):
             tokens[row] = torch.multinomial(probs[index], 1, generator=generators[row])[0]
     return [None if token < 0 else token for token in torch.where(broken, -1, tokens).tolist()]

@@ -82,25 +82,29 @@ class EngineProcess:
                  stop: tuple[str, ...] = (), interval: float = 0.0):
         if session_id is not None:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
-        return as_text(self._answer(lambda: self.prompter.prompt(messages, image), sampling, interval), self.tokenizer, tuple(stop))
+        return as_text(self._answer(lambda: self.prompter.prompt(messages, image), sampling, interval), self.tokenizer, tuple(stop),
+                       min_tokens=sampling.min_tokens)
 
     def complete(self, prompt: str | list[int], sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
         """ChatEngine.complete's: `prompt` continued as it is."""
         made = self.prompter.text_prompt(prompt)
-        return as_text(self._answer(lambda: made, sampling, interval), self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()))
+        return as_text(self._answer(lambda: made, sampling, interval), self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()),
+                       sampling.min_tokens)
 
     def answer(self, messages: list[dict], image, sampling: Sampling, loop: asyncio.AbstractEventLoop, stop: tuple[str, ...] = (),
                interval: float = 0.0) -> "StreamedAnswer":
         """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
         it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
         the pipe, which blocks while the pipe is full (a child that stopped reading)."""
-        return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop)), sampling, loop, interval)
+        return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop), min_tokens=sampling.min_tokens),
+                            sampling, loop, interval)
 
     def answer_completion(self, prompt: str | list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
                           stop: tuple[str, ...] = (), interval: float = 0.0) -> "StreamedAnswer":
         """As complete, for a reader on the event loop `loop` (see answer)."""
         made = self.prompter.text_prompt(prompt)
-        return self._stream(made, AnswerText(self.tokenizer, tuple(stop), continuation(made.ids[0].tolist())), sampling, loop, interval)
+        return self._stream(made, AnswerText(self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()), sampling.min_tokens),
+                            sampling, loop, interval)
 
     def _stream(self, prompt: Prompt, text: AnswerText, sampling: Sampling, loop: asyncio.AbstractEventLoop,
                 interval: float) -> "StreamedAnswer":

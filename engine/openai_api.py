@@ -66,6 +66,12 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch generator takes
+    # vLLM's and SGLang's sampling extras, which their clients send in extra_body (SGLang's benchmark sends
+    # ignore_eos: true by default); top_k -1 or 0 is no limit, as theirs
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
 
@@ -79,9 +85,12 @@ class SamplingRequest(BaseModel):
         return self.max_tokens
 
     def sampling(self, max_tokens: int) -> Sampling:
+        """`max_tokens`: the server's limit, which caps min_tokens too."""
+        most = min(self.wanted_tokens or self.default_max_tokens, max_tokens)
         return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
-                        top_p=1.0 if self.top_p is None else self.top_p,
-                        max_new_tokens=min(self.wanted_tokens or self.default_max_tokens, max_tokens), seed=self.seed)
+                        top_p=1.0 if self.top_p is None else self.top_p, max_new_tokens=most, seed=self.seed,
+                        top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, min_tokens=min(self.min_tokens or 0, most),
+                        ignore_eos=bool(self.ignore_eos))
 
 
 class ChatRequest(SamplingRequest):
@@ -108,9 +117,8 @@ NEUTRAL = {
     "functions": (None, []), "function_call": (None, "none"), "logprobs": (None, False), "top_logprobs": (None, 0),
     "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "web_search_options": (None,),
-    # the sampling extras of vLLM and SGLang, which their clients send in extra_body
-    "top_k": (None, 0, -1), "min_p": (None, 0), "repetition_penalty": (None, 1), "min_tokens": (None, 0),
-    "ignore_eos": (None, False), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    # the sampling extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos are)
+    "repetition_penalty": (None, 1), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,),
 }
 # /v1/completions' own: echo, logprobs (a count there, where 0 still asks for the chosen token's), best_of, suffix
@@ -173,6 +181,8 @@ def _checked(request: SamplingRequest, neutral: dict):
         raise APIError(400, f"stop: a stop string is at most {MAX_STOP_CHARS:,} characters", param="stop")
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
+    if (request.min_tokens or 0) > (most := request.wanted_tokens or request.default_max_tokens):
+        raise APIError(400, f"min_tokens: {request.min_tokens} is more than the answer's most tokens ({most})", param="min_tokens")
     return request
 
 
@@ -197,7 +207,7 @@ def refuse_unsupported(request: SamplingRequest, neutral: dict):
     for name, value in (request.model_extra or {}).items():
         if name in neutral and not any(_same(value, allowed) for allowed in neutral[name]):
             raise APIError(400, f"{name}: not supported by this server (it answers with one plain-text choice and "
-                           "samples with temperature, top_p and seed only)", param=name, code="unsupported_parameter")
+                           "samples with temperature, top_p, top_k, min_p and seed only)", param=name, code="unsupported_parameter")
 
 
 def _same(value, neutral) -> bool:

@@ -66,6 +66,12 @@ class Sequence:
         only its prompt's last token left to feed (a rider, see RowBatch.riders), that token."""
         return self.tokens[-1] if self.tokens else int(self.pending[0, -1])
 
+    @property
+    def blocked(self) -> set[int]:
+        """The tokens its next one may not be: its end tokens while it is short of its min_tokens."""
+        short = len(self.tokens) < self.sampling.min_tokens and not self.sampling.ignore_eos
+        return self.stop_ids if short else set()
+
     def emit(self, token: int | None) -> bool:
         """Records a sampled token; True when the sequence is finished. None (next_tokens: its scores were not
         numbers) finishes it with NonFiniteScores."""
@@ -74,7 +80,7 @@ class Sequence:
                                          f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "
                                          f"may not overflow")
             return True
-        if token in self.stop_ids:
+        if token in self.stop_ids and not self.sampling.ignore_eos:  # blocked (see `blocked`) before min_tokens
             self.finish_reason = "stop"
             return True
         self.tokens.append(token)
@@ -205,7 +211,7 @@ class Scheduler:
                 sequence.finish(error)
                 continue
             sequence.image_inputs = {}  # the image entered the cache with the prompt
-            if sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress)[0]):
+            if sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress, [sequence.blocked])[0]):
                 sequence.finish()
             else:
                 self._alone.append(sequence)
@@ -222,7 +228,8 @@ class Scheduler:
                     sequence.finish(error)
             else:
                 tokens = next_tokens(logits, [sequence.sampling for sequence in prefilling],
-                                     [sequence.generator for sequence in prefilling], self.suppress)
+                                     [sequence.generator for sequence in prefilling], self.suppress,
+                                     [sequence.blocked for sequence in prefilling])
                 self._leave([row for row, sequence, token in zip(rows, prefilling, tokens) if sequence.emit(token)])
         if riders:
             try:
@@ -241,7 +248,7 @@ class Scheduler:
                 if not finished:
                     self.counts["slot_steps"] += 1
                     logits = sequence.cache.forward(torch.tensor([[sequence.tokens[-1]]], device=sequence.pending.device), {})
-                    finished = sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress)[0])
+                    finished = sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress, [sequence.blocked])[0])
             except Exception as error:
                 self._alone.remove(sequence)
                 sequence.finish(error)
@@ -260,7 +267,8 @@ class Scheduler:
             logits = batch.step()
         except Exception as error:
             return batch.fail(error)
-        tokens = next_tokens(logits, [row.sampling for row in batch.rows], [row.generator for row in batch.rows], self.suppress)
+        tokens = next_tokens(logits, [row.sampling for row in batch.rows], [row.generator for row in batch.rows], self.suppress,
+                             [row.blocked for row in batch.rows])
         self._leave([index for index, (row, token) in enumerate(zip(batch.rows, tokens)) if row.emit(token)])
 
     def _leave(self, indices: list[int]):

@@ -141,6 +141,13 @@ def test_a_text_completion_over_the_child_equals_the_engines_in_process(child, l
         chunks = client.completions.create(model="shapes", prompt=prompt, temperature=0, max_tokens=40, stream=True)
         assert whole.choices[0].text == "".join(chunk.choices[0].text for chunk in chunks) == expected.text
         assert expected.text.startswith(" ")  # a continuation's text, not a stripped answer
+        # the sampling extras cross the pipe: min_tokens and a stop string held back until it, ignore_eos to max_tokens
+        extras = Sampling(temperature=0, max_new_tokens=30, min_tokens=20)
+        held = last(local.complete(prompt, extras, stop=(" square",)))
+        assert held.completion_tokens >= 20 and last(child.complete(prompt, extras, stop=(" square",))).text == held.text
+        through = client.completions.create(model="shapes", prompt=prompt, temperature=0, max_tokens=25, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        assert [chunk.usage.completion_tokens for chunk in through if chunk.usage] == [25]
 
 
 def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_reading(child, local, monkeypatch):

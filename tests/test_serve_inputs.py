@@ -280,7 +280,7 @@ def test_parameters_the_server_does_not_implement_are_refused_by_name(client):
         error = refused(lambda: ask(client, CIRCLES, **{name: value}))
         assert error.status_code == 400 and error.body["param"] == name and error.body["code"] == "unsupported_parameter"
         assert error.body["message"].startswith(f"{name}: not supported"), error.body
-    for extra in ({"functions": [{"name": "f"}]}, {"top_k": 5}, {"guided_json": {"type": "object"}}):
+    for extra in ({"functions": [{"name": "f"}]}, {"repetition_penalty": 1.1}, {"guided_json": {"type": "object"}}):
         assert refused(lambda: ask(client, CIRCLES, extra_body=extra)).body["param"] == next(iter(extra))
     error = refused(lambda: ask(client, CIRCLES, stream_options={"include_usage": True}))  # without stream
     assert error.status_code == 400 and error.body["param"] == "stream_options"
