@@ -123,7 +123,9 @@ NEUTRAL = {
 }
 # /v1/completions' own: echo, logprobs (a count there, where 0 still asks for the chosen token's), best_of, suffix
 COMPLETION_NEUTRAL = {**NEUTRAL, "logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
-MAX_STOPS, MAX_STOP_CHARS = 4, 1_000
+# OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
+# the end-of-text string (5 and more for some tasks). Each costs a search of the answer's tail per arrival.
+MAX_STOPS, MAX_STOP_CHARS = 16, 1_000
 MAX_PROMPT_TOKENS = MAX_CONVERSATION_CHARS  # token ids in a completion's prompt: no more than the characters of a text one
 # Messages and content parts of one request together: each costs the chat template MESSAGE_OVERHEAD characters at
 # least, so more could never fit the conversation's limit. Counted before the body becomes typed objects: a 30 MB

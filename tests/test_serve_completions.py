@@ -129,3 +129,19 @@ def test_a_system_message_after_the_first_is_refused_not_rendered_as_an_answer(c
     """LLaVA's prompt has one system text, first; the template rendered a later one as an assistant's turn."""
     error = refused(lambda: client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4))
     assert error.status_code == 400 and where in error.body["message"] and "system message" in error.body["message"]
+
+
+def test_lm_evals_generate_until_payload_with_five_stop_strings_is_answered(client, engine):
+    """lm-eval's local-completions sends the prompt as a batch of one token list, seed 1234, and its task's whole
+    `until` list plus the end-of-text string: more than OpenAI's 4 stop strings."""
+    ids = engine.processor.tokenizer(PROMPT)["input_ids"]
+    whole = complete(client, ids, max_tokens=16).choices[0].text
+    word = whole.split()[2]
+    until = ["\n\n", "Question:", "Q:", "</s>", word]
+    payload = {"prompt": [ids], "model": MODEL, "max_tokens": 16, "temperature": 0, "stop": until, "seed": 1234}
+    answer = httpx.post(str(client.base_url) + "completions", json=payload, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == whole[: whole.index(word)]
+    payload["stop"] = [f"stop {index}" for index in range(17)]
+    refusal = httpx.post(str(client.base_url) + "completions", json=payload, timeout=60)
+    assert refusal.status_code == 400 and refusal.json()["error"]["param"] == "stop"
