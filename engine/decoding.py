@@ -99,7 +99,10 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
         min_p = torch.tensor([samplings[row].min_p for row in sampled], device=logits.device)
         # a broken row draws from even scores (never read): telling which rows are broken first would wait for a GPU
         scores = torch.where(broken[rows, None], 0.0, logits[rows]) / temperature[:, None]
-        probs = truncated(torch.softmax(scores, dim=-1), top_p, top_k, min_p)
+        probs = torch.softmax(scores, dim=-1)
+        # the API's default (top_p 1, no top_k or min_p) cuts nothing: the sort of a 32k vocabulary costs more than the draw
+        if any(samplings[row].top_p < 1 or samplings[row].top_k or samplings[row].min_p for row in sampled):
+            probs = truncated(probs, top_p, top_k, min_p)
         for index, row in enumerate(sampled):
             tokens[row] = torch.multinomial(probs[index], 1, generator=generators[row])[0]
     return [None if token < 0 else token for token in torch.where(broken, -1, tokens).tolist()]

@@ -151,3 +151,14 @@ def test_min_tokens_near_the_end_of_the_context_ends_with_it(client, engine):
     assert Sampling(0.0, 1.0, 10, min_tokens=10).min_tokens == 10
     with pytest.raises(ValueError, match="min_tokens"):
         Sampling(0.0, 1.0, 10, min_tokens=11)
+
+
+def test_plain_temperature_sampling_draws_from_the_whole_distribution():
+    """top_p 1 with no top_k or min_p (the API's default) cuts nothing: the draw is the multinomial's over softmax."""
+    from engine.decoding import next_tokens
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 4
+    drawn = next_tokens(logits, [Sampling(0.7, 1.0, 8, seed=5)] * 3, [torch.Generator().manual_seed(row) for row in range(3)], [])
+    expected = [int(torch.multinomial(torch.softmax(logits[row] / 0.7, dim=-1), 1, generator=torch.Generator().manual_seed(row))[0])
+                for row in range(3)]
+    assert drawn == expected
