@@ -103,10 +103,17 @@ class ChatRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    """/v1/completions: `prompt` continued as it is, text or token ids (one prompt: a list of one is taken too, as
-    clients that batch send it). max_tokens defaults to 16, as OpenAI's and vLLM's do."""
+    """/v1/completions: `prompt` continued as it is: text or token ids, or a list of several (lm-eval's
+    local-completions sends its batch so), each answered as a choice of its own. max_tokens defaults to 16, as
+    OpenAI's and vLLM's do."""
     default_max_tokens: ClassVar[int] = 16
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt (text or token ids) per choice."""
+        several = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if several else [self.prompt]
 
 
 # Parameters this server does not implement -> the values that ask for nothing (what a client may send by habit).
@@ -127,6 +134,7 @@ COMPLETION_NEUTRAL = {**NEUTRAL, "logprobs": (None,), "echo": (None, False), "be
 # the end-of-text string (5 and more for some tasks). Each costs a search of the answer's tail per arrival.
 MAX_STOPS, MAX_STOP_CHARS = 16, 1_000
 MAX_PROMPT_TOKENS = MAX_CONVERSATION_CHARS  # token ids in a completion's prompt: no more than the characters of a text one
+MAX_PROMPTS = 64  # in one /v1/completions request; each takes a place in the batch as a request of its own would
 # Messages and content parts of one request together: each costs the chat template MESSAGE_OVERHEAD characters at
 # least, so more could never fit the conversation's limit. Counted before the body becomes typed objects: a 30 MB
 # body of a million empty text parts took 5 s and 1.9 GB to validate.
@@ -144,16 +152,18 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     """A /v1/completions body, checked; APIError (400) that names what is wrong."""
     raw = _json(body)
     prompt = raw.get("prompt") if isinstance(raw, dict) else None
-    if isinstance(prompt, list):
-        if len(prompt) > 1 and all(isinstance(item, (str, list)) for item in prompt):
-            raise APIError(400, f"prompt: {len(prompt)} prompts in one request; this server takes one per request (send "
-                           "several requests: they are decoded together)", param="prompt", code="unsupported_parameter")
-        tokens = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
-        if len(tokens) > MAX_PROMPT_TOKENS:  # before a million ids become typed objects
-            raise APIError(400, f"prompt: {len(tokens):,} token ids; at most {MAX_PROMPT_TOKENS:,}", param="prompt")
+    if isinstance(prompt, list):  # before a million ids, or prompts, become typed objects
+        several = bool(prompt) and all(isinstance(item, (str, list)) for item in prompt)
+        if several and len(prompt) > MAX_PROMPTS:
+            raise APIError(400, f"prompt: {len(prompt):,} prompts in one request; at most {MAX_PROMPTS}", param="prompt")
+        for index, tokens in enumerate(prompt if several else [prompt]):
+            if isinstance(tokens, list) and len(tokens) > MAX_PROMPT_TOKENS:
+                where = f"prompt.{index}" if several else "prompt"
+                raise APIError(400, f"{where}: {len(tokens):,} token ids; at most {MAX_PROMPT_TOKENS:,}", param="prompt")
     request = _checked(_validated(CompletionRequest, raw), COMPLETION_NEUTRAL)
-    if isinstance(request.prompt, list) and len(request.prompt) == 1 and not isinstance(request.prompt[0], int):
-        request.prompt = request.prompt[0]  # a batch of one
+    if len(request.prompts) > 1 and request.stream:
+        raise APIError(400, f"stream: {len(request.prompts)} prompts are answered whole only; stream one prompt per request "
+                       "(several requests are decoded together)", param="stream", code="unsupported_parameter")
     return request
 
 
@@ -269,10 +279,10 @@ def _merged(messages: list[dict]) -> list[dict]:
     return runs
 
 
-def usage(progress: Progress) -> dict:
-    return {"prompt_tokens": progress.prompt_tokens, "completion_tokens": progress.completion_tokens,
-            "total_tokens": progress.prompt_tokens + progress.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": progress.cached_tokens}}
+def usage(*progresses: Progress) -> dict:
+    prompt, completion = sum(each.prompt_tokens for each in progresses), sum(each.completion_tokens for each in progresses)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(each.cached_tokens for each in progresses)}}
 
 
 class ChatCompletion:
@@ -285,9 +295,11 @@ class ChatCompletion:
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
         self.with_usage = with_usage
 
-    def whole(self, progress: Progress) -> dict:
-        return {**self._head(self.kind), "choices": [self._choice(progress.text, progress.finish_reason, whole=True)],
-                "usage": usage(progress)}
+    def whole(self, *progresses: Progress) -> dict:
+        """The whole response: a choice per answer (several for a completion of several prompts), their usage summed."""
+        choices = [self._choice(progress.text, progress.finish_reason, whole=True, index=index)
+                   for index, progress in enumerate(progresses)]
+        return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses)}
 
     def opening(self) -> dict | None:
         return self._chunk({"role": "assistant", "content": ""})
@@ -304,11 +316,11 @@ class ChatCompletion:
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(self, text, finish_reason: str | None, whole: bool = False) -> dict:
+    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0) -> dict:
         """`text`: the message's content when whole, else the chunk's delta."""
         if whole:
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": 0, "delta": text, "finish_reason": finish_reason, "logprobs": None}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
+        return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": None}
 
     def _chunk(self, delta, finish_reason: str | None = None) -> dict:
         chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason)]}
@@ -331,5 +343,5 @@ class TextCompletion(ChatCompletion):
     def ending(self, finish_reason: str) -> dict:
         return self._chunk("", finish_reason)
 
-    def _choice(self, text, finish_reason: str | None, whole: bool = False) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0) -> dict:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}

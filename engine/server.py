@@ -11,6 +11,7 @@ engine.media and engine.untrusted before decoding, and the API key, if any, is c
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -136,62 +137,79 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
             return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
 
-        return await respond(request, chat, begin, ChatCompletion)
+        return await respond(request, chat, [begin], ChatCompletion)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         completion = parse_completion_request(await read_body(request, max_body_bytes))
 
-        def begin(loop, interval: float):
-            prompt, sampling = completion.prompt, completion.sampling(MAX_COMPLETION_TOKENS)
-            if isinstance(engine, EngineProcess):
-                return engine.answer_completion(prompt, sampling, stop=completion.stops, interval=interval, loop=loop)
-            return ThreadedAnswer(engine.complete(prompt, sampling, stop=completion.stops, interval=interval))
+        def begin_with(prompt):
+            def begin(loop, interval: float):
+                sampling = completion.sampling(MAX_COMPLETION_TOKENS)
+                if isinstance(engine, EngineProcess):
+                    return engine.answer_completion(prompt, sampling, stop=completion.stops, interval=interval, loop=loop)
+                return ThreadedAnswer(engine.complete(prompt, sampling, stop=completion.stops, interval=interval))
+            return begin
 
-        return await respond(request, completion, begin, TextCompletion, param="prompt")
+        return await respond(request, completion, [begin_with(prompt) for prompt in completion.prompts], TextCompletion,
+                             param="prompt")
 
-    async def respond(request: Request, asked: SamplingRequest, begin: Callable, response: type[ChatCompletion],
+    async def respond(request: Request, asked: SamplingRequest, begins: list[Callable], response: type[ChatCompletion],
                       param: str = "messages"):
-        """A request's answer, whole or streamed. `begin(loop, interval)` runs in a worker thread (one hop there and
-        back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input it refuses
-        came in `param`."""
+        """A request's answer, whole or streamed; or its answers, a choice each, decoded together (a completion of
+        several prompts: whole only). Each `begin(loop, interval)` runs in a worker thread (one hop there and back:
+        each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input it refuses came
+        in `param`. Each answer takes a place of `max_concurrent`."""
         if asked.model != model_name:
             raise APIError(404, f"the model {asked.model!r} does not exist here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
         if getattr(engine, "alive", False) and not engine.responsive():  # alive but frozen, or stopped by a signal: it may never answer
             raise APIError(503, "the engine is not responding (no heartbeat); retry shortly", code="engine_not_responding",
                            kind="server_error", headers=RETRY_SOON)
-        if state["active"] >= max_concurrent:
+        if len(begins) > max_concurrent:
+            raise APIError(400, f"{param}: {len(begins)} prompts in one request; this server answers at most {max_concurrent} at once",
+                           param=param)
+        if state["active"] + len(begins) > max_concurrent:
             raise APIError(503, f"the server is busy ({max_concurrent} requests at once); retry shortly", code="queue_full",
                            kind="server_error", headers=RETRY_SOON)
-        state["active"] += 1
-        release = Release(state)
+        state["active"] += len(begins)
+        releases = [Release(state) for _ in begins]
         loop = asyncio.get_running_loop()
         interval = stream_interval if asked.stream else 0.5  # a whole answer: its reader need not wake per token
 
-        def start():
-            # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
-            # thread is) still lets go of it
-            with api_errors(param):  # input errors surface here, before any byte is sent
-                release.answer = begin(loop, interval)
-                if isinstance(release.answer, ThreadedAnswer):
-                    release.answer.read_first()
+        async def first(release: Release, begin: Callable) -> Progress:
+            def start():
+                # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
+                # thread is) still lets go of it
+                with api_errors(param):  # input errors surface here, before any byte is sent
+                    release.answer = begin(loop, interval)
+                    if isinstance(release.answer, ThreadedAnswer):
+                        release.answer.read_first()
 
-        try:
             await run_in_threadpool(start)
-            first = await unless_gone(request, lambda: next_progress(release.answer, param))  # the engine's refusals come here
-        except BaseException:
-            await release()
-            raise
+            return await unless_gone(request, lambda: next_progress(release.answer, param))  # the engine's refusals come here
+
+        async def whole(release: Release, begin: Callable) -> Progress:
+            progress = await first(release, begin)
+            return progress if progress.finish_reason else await unless_gone(request, lambda: rest(release.answer))
+
         completion = response(model_name, with_usage=bool(asked.stream and asked.stream_options and asked.stream_options.include_usage))
         if not asked.stream:
             try:
-                return completion.whole(first if first.finish_reason else await unless_gone(request, lambda: rest(release.answer)))
+                return completion.whole(*await together([functools.partial(whole, release, begin)
+                                                         for release, begin in zip(releases, begins)]))
             finally:
-                await release()
+                for release in releases:
+                    await release()
+        (release,), (begin,) = releases, begins  # parse_completion_request streams one prompt only
+        try:
+            opening = await first(release, begin)
+        except BaseException:
+            await release()
+            raise
         # the release also as a background task: a client gone before the stream's first byte never starts `events`
-        return StreamingResponse(events(release, first, completion), media_type="text/event-stream",
+        return StreamingResponse(events(release, opening, completion), media_type="text/event-stream",
                                  background=BackgroundTask(release))
 
     return app
@@ -250,6 +268,28 @@ class ThreadedAnswer:
 
     def close(self):
         self._iterator.close()
+
+
+async def together(makers: list[Callable[[], Awaitable[T]]]) -> list[T]:
+    """What each maker's awaitable gives, in order, all awaited at once; the first error cancels the others and is
+    raised as itself (a task group would wrap it in an ExceptionGroup: a 500)."""
+    if len(makers) == 1:
+        return [await makers[0]()]
+    results, errors = [None] * len(makers), []
+
+    async def run(index: int, make: Callable[[], Awaitable[T]]):
+        try:
+            results[index] = await make()
+        except Exception as error:
+            errors.append(error)
+            group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        for index, make in enumerate(makers):
+            group.start_soon(run, index, make)
+    if errors:
+        raise errors[0]
+    return results
 
 
 async def rest(answer) -> Progress:

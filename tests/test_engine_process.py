@@ -148,6 +148,9 @@ def test_a_text_completion_over_the_child_equals_the_engines_in_process(child, l
         through = client.completions.create(model="shapes", prompt=prompt, temperature=0, max_tokens=25, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         assert [chunk.usage.completion_tokens for chunk in through if chunk.usage] == [25]
+        several = client.completions.create(model="shapes", prompt=[prompt, prompt + " The"], temperature=0, max_tokens=40)
+        assert several.choices[0].text == expected.text
+        assert several.choices[1].text == last(local.complete(prompt + " The", GREEDY)).text
 
 
 def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_reading(child, local, monkeypatch):

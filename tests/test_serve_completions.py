@@ -1,6 +1,8 @@
 """llava-serve's /v1/completions (a prompt continued as it is, no chat template) through the official openai client
 on loopback, and the raw continuation's text."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -66,7 +68,7 @@ def test_a_streamed_completion_equals_the_whole_and_a_stop_string_cuts_it_exactl
 
 def test_prompts_it_cannot_answer_get_openai_errors_that_name_the_prompt(client, engine):
     image_token = engine.processor.image_token_id
-    for prompt, wanted in [(["one prompt", "and another"], "2 prompts in one request"),
+    for prompt, wanted in [(["one prompt"] * 65, "65 prompts in one request; at most 64"),
                            ("<image> what is this?", "image token"),
                            ([5, image_token, 7], "image token"),
                            ([5, 100_000], "outside the model's vocabulary"),
@@ -145,3 +147,29 @@ def test_lm_evals_generate_until_payload_with_five_stop_strings_is_answered(clie
     payload["stop"] = [f"stop {index}" for index in range(17)]
     refusal = httpx.post(str(client.base_url) + "completions", json=payload, timeout=60)
     assert refusal.status_code == 400 and refusal.json()["error"]["param"] == "stop"
+
+
+def test_several_prompts_in_one_request_are_answered_a_choice_each_as_alone(client, engine):
+    """lm-eval's local-completions with batch_size > 1 sends its batch so; vLLM answers a choice per prompt."""
+    tokenizer = engine.processor.tokenizer
+    texts = [PROMPT, "A picture of shapes. USER: What color is the circle? ASSISTANT:", PROMPT + " The"]
+    alone = [complete(client, text) for text in texts]
+    together = complete(client, texts)
+    assert [choice.index for choice in together.choices] == [0, 1, 2]
+    assert [choice.text for choice in together.choices] == [answer.choices[0].text for answer in alone]
+    assert [choice.finish_reason for choice in together.choices] == [answer.choices[0].finish_reason for answer in alone]
+    assert together.usage.completion_tokens == sum(answer.usage.completion_tokens for answer in alone)
+    assert together.usage.prompt_tokens == sum(answer.usage.prompt_tokens for answer in alone)
+    as_ids = complete(client, [tokenizer(text)["input_ids"] for text in texts])
+    assert [choice.text for choice in as_ids.choices] == [choice.text for choice in together.choices]
+    # one prompt refused refuses the request, naming it; the others' answers are let go of
+    image = refused(lambda: complete(client, [PROMPT, "<image> what is this?"], max_tokens=200))
+    assert image.status_code == 400 and image.body["param"] == "prompt" and "image token" in image.body["message"]
+    streamed = refused(lambda: client.completions.create(model=MODEL, prompt=texts, max_tokens=4, stream=True))
+    assert streamed.status_code == 400 and streamed.body["param"] == "stream"
+    for _ in range(100):
+        if engine.scheduler.active == 0:
+            break
+        time.sleep(0.05)
+    assert engine.scheduler.active == 0
+    assert complete(client, texts[:2]).choices[1].text == alone[1].choices[0].text  # and the server goes on
