@@ -44,8 +44,8 @@ class Sampling:
             raise ValueError(f"top_p is {self.top_p}; it must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
-        if self.top_k < 0:
-            raise ValueError(f"top_k is {self.top_k}; it must be at least 0 (0: no limit)")
+        if not 0 <= self.top_k < 2**31:  # one tensor of the batch's top_k: a row's overflow would fail all rows
+            raise ValueError(f"top_k is {self.top_k}; it must be between 0 (no limit) and 2**31 - 1")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p is {self.min_p}; it must be between 0 and 1")
         if not 0 <= self.min_tokens <= self.max_new_tokens:

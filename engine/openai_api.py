@@ -54,6 +54,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# a top_k past int64 made the batched sampling's tensor overflow on the scheduler's thread, failing every answer
+MAX_TOP_K = 2**31 - 1
+
+
 class SamplingRequest(BaseModel):
     """The fields both completion APIs share. Others are kept (`model_extra`) for `refuse_unsupported`: those that
     ask for what this server does not do are refused by name; the rest (user, metadata, store, ...) change nothing
@@ -68,7 +72,7 @@ class SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch generator takes
     # vLLM's and SGLang's sampling extras, which their clients send in extra_body (SGLang's benchmark sends
     # ignore_eos: true by default); top_k -1 or 0 is no limit, as theirs
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
@@ -273,7 +277,7 @@ def _merged(messages: list[dict]) -> list[dict]:
         if not runs or runs[-1]["role"] != message["role"]:
             runs.append(message)
             continue
-        before, content = runs[-1]["content"], message["content"]
+        before, content = runs[-1]["content"], message["content"]  # a user's: text or parts; the others': text
         joined = f"{before}\n{content}" if isinstance(before, str) and isinstance(content, str) else as_parts(before) + as_parts(content)
         runs[-1] = {**runs[-1], "content": joined}
     return runs

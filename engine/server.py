@@ -144,9 +144,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         authorize(request)
         completion = parse_completion_request(await read_body(request, max_body_bytes))
 
+        sampling = completion.sampling(MAX_COMPLETION_TOKENS)
+
         def begin_with(prompt):
             def begin(loop, interval: float):
-                sampling = completion.sampling(MAX_COMPLETION_TOKENS)
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(prompt, sampling, stop=completion.stops, interval=interval, loop=loop)
                 return ThreadedAnswer(engine.complete(prompt, sampling, stop=completion.stops, interval=interval))
@@ -188,23 +189,23 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                         release.answer.read_first()
 
             await run_in_threadpool(start)
-            return await unless_gone(request, lambda: next_progress(release.answer, param))  # the engine's refusals come here
+            return await next_progress(release.answer, param)  # the engine's refusals come here
 
-        async def whole(release: Release, begin: Callable) -> Progress:
+        async def answered(release: Release, begin: Callable) -> Progress:
             progress = await first(release, begin)
-            return progress if progress.finish_reason else await unless_gone(request, lambda: rest(release.answer))
+            return progress if progress.finish_reason else await rest(release.answer)
 
         completion = response(model_name, with_usage=bool(asked.stream and asked.stream_options and asked.stream_options.include_usage))
         if not asked.stream:
+            makers = [functools.partial(answered, release, begin) for release, begin in zip(releases, begins)]
             try:
-                return completion.whole(*await together([functools.partial(whole, release, begin)
-                                                         for release, begin in zip(releases, begins)]))
+                return completion.whole(*await unless_gone(request, lambda: together(makers)))
             finally:
                 for release in releases:
                     await release()
         (release,), (begin,) = releases, begins  # parse_completion_request streams one prompt only
         try:
-            opening = await first(release, begin)
+            opening = await unless_gone(request, lambda: first(release, begin))
         except BaseException:
             await release()
             raise

@@ -131,6 +131,7 @@ def test_sglang_bench_servings_payload_gets_answers_of_the_length_it_asked(clien
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
     ({"min_tokens": -1}, "min_tokens"),
     ({"top_k": -2}, "top_k"),
+    ({"top_k": 2**70, "temperature": 1.0}, "top_k"),  # past int64: the batch's sampling tensor would overflow
     ({"min_p": 1.5}, "min_p"),
     ({"repetition_penalty": 1.2}, "repetition_penalty"),
 ])
