@@ -9,26 +9,38 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
+from .decoding import TokenLogprob
+
 
 @dataclass
 class Progress:
     """The answer so far and what it cost: `prompt_tokens` in all, `cached_tokens` of them reused from earlier
-    requests, `completion_tokens` generated; `finish_reason` ("stop" or "length") on the last one only."""
+    requests, `completion_tokens` generated; `finish_reason` ("stop" or "length") on the last one only. When they
+    were asked for: `tokens` (the answer's ids) and their `logprobs` (the first `completion_tokens` of each count),
+    every prompt token's `prompt_logprobs` (None for the first), and `ended_by`, the end token that finished it."""
     text: str
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
     finish_reason: str | None = None
+    tokens: list[int] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    ended_by: TokenLogprob | None = None
 
 
 @dataclass
 class Tokens:
     """What arrived of an answer since the last: `new` token ids; on the last one, the scheduler's `finish_reason`
-    ("stop" at an end token, "length" at the limit)."""
+    ("stop" at an end token, "length" at the limit). With log-probabilities asked for: `logprobs` (one per new
+    token), `prompt_logprobs` (on the first), `ended_by` (on the last, if an end token finished it)."""
     new: list[int]
     prompt_tokens: int
     cached_tokens: int
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    ended_by: TokenLogprob | None = None
 
 
 class AnswerText:
@@ -49,6 +61,8 @@ class AnswerText:
         self.tokenizer = tokenizer
         self.stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None  # with the tokens, if they came with theirs
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finished = False
         self._context = context
         self.min_tokens, self._floor = min_tokens, None if min_tokens else 0  # the floor: that text's length
@@ -67,15 +81,25 @@ class AnswerText:
     def add(self, arrived: Tokens) -> Progress:
         known = len(self.tokens)
         self.tokens += arrived.new
+        if arrived.logprobs is not None:
+            self.logprobs = self.logprobs if self.logprobs is not None else []
+            self.logprobs += arrived.logprobs  # in place, as the tokens: a Progress reads its first completion_tokens
+        if arrived.prompt_logprobs is not None:
+            self.prompt_logprobs = arrived.prompt_logprobs
         text = self.text_of(self.tokens)
-        counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens}
+        counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens, "tokens": self.tokens,
+                  "logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
         if self._stop_in(text, len(self.tokens)) >= 0:
             self.tokens, text = self._until_stop(known)
+            if self.logprobs is not None:
+                self.logprobs = self.logprobs[: len(self.tokens)]
             self.finished = True
-            return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop", **counts)
+            return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop",
+                            **{**counts, "tokens": self.tokens, "logprobs": self.logprobs})
         if arrived.finish_reason is not None:
             self.finished = True
-            return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason, **counts)
+            return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason,
+                            ended_by=arrived.ended_by, **counts)
         return Progress(shown(text, self.stop, strip=self._context is None), completion_tokens=len(self.tokens), **counts)
 
     def _until_stop(self, known: int) -> tuple[list[int], str]:

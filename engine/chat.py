@@ -131,11 +131,13 @@ class ChatEngine:
         return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop,
                        min_tokens=sampling.min_tokens)
 
-    def complete(self, prompt: str | list[int], sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
-        """A text completion: `prompt` (raw text, tokenized as it is without a chat template, or token ids; no images)
-        continued, its text exactly what follows the prompt (a leading space kept, nothing stripped), as OpenAI's
-        and vLLM's /v1/completions return it. ChatError here for a prompt we refuse."""
-        made = self.prompter.text_prompt(prompt)
+    def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (),
+                 interval: float = 0.0) -> Iterator[Progress]:
+        """A text completion: `prompt` (raw text, tokenized as it is without a chat template, or token ids; no images;
+        or the Prompt the prompter's text_prompt made of them) continued, its text exactly what follows the prompt (a
+        leading space kept, nothing stripped), as OpenAI's and vLLM's /v1/completions return it. ChatError here for
+        a prompt we refuse."""
+        made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
         return as_text(self.answer_prompt(made, sampling, interval=interval), self.processor.tokenizer, stop,
                        continuation(made.ids[0].tolist()), sampling.min_tokens)
 
@@ -191,7 +193,7 @@ class ChatEngine:
         ids, pixel_values = (prompt.ids, None) if have_features and prompt.ids is not None else self._inputs(prompt)
         ids = ids.to(self.device)
         room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
-        if room < 1:
+        if room < min(1, sampling.max_new_tokens):  # a prompt scored only may fill the context
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if sampling.max_new_tokens > room:
             sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
@@ -200,7 +202,9 @@ class ChatEngine:
         image_sizes = torch.tensor(prompt.sizes, device=self.device) if anyres else None
         one_off = session is None
         if one_off:
-            session = self.prefixes.session(key, ids[0]) if self.prefixes is not None else Session(image_key=key)
+            # a prompt to score is fed whole (a cached prefix's positions would have no log-probabilities)
+            reuse = self.prefixes is not None and sampling.prompt_logprobs is None
+            session = self.prefixes.session(key, ids[0]) if reuse else Session(image_key=key)
             if prompt.sources and session.vision_features is None and pixel_values is None:  # forgotten meanwhile
                 ids, pixel_values = self._inputs(prompt)
                 ids = ids.to(self.device)
@@ -212,13 +216,24 @@ class ChatEngine:
     def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, one_off: bool,
                 interval: float, cancel: threading.Event | None) -> Iterator[Tokens]:
         # a one-off answer takes a slot only without a prefix cache, which keeps DynamicCaches
+        scored = sampling.prompt_logprobs is not None  # fed whole, in the batch: see Scheduler._score
         extra = self._reuse(session, ids[0], pixel_values, sampling.max_new_tokens, evict=not one_off,
-                            use_slot=not (one_off and self.prefixes is not None))
+                            use_slot=not (one_off and self.prefixes is not None) and not scored, whole=scored)
         if extra and image_sizes is not None:
             extra["image_sizes"] = image_sizes
         keep = session.cached_tokens
         sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids, cancel))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
+        told = {"tokens": 0, "prompt": False}
+
+        def tokens(new: list[int], **ending) -> Tokens:  # with what was asked of their log-probabilities
+            logprobs = None
+            if sampling.logprobs is not None:
+                logprobs = sequence.logprobs[told["tokens"]: told["tokens"] + len(new)]
+            told["tokens"] += len(new)
+            prompt_logprobs, told["prompt"] = None if told["prompt"] else sequence.prompt_logprobs, True
+            return Tokens(new, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **counts, **ending)
+
         try:
             last = []
             with closing(self.scheduler.tokens(sequence, interval)) as stream:
@@ -227,12 +242,12 @@ class ChatEngine:
                         if ended:  # they go with the finish reason (or before the error)
                             last = arrived
                         else:
-                            yield Tokens(arrived, **counts)
+                            yield tokens(arrived)
                 except Exception:
                     if last:
-                        yield Tokens(last, **counts)  # what the answer had before it failed
+                        yield tokens(last)  # what the answer had before it failed
                     raise
-            yield Tokens(last, finish_reason=sequence.finish_reason or "stop", **counts)
+            yield tokens(last, finish_reason=sequence.finish_reason or "stop", ended_by=sequence.ended_by)
         finally:
             with self._counts_lock:
                 self._counts["requests_failed" if sequence.error is not None else "requests_finished"] += 1
@@ -261,10 +276,10 @@ class ChatEngine:
             raise ChatError(str(error)) from error
 
     def _reuse(self, session: Session, ids: torch.Tensor, pixel_values: torch.Tensor | None, max_new_tokens: int, evict: bool,
-               use_slot: bool = True) -> dict:
-        """Crops the session's cache to the prefix it shares with `ids` (or gives it a fresh one); returns the image
-        input the rest needs."""
-        keep = common_prefix(session.tokens, ids)
+               use_slot: bool = True, whole: bool = False) -> dict:
+        """Crops the session's cache to the prefix it shares with `ids` (or gives it a fresh one; always with `whole`,
+        for a prompt fed whole); returns the image input the rest needs."""
+        keep = 0 if whole else common_prefix(session.tokens, ids)
         image_positions = (ids == self.model.config.image_token_id).nonzero()
         first_image = int(image_positions[0]) if len(image_positions) else None
         if first_image is not None and keep <= int(image_positions[-1]):

@@ -5,6 +5,7 @@ seeded sequence draws from its own generator so that its answer does not depend 
 
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -15,6 +16,8 @@ MIN_TEMPERATURE = 1e-5
 # Any top_p below the most likely token's probability (at least 1 / vocabulary) keeps that token alone; a floor far
 # below any vocabulary's share changes no answer, but keeps float32 from rounding top_p to 0, which keeps no token.
 MIN_TOP_P = 1e-30
+MAX_LOGPROBS = 20  # alternatives per token, at most (OpenAI's top_logprobs and vLLM's default max_logprobs)
+SCORED_ROWS = 256  # prompt positions whose log-softmax is taken at once: (256, 32k) floats are 32 MB
 
 
 class NonFiniteScores(RuntimeError):
@@ -36,13 +39,17 @@ class Sampling:
     min_p: float = 0.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    # not how tokens are picked but what is told of them, as vLLM's SamplingParams carry it: per generated token its
+    # log-probability and this many most likely alternatives' (None: nothing computed), and the same per prompt token
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"temperature is {self.temperature}; it must be between 0 and 2")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p is {self.top_p}; it must be in (0, 1]")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):  # a prompt may be scored only
             raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
         if not 0 <= self.top_k < 2**31:  # one tensor of the batch's top_k: a row's overflow would fail all rows
             raise ValueError(f"top_k is {self.top_k}; it must be between 0 (no limit) and 2**31 - 1")
@@ -50,12 +57,45 @@ class Sampling:
             raise ValueError(f"min_p is {self.min_p}; it must be between 0 and 1")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens is {self.min_tokens}; it must be between 0 and max_new_tokens ({self.max_new_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (count := getattr(self, name)) is not None and not 0 <= count <= MAX_LOGPROBS:
+                raise ValueError(f"{name} is {count}; it must be between 0 and {MAX_LOGPROBS}")
         if self.temperature < MIN_TEMPERATURE:  # whoever asks (the API, the app, a caller of the engine)
             object.__setattr__(self, "temperature", 0.0)
         object.__setattr__(self, "top_p", max(self.top_p, MIN_TOP_P))
 
     def generator(self, device) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator(device).manual_seed(self.seed)
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (its raw scores' log-softmax, before temperature and cuts, as
+    vLLM reports them) and the `top` most likely tokens' (id, log-probability), most likely first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprob]:
+    """For each row of `logits` (B, V), its token's log-probability and its `alternatives[i]` most likely ones'."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    most = max(alternatives, default=0)
+    values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(token, logprob, tuple(zip(ids[row][:count], values[row][:count])))
+            for row, (token, logprob, count) in enumerate(zip(tokens, chosen, alternatives))]
+
+
+def prompt_logprobs(logits: torch.Tensor, ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
+    """Per prompt token its log-probability after the tokens before it (`logits` (T, V): the prompt's, position by
+    position); None for the first, which nothing comes before. In slices of SCORED_ROWS positions: a float32 copy of
+    a long prompt's whole (T, V) would cost gigabytes."""
+    scored: list[TokenLogprob | None] = [None]
+    for start in range(0, len(ids) - 1, SCORED_ROWS):
+        end = min(start + SCORED_ROWS, len(ids) - 1)
+        scored += token_logprobs(logits[start:end], ids[start + 1: end + 1], [alternatives] * (end - start))
+    return scored
 
 
 def truncated(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

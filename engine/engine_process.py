@@ -85,9 +85,9 @@ class EngineProcess:
         return as_text(self._answer(lambda: self.prompter.prompt(messages, image), sampling, interval), self.tokenizer, tuple(stop),
                        min_tokens=sampling.min_tokens)
 
-    def complete(self, prompt: str | list[int], sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
+    def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
         """ChatEngine.complete's: `prompt` continued as it is."""
-        made = self.prompter.text_prompt(prompt)
+        made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
         return as_text(self._answer(lambda: made, sampling, interval), self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()),
                        sampling.min_tokens)
 
@@ -99,10 +99,10 @@ class EngineProcess:
         return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop), min_tokens=sampling.min_tokens),
                             sampling, loop, interval)
 
-    def answer_completion(self, prompt: str | list[int], sampling: Sampling, loop: asyncio.AbstractEventLoop,
+    def answer_completion(self, prompt: str | list[int] | Prompt, sampling: Sampling, loop: asyncio.AbstractEventLoop,
                           stop: tuple[str, ...] = (), interval: float = 0.0) -> "StreamedAnswer":
         """As complete, for a reader on the event loop `loop` (see answer)."""
-        made = self.prompter.text_prompt(prompt)
+        made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
         return self._stream(made, AnswerText(self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()), sampling.min_tokens),
                             sampling, loop, interval)
 
@@ -305,7 +305,8 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
                     if cancels[request].is_set():
                         break
                     # a plain tuple: pickling a dataclass per message cost more than its tokens
-                    send(("tokens", request, item.new, item.prompt_tokens, item.cached_tokens, item.finish_reason))
+                    send(("tokens", request, item.new, item.prompt_tokens, item.cached_tokens, item.finish_reason,
+                          item.logprobs, item.prompt_logprobs, item.ended_by))
                     finished = item.finish_reason is not None
             finally:
                 arrivals.close()

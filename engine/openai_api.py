@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from pydantic_core import from_json
 
 from .answer_text import Progress
-from .decoding import Sampling
+from .decoding import MAX_LOGPROBS, Sampling
 from .media import MediaPolicy, image_bytes
+from .token_logprobs import TokenTexts, chat_logprobs, completion_logprobs, joined
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
 
 DEFAULT_MAX_TOKENS = 512
@@ -76,6 +77,7 @@ class SamplingRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
 
@@ -88,22 +90,43 @@ class SamplingRequest(BaseModel):
     def wanted_tokens(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def most_tokens(self) -> int:
+        """The answer's most tokens as asked (before the server's limit)."""
+        return self.default_max_tokens if self.wanted_tokens is None else self.wanted_tokens
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives each generated token's log-probability comes with; None: none asked for."""
+        return None
+
+    @property
+    def prompt_logprob_alternatives(self) -> int | None:
+        return None
+
     def sampling(self, max_tokens: int) -> Sampling:
         """`max_tokens`: the server's limit, which caps min_tokens too."""
-        most = min(self.wanted_tokens or self.default_max_tokens, max_tokens)
+        most = min(self.most_tokens, max_tokens)
         return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
                         top_p=1.0 if self.top_p is None else self.top_p, max_new_tokens=most, seed=self.seed,
                         top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, min_tokens=min(self.min_tokens or 0, most),
-                        ignore_eos=bool(self.ignore_eos))
+                        ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_alternatives,
+                        prompt_logprobs=self.prompt_logprob_alternatives)
 
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @property
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
@@ -112,6 +135,21 @@ class CompletionRequest(SamplingRequest):
     OpenAI's and vLLM's do."""
     default_max_tokens: ClassVar[int] = 16
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
+    # a count here (0 still asks for the chosen token's); with echo, the prompt's tokens' too (lm-eval's
+    # loglikelihood and multiple-choice tasks send logprobs 1, echo true, max_tokens 1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprob_alternatives(self) -> int | None:
+        if self.echo and self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.echo and self.max_tokens == 0 else None  # nothing to generate: the prompt's forward only
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -125,15 +163,14 @@ class CompletionRequest(SamplingRequest):
 # take a plain single answer for what it asked. Penalties are refused, not implemented: sampling is the scheduler's.
 NEUTRAL = {
     "n": (None, 1), "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "logprobs": (None, False), "top_logprobs": (None, 0),
-    "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "web_search_options": (None,),
     # the sampling extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos are)
     "repetition_penalty": (None, 1), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,),
 }
-# /v1/completions' own: echo, logprobs (a count there, where 0 still asks for the chosen token's), best_of, suffix
-COMPLETION_NEUTRAL = {**NEUTRAL, "logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+# /v1/completions' own
+COMPLETION_NEUTRAL = {**NEUTRAL, "best_of": (None, 1), "suffix": (None, "")}
 # OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
 # the end-of-text string (5 and more for some tasks). Each costs a search of the answer's tail per arrival.
 MAX_STOPS, MAX_STOP_CHARS = 16, 1_000
@@ -197,8 +234,12 @@ def _checked(request: SamplingRequest, neutral: dict):
         raise APIError(400, f"stop: a stop string is at most {MAX_STOP_CHARS:,} characters", param="stop")
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
-    if (request.min_tokens or 0) > (most := request.wanted_tokens or request.default_max_tokens):
+    if (request.min_tokens or 0) > (most := request.most_tokens):
         raise APIError(400, f"min_tokens: {request.min_tokens} is more than the answer's most tokens ({most})", param="min_tokens")
+    if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
+    if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
+        raise APIError(400, "max_tokens: 0 asks for nothing but the prompt's echo; give echo true, or at least 1", param="max_tokens")
     return request
 
 
@@ -292,42 +333,66 @@ def usage(*progresses: Progress) -> dict:
 class ChatCompletion:
     """One /v1/chat/completions response's identity, and its objects: the whole completion, or its stream's chunks
     (`opening`, a `delta` per new text, `ending`, `usage_chunk`). With `with_usage` every chunk has the usage key,
-    as OpenAI's do when a stream's usage was asked for: only the last one a value."""
+    as OpenAI's do when a stream's usage was asked for: only the last one a value. With `logprobs` (the request
+    asked for them, so its Progress carries them) each choice, and each chunk of a stream, has its tokens'
+    log-probabilities, their texts by `tokenizer` (or `token_id:N` names, `as_ids`)."""
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, with_usage: bool = False):
+    def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
         self.with_usage = with_usage
+        self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
+        self._told, self._texts = 0, None  # a stream's: the tokens whose log-probabilities were sent, and their texts
 
     def whole(self, *progresses: Progress) -> dict:
         """The whole response: a choice per answer (several for a completion of several prompts), their usage summed."""
-        choices = [self._choice(progress.text, progress.finish_reason, whole=True, index=index)
+        choices = [self._choice(self._text(index, progress), progress.finish_reason, whole=True, index=index,
+                                logprobs=self._whole_logprobs(index, progress) if self.logprobs else None)
                    for index, progress in enumerate(progresses)]
         return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses)}
 
-    def opening(self) -> dict | None:
+    def opening(self, progress: Progress) -> dict | None:
+        """The stream's first chunk, before the answer's text (`progress`: the first)."""
         return self._chunk({"role": "assistant", "content": ""})
 
-    def delta(self, text: str) -> dict:
-        return self._chunk({"content": text})
+    def delta(self, text: str, progress: Progress) -> dict:
+        return self._chunk({"content": text}, logprobs=self._stream_logprobs(progress))
 
-    def ending(self, finish_reason: str) -> dict:
-        return self._chunk({}, finish_reason)
+    def ending(self, progress: Progress) -> dict:
+        return self._chunk({}, progress.finish_reason, logprobs=self._stream_logprobs(progress, last=True))
 
     def usage_chunk(self, progress: Progress) -> dict:
         return {**self._head(self.chunk_kind), "choices": [], "usage": usage(progress)}
 
+    def _text(self, index: int, progress: Progress) -> str:
+        return progress.text
+
+    def _whole_logprobs(self, index: int, progress: Progress) -> dict:
+        count = progress.completion_tokens
+        texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
+        return {"content": chat_logprobs(texts, progress.tokens[:count], progress.logprobs[:count]), "refusal": None}
+
+    def _stream_logprobs(self, progress: Progress, last: bool = False) -> dict | None:
+        """The log-probabilities of the tokens come since the last chunk (up to the text sent, or all at the end)."""
+        if not self.logprobs:
+            return None
+        if self._texts is None:
+            self._texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
+        told, self._told = self._told, progress.completion_tokens
+        return {"content": chat_logprobs(self._texts, progress.tokens[told: self._told], progress.logprobs[told: self._told]),
+                "refusal": None}
+
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0) -> dict:
+    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
         """`text`: the message's content when whole, else the chunk's delta."""
         if whole:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": None}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def _chunk(self, delta, finish_reason: str | None = None) -> dict:
-        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason)]}
+    def _chunk(self, delta, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
+        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason, logprobs=logprobs)]}
         if self.with_usage:
             chunk["usage"] = None
         return chunk
@@ -335,17 +400,66 @@ class ChatCompletion:
 
 class TextCompletion(ChatCompletion):
     """The same for /v1/completions: choices carry `text`, chunks are text_completion objects too, and a stream
-    opens with its first text (there is no role)."""
+    opens with its first text (there is no role), or with `echo` the prompt's. `prompts[i]` is choice i's Prompt,
+    set when its answer begins: the echoed text, and the tokens the log-probabilities of an echo are of. Offsets
+    are into the choice's text (the echoed prompt's included)."""
     prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
 
-    def opening(self) -> dict | None:
-        return None
+    def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
+                 echo: bool = False, choices: int = 1):
+        super().__init__(model, with_usage, tokenizer, logprobs, as_ids)
+        self.echo, self.prompts = echo, [None] * choices
+        self._offset = 0
 
-    def delta(self, text: str) -> dict:
-        return self._chunk(text)
+    def echoed(self, index: int) -> str:
+        """Choice i's prompt as its text begins with it: as sent, or token ids decoded."""
+        prompt = self.prompts[index]
+        return prompt.text or self.tokenizer.decode(prompt.ids[0].tolist(), skip_special_tokens=True)
 
-    def ending(self, finish_reason: str) -> dict:
-        return self._chunk("", finish_reason)
+    def opening(self, progress: Progress) -> dict | None:
+        if not self.echo:
+            return None
+        text, logprobs = self.echoed(0), None
+        if self.logprobs:
+            self._texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
+            logprobs, _ = completion_logprobs(self._texts, self.prompts[0].ids[0].tolist(), progress.prompt_logprobs, 0)
+            self._offset = len(text)
+        return self._chunk(text, logprobs=logprobs)
 
-    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0) -> dict:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    def delta(self, text: str, progress: Progress) -> dict:
+        return self._chunk(text, logprobs=self._stream_logprobs(progress))
+
+    def ending(self, progress: Progress) -> dict:
+        return self._chunk("", progress.finish_reason, logprobs=self._stream_logprobs(progress, last=True))
+
+    def _text(self, index: int, progress: Progress) -> str:
+        return self.echoed(index) + progress.text if self.echo else progress.text
+
+    def _whole_logprobs(self, index: int, progress: Progress) -> dict:
+        ids, count = self.prompts[index].ids[0].tolist(), progress.completion_tokens
+        texts = TokenTexts(self.tokenizer, () if self.echo else ids, self.as_ids)
+        parts, offset = [], 0
+        if self.echo:
+            prompt, _ = completion_logprobs(texts, ids, progress.prompt_logprobs, 0)
+            parts.append(prompt)
+            offset = len(self.echoed(index))
+        answer, offset = completion_logprobs(texts, progress.tokens[:count], progress.logprobs[:count], offset)
+        parts.append(answer)
+        if progress.ended_by is not None:  # the end token that finished it, as vLLM lists it (lm-eval drops the last)
+            parts.append(completion_logprobs(texts, [progress.ended_by.token], [progress.ended_by], offset)[0])
+        return joined(*parts)
+
+    def _stream_logprobs(self, progress: Progress, last: bool = False) -> dict | None:
+        if not self.logprobs:
+            return None
+        if self._texts is None:
+            self._texts = TokenTexts(self.tokenizer, self.prompts[0].ids[0].tolist(), self.as_ids)
+        told, self._told = self._told, progress.completion_tokens
+        layout, self._offset = completion_logprobs(self._texts, progress.tokens[told: self._told],
+                                                   progress.logprobs[told: self._told], self._offset)
+        if last and progress.ended_by is not None:
+            layout = joined(layout, completion_logprobs(self._texts, [progress.ended_by.token], [progress.ended_by], self._offset)[0])
+        return layout
+
+    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}

@@ -27,15 +27,18 @@ class PaddedBatch:
         """None: every arrival is prefilled in a forward of its own here (see RowBatch.riders)."""
         return []
 
-    def prefill(self, sequences: list) -> tuple[list[int], torch.Tensor]:
-        """Prefills the sequences (see `prefilled`) and takes them in; returns their rows and their logits."""
-        joining, logits = self.prefilled(self.model, sequences)
+    def prefill(self, sequences: list, every_position: bool = False) -> tuple[list[int], torch.Tensor]:
+        """Prefills the sequences (see `prefilled`) and takes them in; returns their rows and their logits (with
+        `every_position`, one sequence's after each of its pending tokens, as RowBatch.prefill's)."""
+        if every_position and len(sequences) != 1:
+            raise ValueError("every position's logits are for one sequence's prefill")
+        joining, logits = self.prefilled(self.model, sequences, every_position)
         offset = len(self.rows)
         self.join(joining)
         return list(range(offset, offset + len(sequences))), logits
 
     @classmethod
-    def prefilled(cls, model, sequences: list) -> tuple["PaddedBatch", torch.Tensor]:
+    def prefilled(cls, model, sequences: list, every_position: bool = False) -> tuple["PaddedBatch", torch.Tensor]:
         """Feeds every sequence's pending tokens after its cached prefix in one forward: row i is [padding][prefix i]
         [padding][pending i], so that every row's last token is in the last column. Returns the batch the sequences
         form and the logits (B, vocab) after each one's last token."""
@@ -73,7 +76,8 @@ class PaddedBatch:
             extra["image_sizes"] = torch.cat(sizes)
         batch.padded = bool((mask == 0).any())
         logits = model(input_ids=ids, cache=cache, attention_mask=mask if batch.padded else None, position_ids=positions,
-                       use_cache=True, logits_to_keep=1, **extra).logits[:, -1]
+                       use_cache=True, logits_to_keep=0 if every_position else 1, **extra).logits
+        logits = logits[0] if every_position else logits[:, -1]
         batch.rows, batch.cache, batch.mask = list(sequences), cache, mask
         batch.lengths = torch.tensor([prefix + count for prefix, count in zip(prefixes, pending)], device=device)
         for sequence in sequences:

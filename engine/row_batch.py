@@ -154,20 +154,23 @@ class RowBatch:
             raise
         self._unfed.update(sequences)
 
-    def prefill(self, sequences: list) -> tuple[list[int], torch.Tensor]:
+    def prefill(self, sequences: list, every_position: bool = False) -> tuple[list[int], torch.Tensor]:
         """Takes in the sequences and feeds each one's pending tokens after its cached prefix in one forward over
-        their rows; returns their rows and the logits (B, vocab) after each one's last token. If it fails, the
-        batch is as it was."""
+        their rows; returns their rows and the logits (B, vocab) after each one's last token, or with
+        `every_position` (one sequence only) the logits (pending tokens, vocab) after each of its tokens. If it
+        fails, the batch is as it was."""
+        if every_position and len(sequences) != 1:
+            raise ValueError("every position's logits are for one sequence's prefill")
         first = len(self.rows)
         try:
             self._place(sequences)
-            logits = self._prefill(first, sequences)
+            logits = self._prefill(first, sequences, every_position)
         except BaseException:
             del self.rows[first:], self.lengths[first:]
             raise
         return list(range(first, first + len(sequences))), logits
 
-    def _prefill(self, first: int, sequences: list) -> torch.Tensor:
+    def _prefill(self, first: int, sequences: list, every_position: bool = False) -> torch.Tensor:
         # Rows with fewer pending tokens than the longest are left-padded, so that every row's last token is the
         # last query (logits_to_keep=1). A padding query writes its keys and values into the column just past its
         # row's tokens (which the next step overwrites, and no real query sees) and attends to what the row's first
@@ -190,7 +193,8 @@ class RowBatch:
         sizes = [sequence.image_inputs["image_sizes"] for sequence in sequences if "image_sizes" in sequence.image_inputs]
         if sizes:  # AnyRes: each image's size lays out its tiles
             extra["image_sizes"] = torch.cat(sizes)
-        logits = self._forward(first, ids, columns, attend, width, padded=any(count < queries for count in counts), **extra)
+        logits = self._forward(first, ids, columns, attend, width, padded=any(count < queries for count in counts),
+                               every_position=every_position, **extra)
         for row, (sequence, count) in enumerate(zip(sequences, counts)):
             self.lengths[first + row] += count
             sequence.image_inputs = {}
@@ -342,10 +346,10 @@ class RowBatch:
         self._capacity = (want_rows, want_columns)
 
     def _forward(self, first: int, ids: torch.Tensor, columns: torch.Tensor, attend: torch.Tensor, width: int,
-                 padded: bool, **extra) -> torch.Tensor:
+                 padded: bool, every_position: bool = False, **extra) -> torch.Tensor:
         """One forward over rows first .. first + B - 1: query j of row i is token ids[i, j] at position and column
         columns[i, j], seeing columns 0 .. attend[i, j] (all three (B, queries), on the CPU). Returns the last query's
-        logits per row."""
+        logits per row, or with `every_position` (one row) every query's."""
         count, queries = ids.shape
         start = int(columns[0, 0])  # read on the CPU: on a GPU, reading it would wait for the device
         ids, columns, attend = ids.to(self.device), columns.to(self.device), attend.to(self.device)
@@ -358,8 +362,9 @@ class RowBatch:
             seen = torch.arange(width, device=self.device)[None, None, :] <= attend[:, :, None]  # (B, queries, width)
             mask = self._mask(seen[:, None])
         try:
-            return self.model(input_ids=ids, cache=self._cache, attention_mask=mask, position_ids=columns, use_cache=True,
-                              logits_to_keep=1, **extra).logits[:, -1]
+            logits = self.model(input_ids=ids, cache=self._cache, attention_mask=mask, position_ids=columns, use_cache=True,
+                                logits_to_keep=0 if every_position else 1, **extra).logits
+            return logits[0] if every_position else logits[:, -1]
         finally:
             self._write = None
 

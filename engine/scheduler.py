@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoding import NonFiniteScores, Sampling, next_tokens
+from .decoding import NonFiniteScores, Sampling, TokenLogprob, next_tokens, prompt_logprobs, token_logprobs
 from .padded_batch import PaddedBatch
 from .row_batch import RowBatch
 from .static_slots import StaticSlot
@@ -46,6 +46,10 @@ class Sequence:
         self.sampling, self.stop_ids = sampling, stop_ids
         self.generator = sampling.generator(pending.device)
         self.tokens: list[int] = []
+        # with sampling.logprobs: tokens[i]'s in logprobs[i], and the end token's that finished it in `ended_by`
+        self.logprobs: list[TokenLogprob] = []
+        self.ended_by: TokenLogprob | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # with sampling.prompt_logprobs, before any token
         self.finish_reason: str | None = None  # "stop" (an end token) or "length"
         self.error: BaseException | None = None
         # set by its reader leaving, or by whoever holds the Event (engine_process: a client gone while it waited)
@@ -72,17 +76,24 @@ class Sequence:
         short = len(self.tokens) < self.sampling.min_tokens and not self.sampling.ignore_eos
         return self.stop_ids if short else set()
 
-    def emit(self, token: int | None) -> bool:
-        """Records a sampled token; True when the sequence is finished. None (next_tokens: its scores were not
-        numbers) finishes it with NonFiniteScores."""
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prompt is scored: then it is prefilled whole, alone, with the logits of every position."""
+        return self.sampling.prompt_logprobs is not None
+
+    def emit(self, token: int | None, logprob: TokenLogprob | None = None) -> bool:
+        """Records a sampled token (and its log-probability, if asked for); True when the sequence is finished. None
+        (next_tokens: its scores were not numbers) finishes it with NonFiniteScores."""
         if token is None:
             self.error = NonFiniteScores(f"the model's next-token scores for this answer were NaN or infinite after "
                                          f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "
                                          f"may not overflow")
             return True
         if token in self.stop_ids and not self.sampling.ignore_eos:  # blocked (see `blocked`) before min_tokens
-            self.finish_reason = "stop"
+            self.finish_reason, self.ended_by = "stop", logprob
             return True
+        if logprob is not None:  # before the token: whoever reads the token finds its log-probability
+            self.logprobs.append(logprob)
         self.tokens.append(token)
         self.out.put(token)
         if len(self.tokens) >= self.sampling.max_new_tokens:
@@ -211,11 +222,14 @@ class Scheduler:
                 sequence.finish(error)
                 continue
             sequence.image_inputs = {}  # the image entered the cache with the prompt
-            if sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress, [sequence.blocked])[0]):
+            if self._emit([sequence], logits)[0]:
                 sequence.finish()
             else:
                 self._alone.append(sequence)
         batched = [sequence for sequence in arrivals if not isinstance(sequence.cache, StaticSlot)]
+        for sequence in [sequence for sequence in batched if sequence.scores_prompt]:
+            self._score(sequence)
+        batched = [sequence for sequence in batched if not sequence.scores_prompt]
         riders = self._batch.riders(batched)
         prefilling = [sequence for sequence in batched if sequence not in set(riders)]
         if prefilling:
@@ -227,10 +241,7 @@ class Scheduler:
                 for sequence in prefilling:
                     sequence.finish(error)
             else:
-                tokens = next_tokens(logits, [sequence.sampling for sequence in prefilling],
-                                     [sequence.generator for sequence in prefilling], self.suppress,
-                                     [sequence.blocked for sequence in prefilling])
-                self._leave([row for row, sequence, token in zip(rows, prefilling, tokens) if sequence.emit(token)])
+                self._leave([row for row, finished in zip(rows, self._emit(prefilling, logits)) if finished])
         if riders:
             try:
                 self._batch.ride(riders)
@@ -248,7 +259,7 @@ class Scheduler:
                 if not finished:
                     self.counts["slot_steps"] += 1
                     logits = sequence.cache.forward(torch.tensor([[sequence.tokens[-1]]], device=sequence.pending.device), {})
-                    finished = sequence.emit(next_tokens(logits, [sequence.sampling], [sequence.generator], self.suppress, [sequence.blocked])[0])
+                    finished = self._emit([sequence], logits)[0]
             except Exception as error:
                 self._alone.remove(sequence)
                 sequence.finish(error)
@@ -267,9 +278,45 @@ class Scheduler:
             logits = batch.step()
         except Exception as error:
             return batch.fail(error)
-        tokens = next_tokens(logits, [row.sampling for row in batch.rows], [row.generator for row in batch.rows], self.suppress,
-                             [row.blocked for row in batch.rows])
-        self._leave([index for index, (row, token) in enumerate(zip(batch.rows, tokens)) if row.emit(token)])
+        self._leave([index for index, finished in enumerate(self._emit(batch.rows, logits)) if finished])
+
+    def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> list[bool]:
+        """Draws each sequence's next token from its row of `logits` (B, V) and records it, with its log-probability
+        for those that asked; whether each one is finished."""
+        tokens = next_tokens(logits, [sequence.sampling for sequence in sequences], [sequence.generator for sequence in sequences],
+                             self.suppress, [sequence.blocked for sequence in sequences])
+        scored = [row for row, (sequence, token) in enumerate(zip(sequences, tokens))
+                  if sequence.sampling.logprobs is not None and token is not None]
+        logprobs = [None] * len(sequences)
+        if scored:
+            found = token_logprobs(logits[scored], [tokens[row] for row in scored], [sequences[row].sampling.logprobs for row in scored])
+            for row, logprob in zip(scored, found):
+                logprobs[row] = logprob
+        return [sequence.emit(token, logprob) for sequence, token, logprob in zip(sequences, tokens, logprobs)]
+
+    def _score(self, sequence: Sequence):
+        """Prefills a sequence whose prompt is scored (see Sequence.scores_prompt): alone, with every position's
+        logits, which give each prompt token's log-probability; the last one its first token, unless it asked for
+        none (a prompt scored only)."""
+        self.counts["prefill_forwards"] += 1
+        self.counts["prefill_sequences"] += 1
+        ids = sequence.pending[0].tolist()
+        if sequence.cache is not None and sequence.cache.get_seq_length():  # the prefix's positions would have no logits
+            return sequence.finish(ValueError("a prompt to score comes with no cached prefix: its every token is fed"))
+        try:
+            (row,), logits = self._batch.prefill([sequence], every_position=True)
+        except Exception as error:
+            return sequence.finish(error)
+        try:
+            sequence.prompt_logprobs = prompt_logprobs(logits, ids, sequence.sampling.prompt_logprobs)
+        except Exception as error:  # out of memory, say: this sequence fails alone, the batch goes on
+            sequence.error = error
+            return self._leave([row])
+        if sequence.sampling.max_new_tokens == 0:
+            sequence.finish_reason = "length"
+            return self._leave([row])
+        if self._emit([sequence], logits[-1:])[0]:
+            self._leave([row])
 
     def _leave(self, indices: list[int]):
         if indices:

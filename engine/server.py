@@ -137,7 +137,9 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
             return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
 
-        return await respond(request, chat, [begin], ChatCompletion)
+        response = ChatCompletion(model_name, with_usage(chat), tokenizer, logprobs=bool(chat.logprobs),
+                                  as_ids=bool(chat.return_tokens_as_token_ids))
+        return await respond(request, chat, [begin], response)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -145,23 +147,34 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         completion = parse_completion_request(await read_body(request, max_body_bytes))
 
         sampling = completion.sampling(MAX_COMPLETION_TOKENS)
+        prompts = completion.prompts
+        response = TextCompletion(model_name, with_usage(completion), tokenizer, logprobs=completion.logprobs is not None,
+                                  as_ids=bool(completion.return_tokens_as_token_ids), echo=bool(completion.echo),
+                                  choices=len(prompts))
 
-        def begin_with(prompt):
+        def begin_with(index: int):
             def begin(loop, interval: float):
+                # the prompt's tokens (ChatError here): the response echoes them, and names their log-probabilities
+                made = response.prompts[index] = engine.prompter.text_prompt(prompts[index])
                 if isinstance(engine, EngineProcess):
-                    return engine.answer_completion(prompt, sampling, stop=completion.stops, interval=interval, loop=loop)
-                return ThreadedAnswer(engine.complete(prompt, sampling, stop=completion.stops, interval=interval))
+                    return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
+                return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval))
             return begin
 
-        return await respond(request, completion, [begin_with(prompt) for prompt in completion.prompts], TextCompletion,
-                             param="prompt")
+        return await respond(request, completion, [begin_with(index) for index in range(len(prompts))], response, param="prompt")
 
-    async def respond(request: Request, asked: SamplingRequest, begins: list[Callable], response: type[ChatCompletion],
+    prompter = getattr(engine, "prompter", None)  # the engine's tokens' tokenizer (in either process)
+    tokenizer = prompter.processor.tokenizer if prompter is not None else None
+
+    def with_usage(asked: SamplingRequest) -> bool:
+        return bool(asked.stream and asked.stream_options and asked.stream_options.include_usage)
+
+    async def respond(request: Request, asked: SamplingRequest, begins: list[Callable], completion: ChatCompletion,
                       param: str = "messages"):
         """A request's answer, whole or streamed; or its answers, a choice each, decoded together (a completion of
-        several prompts: whole only). Each `begin(loop, interval)` runs in a worker thread (one hop there and back:
-        each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input it refuses came
-        in `param`. Each answer takes a place of `max_concurrent`."""
+        several prompts: whole only), laid out by `completion`. Each `begin(loop, interval)` runs in a worker thread
+        (one hop there and back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read;
+        the input it refuses came in `param`. Each answer takes a place of `max_concurrent`."""
         if asked.model != model_name:
             raise APIError(404, f"the model {asked.model!r} does not exist here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -195,7 +208,6 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             progress = await first(release, begin)
             return progress if progress.finish_reason else await rest(release.answer)
 
-        completion = response(model_name, with_usage=bool(asked.stream and asked.stream_options and asked.stream_options.include_usage))
         if not asked.stream:
             makers = [functools.partial(answered, release, begin) for release, begin in zip(releases, begins)]
             try:
@@ -361,12 +373,13 @@ async def events(release: Release, progress, completion: ChatCompletion):
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    opening = completion.opening()
-    sent, ready = "", sse(opening) if opening else ""
+    sent, ready = "", ""
     try:
+        if opening := completion.opening(progress):
+            ready = sse(opening)
         while True:
             if progress.text.startswith(sent) and len(progress.text) > len(sent):
-                ready += sse(completion.delta(progress.text[len(sent):]))
+                ready += sse(completion.delta(progress.text[len(sent):], progress))
                 sent = progress.text
             if progress.finish_reason is not None:
                 break
@@ -374,7 +387,7 @@ async def events(release: Release, progress, completion: ChatCompletion):
                 yield ready
                 ready = ""
             progress = await next_progress(release.answer)
-        ready += sse(completion.ending(progress.finish_reason))
+        ready += sse(completion.ending(progress))
         if completion.with_usage:
             ready += sse(completion.usage_chunk(progress))
     except APIError as error:

@@ -151,6 +151,22 @@ def test_a_text_completion_over_the_child_equals_the_engines_in_process(child, l
         several = client.completions.create(model="shapes", prompt=[prompt, prompt + " The"], temperature=0, max_tokens=40)
         assert several.choices[0].text == expected.text
         assert several.choices[1].text == last(local.complete(prompt + " The", GREEDY)).text
+        # log-probabilities cross the pipe: the prompt's (echo) and the answer's, with the end token's, as in process
+        scoring = Sampling(temperature=0, max_new_tokens=40, logprobs=2, prompt_logprobs=2)
+        mine, theirs = last(local.complete(prompt, scoring)), last(child.complete(prompt, scoring))
+        def close(found, expected):  # the child runs its operators on one thread: sums in another order
+            return [(each.token, [token for token, _ in each.top]) for each in found] == \
+                [(each.token, [token for token, _ in each.top]) for each in expected] and \
+                all(abs(mine.logprob - theirs.logprob) < 1e-4 for mine, theirs in zip(found, expected))
+
+        assert theirs.prompt_logprobs[0] is None and close(theirs.prompt_logprobs[1:], mine.prompt_logprobs[1:])
+        assert len(mine.prompt_logprobs) == mine.prompt_tokens
+        assert close(theirs.logprobs, mine.logprobs) and len(mine.logprobs) == mine.completion_tokens
+        assert close([theirs.ended_by], [mine.ended_by]) and mine.ended_by.token in local.stop_ids
+        scored = client.completions.create(model="shapes", prompt=[prompt, prompt + " The"], temperature=0, max_tokens=1, logprobs=1,
+                                           echo=True)
+        assert [len(choice.logprobs.token_logprobs) for choice in scored.choices] == [mine.prompt_tokens + 1, mine.prompt_tokens + 2]
+        assert scored.choices[0].logprobs.token_logprobs[1:-1] == [found.logprob for found in theirs.prompt_logprobs[1:]]
 
 
 def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_reading(child, local, monkeypatch):
