@@ -27,18 +27,16 @@ class PaddedBatch:
         """None: every arrival is prefilled in a forward of its own here (see RowBatch.riders)."""
         return []
 
-    def prefill(self, sequences: list, every_position: bool = False) -> tuple[list[int], torch.Tensor]:
+    def prefill(self, sequences: list, every_position: bool = False) -> tuple[list[int], torch.Tensor | list[torch.Tensor]]:
         """Prefills the sequences (see `prefilled`) and takes them in; returns their rows and their logits (with
-        `every_position`, one sequence's after each of its pending tokens, as RowBatch.prefill's)."""
-        if every_position and len(sequences) != 1:
-            raise ValueError("every position's logits are for one sequence's prefill")
+        `every_position`, per sequence those after each of its pending tokens, as RowBatch.prefill's)."""
         joining, logits = self.prefilled(self.model, sequences, every_position)
         offset = len(self.rows)
         self.join(joining)
         return list(range(offset, offset + len(sequences))), logits
 
     @classmethod
-    def prefilled(cls, model, sequences: list, every_position: bool = False) -> tuple["PaddedBatch", torch.Tensor]:
+    def prefilled(cls, model, sequences: list, every_position: bool = False) -> tuple["PaddedBatch", torch.Tensor | list[torch.Tensor]]:
         """Feeds every sequence's pending tokens after its cached prefix in one forward: row i is [padding][prefix i]
         [padding][pending i], so that every row's last token is in the last column. Returns the batch the sequences
         form and the logits (B, vocab) after each one's last token."""
@@ -77,7 +75,8 @@ class PaddedBatch:
         batch.padded = bool((mask == 0).any())
         logits = model(input_ids=ids, cache=cache, attention_mask=mask if batch.padded else None, position_ids=positions,
                        use_cache=True, logits_to_keep=0 if every_position else 1, **extra).logits
-        logits = logits[0] if every_position else logits[:, -1]
+        # each row's pending tokens are its last `count` columns
+        logits = [logits[row, new - count:] for row, count in enumerate(pending)] if every_position else logits[:, -1]
         batch.rows, batch.cache, batch.mask = list(sequences), cache, mask
         batch.lengths = torch.tensor([prefix + count for prefix, count in zip(prefixes, pending)], device=device)
         for sequence in sequences:

@@ -154,13 +154,11 @@ class RowBatch:
             raise
         self._unfed.update(sequences)
 
-    def prefill(self, sequences: list, every_position: bool = False) -> tuple[list[int], torch.Tensor]:
+    def prefill(self, sequences: list, every_position: bool = False) -> tuple[list[int], torch.Tensor | list[torch.Tensor]]:
         """Takes in the sequences and feeds each one's pending tokens after its cached prefix in one forward over
         their rows; returns their rows and the logits (B, vocab) after each one's last token, or with
-        `every_position` (one sequence only) the logits (pending tokens, vocab) after each of its tokens. If it
-        fails, the batch is as it was."""
-        if every_position and len(sequences) != 1:
-            raise ValueError("every position's logits are for one sequence's prefill")
+        `every_position` per sequence the logits (its pending tokens, vocab) after each of its tokens. If it fails,
+        the batch is as it was."""
         first = len(self.rows)
         try:
             self._place(sequences)
@@ -170,7 +168,7 @@ class RowBatch:
             raise
         return list(range(first, first + len(sequences))), logits
 
-    def _prefill(self, first: int, sequences: list, every_position: bool = False) -> torch.Tensor:
+    def _prefill(self, first: int, sequences: list, every_position: bool = False) -> torch.Tensor | list[torch.Tensor]:
         # Rows with fewer pending tokens than the longest are left-padded, so that every row's last token is the
         # last query (logits_to_keep=1). A padding query writes its keys and values into the column just past its
         # row's tokens (which the next step overwrites, and no real query sees) and attends to what the row's first
@@ -195,6 +193,8 @@ class RowBatch:
             extra["image_sizes"] = torch.cat(sizes)
         logits = self._forward(first, ids, columns, attend, width, padded=any(count < queries for count in counts),
                                every_position=every_position, **extra)
+        if every_position:  # each row's own queries: the last `count` (the padding is on the left)
+            logits = [logits[row, queries - count:] for row, count in enumerate(counts)]
         for row, (sequence, count) in enumerate(zip(sequences, counts)):
             self.lengths[first + row] += count
             sequence.image_inputs = {}
@@ -349,7 +349,7 @@ class RowBatch:
                  padded: bool, every_position: bool = False, **extra) -> torch.Tensor:
         """One forward over rows first .. first + B - 1: query j of row i is token ids[i, j] at position and column
         columns[i, j], seeing columns 0 .. attend[i, j] (all three (B, queries), on the CPU). Returns the last query's
-        logits per row, or with `every_position` (one row) every query's."""
+        logits per row, or with `every_position` every query's (B, queries, vocab)."""
         count, queries = ids.shape
         start = int(columns[0, 0])  # read on the CPU: on a GPU, reading it would wait for the device
         ids, columns, attend = ids.to(self.device), columns.to(self.device), attend.to(self.device)
@@ -364,7 +364,7 @@ class RowBatch:
         try:
             logits = self.model(input_ids=ids, cache=self._cache, attention_mask=mask, position_ids=columns, use_cache=True,
                                 logits_to_keep=0 if every_position else 1, **extra).logits
-            return logits[0] if every_position else logits[:, -1]
+            return logits if every_position else logits[:, -1]
         finally:
             self._write = None
 

@@ -29,6 +29,9 @@ from .static_slots import StaticSlot
 
 END = object()  # the last item of a sequence's output queue
 PREFILL_TOKENS = 2048  # prefilled per pause in decoding: more arrivals at once wait for the next pause
+# prompts scored in one forward: at most this many positions, padding included (every position's logits are kept:
+# 4k positions of a 32k vocabulary are 256 MB in float16)
+SCORED_POSITIONS = 4096
 
 
 class QueueFull(RuntimeError):
@@ -227,8 +230,8 @@ class Scheduler:
             else:
                 self._alone.append(sequence)
         batched = [sequence for sequence in arrivals if not isinstance(sequence.cache, StaticSlot)]
-        for sequence in [sequence for sequence in batched if sequence.scores_prompt]:
-            self._score(sequence)
+        if scored := [sequence for sequence in batched if sequence.scores_prompt]:
+            self._score(scored)
         batched = [sequence for sequence in batched if not sequence.scores_prompt]
         riders = self._batch.riders(batched)
         prefilling = [sequence for sequence in batched if sequence not in set(riders)]
@@ -294,29 +297,50 @@ class Scheduler:
                 logprobs[row] = logprob
         return [sequence.emit(token, logprob) for sequence, token, logprob in zip(sequences, tokens, logprobs)]
 
-    def _score(self, sequence: Sequence):
-        """Prefills a sequence whose prompt is scored (see Sequence.scores_prompt): alone, with every position's
-        logits, which give each prompt token's log-probability; the last one its first token, unless it asked for
-        none (a prompt scored only)."""
+    def _score(self, sequences: list[Sequence]):
+        """Prefills the sequences whose prompt is scored (see Sequence.scores_prompt): with every position's logits,
+        which give each prompt token's log-probability, and the last one its first token (unless it asked for none:
+        a prompt scored only). Together, in forwards of at most SCORED_POSITIONS padded positions (their logits are
+        all kept at once)."""
+        for sequence in sequences:
+            if sequence.cache is not None and sequence.cache.get_seq_length():  # the prefix's positions would have no logits
+                sequence.finish(ValueError("a prompt to score comes with no cached prefix: its every token is fed"))
+        group: list[Sequence] = []
+        for sequence in sorted((sequence for sequence in sequences if not sequence.done.is_set()), key=lambda each: each.pending.shape[1]):
+            if group and (len(group) + 1) * sequence.pending.shape[1] > SCORED_POSITIONS:
+                self._score_together(group)
+                group = []
+            group.append(sequence)
+        if group:
+            self._score_together(group)
+
+    def _score_together(self, sequences: list[Sequence]):
         self.counts["prefill_forwards"] += 1
-        self.counts["prefill_sequences"] += 1
-        ids = sequence.pending[0].tolist()
-        if sequence.cache is not None and sequence.cache.get_seq_length():  # the prefix's positions would have no logits
-            return sequence.finish(ValueError("a prompt to score comes with no cached prefix: its every token is fed"))
+        self.counts["prefill_sequences"] += len(sequences)
+        prompts = [sequence.pending[0].tolist() for sequence in sequences]
         try:
-            (row,), logits = self._batch.prefill([sequence], every_position=True)
+            rows, logits = self._batch.prefill(sequences, every_position=True)
         except Exception as error:
-            return sequence.finish(error)
-        try:
-            sequence.prompt_logprobs = prompt_logprobs(logits, ids, sequence.sampling.prompt_logprobs)
-        except Exception as error:  # out of memory, say: this sequence fails alone, the batch goes on
-            sequence.error = error
-            return self._leave([row])
-        if sequence.sampling.max_new_tokens == 0:
-            sequence.finish_reason = "length"
-            return self._leave([row])
-        if self._emit([sequence], logits[-1:])[0]:
-            self._leave([row])
+            for sequence in sequences:
+                sequence.finish(error)
+            return
+        leaving, answering = [], []
+        for row, sequence, ids, scores in zip(rows, sequences, prompts, logits):
+            try:
+                sequence.prompt_logprobs = prompt_logprobs(scores, ids, sequence.sampling.prompt_logprobs)
+            except Exception as error:  # out of memory, say: this sequence fails alone, the batch goes on
+                sequence.error = error
+                leaving.append(row)
+                continue
+            if sequence.sampling.max_new_tokens == 0:
+                sequence.finish_reason = "length"
+                leaving.append(row)
+            else:
+                answering.append((row, sequence, scores[-1]))
+        if answering:
+            finished = self._emit([sequence for _, sequence, _ in answering], torch.stack([last for _, _, last in answering]))
+            leaving += [row for (row, _, _), done in zip(answering, finished) if done]
+        self._leave(leaving)
 
     def _leave(self, indices: list[int]):
         if indices:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from operator import itemgetter
 
-from engine import row_batch
+from engine import row_batch, scheduler as scheduling
 from engine.decoding import Sampling, TokenLogprob
 from engine.scheduler import Scheduler, Sequence
 from engine.token_logprobs import FLOOR, TokenTexts, completion_logprobs
@@ -222,3 +222,33 @@ def test_a_scored_prompt_joins_a_batch_decoding_and_leaves_it_as_it_was(engine, 
     assert only.tokens == [] and only.finish_reason == "length" and only.cache.get_seq_length() == len(ids)
     assert len(scored.logprobs) == len(scored.tokens) == 3 and scored.tokens == decoding.tokens[:3]
     assert len(decoding.tokens) == 30 and decoding.logprobs == []  # not asked: none computed
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_prompts_scored_together_each_get_their_own_log_probabilities(engine, padded, monkeypatch):
+    """Three prompts of 5, 20 and 31 tokens arriving at once, at most 64 padded positions a forward: the first two
+    together (left-padded to 20), the third alone; each one's scores are those of its tokens alone, and so are the
+    answers they go on to."""
+    if padded:
+        monkeypatch.setattr(row_batch.RowBatch, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(scheduling, "SCORED_POSITIONS", 64)
+    scheduler = Scheduler(engine.model, [])  # stepped here, on the test's thread: no submit
+    config = engine.model.config.get_text_config()
+    from transformers import DynamicCache
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 700, (count,)).tolist() for count in (31, 5, 20)]
+    sequences = [Sequence(DynamicCache(config=config), torch.tensor([ids]), {}, Sampling(0.0, 1.0, 4, logprobs=1, prompt_logprobs=1,
+                                                                                          ignore_eos=True), set())
+                 for ids in prompts]
+    scheduler._join(sequences)
+    assert scheduler.counts["prefill_forwards"] == 2 and scheduler.counts["prefill_sequences"] == 3
+    while not all(sequence.done.is_set() for sequence in sequences):
+        scheduler._decode()
+    for ids, sequence in zip(prompts, sequences):
+        expected = model_logprobs(engine, ids + sequence.tokens)
+        for position, found in enumerate(sequence.prompt_logprobs[1:], start=1):
+            assert math.isclose(found.logprob, float(expected[position - 1, ids[position]]), abs_tol=1e-4)
+            assert found.top[0][0] == int(expected[position - 1].argmax())
+        assert sequence.tokens == [int(expected[len(ids) + step - 1].argmax()) for step in range(4)]  # greedy, as alone
+        for step, found in enumerate(sequence.logprobs):
+            assert math.isclose(found.logprob, float(expected[len(ids) + step - 1].max()), abs_tol=1e-4)
