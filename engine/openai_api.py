@@ -57,6 +57,7 @@ class StreamOptions(BaseModel):
 
 # a top_k past int64 made the batched sampling's tensor overflow on the scheduler's thread, failing every answer
 MAX_TOP_K = 2**31 - 1
+MAX_CHOICES = 64  # in one request (n per prompt, times the prompts): each takes a place in the batch
 
 
 class SamplingRequest(BaseModel):
@@ -78,6 +79,7 @@ class SamplingRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
 
@@ -104,11 +106,18 @@ class SamplingRequest(BaseModel):
     def prompt_logprob_alternatives(self) -> int | None:
         return None
 
-    def sampling(self, max_tokens: int) -> Sampling:
-        """`max_tokens`: the server's limit, which caps min_tokens too."""
+    @property
+    def choices(self) -> int:
+        """Choices per prompt (`n`)."""
+        return self.n or 1
+
+    def sampling(self, max_tokens: int, choice: int = 0) -> Sampling:
+        """`max_tokens`: the server's limit, which caps min_tokens too. Choice j of n draws with the seed + j (each
+        answer draws from a generator of its own: one seed would give n equal answers)."""
         most = min(self.most_tokens, max_tokens)
+        seed = None if self.seed is None else (self.seed + choice + 2**63) % 2**64 - 2**63  # within int64
         return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
-                        top_p=1.0 if self.top_p is None else self.top_p, max_new_tokens=most, seed=self.seed,
+                        top_p=1.0 if self.top_p is None else self.top_p, max_new_tokens=most, seed=seed,
                         top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, min_tokens=min(self.min_tokens or 0, most),
                         ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_alternatives,
                         prompt_logprobs=self.prompt_logprob_alternatives)
@@ -162,7 +171,7 @@ class CompletionRequest(SamplingRequest):
 # Anything else is refused by name rather than ignored: a client that asked for JSON, tools or two choices must not
 # take a plain single answer for what it asked. Penalties are refused, not implemented: sampling is the scheduler's.
 NEUTRAL = {
-    "n": (None, 1), "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "web_search_options": (None,),
     # the sampling extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos are)
@@ -202,9 +211,9 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
                 where = f"prompt.{index}" if several else "prompt"
                 raise APIError(400, f"{where}: {len(tokens):,} token ids; at most {MAX_PROMPT_TOKENS:,}", param="prompt")
     request = _checked(_validated(CompletionRequest, raw), COMPLETION_NEUTRAL)
-    if len(request.prompts) > 1 and request.stream:
-        raise APIError(400, f"stream: {len(request.prompts)} prompts are answered whole only; stream one prompt per request "
-                       "(several requests are decoded together)", param="stream", code="unsupported_parameter")
+    if (count := len(request.prompts) * request.choices) > MAX_CHOICES:
+        raise APIError(400, f"n: {len(request.prompts)} prompts of {request.choices} choices are {count} answers; at most "
+                       f"{MAX_CHOICES} in one request", param="n")
     return request
 
 
@@ -324,45 +333,58 @@ def _merged(messages: list[dict]) -> list[dict]:
     return runs
 
 
-def usage(*progresses: Progress) -> dict:
-    prompt, completion = sum(each.prompt_tokens for each in progresses), sum(each.completion_tokens for each in progresses)
+def usage(*progresses: Progress, choices: int = 1) -> dict:
+    """The usage of a request's answers (prompt-major: prompt i's choice j is answer i * choices + j), each prompt's
+    tokens counted once however many choices it has, as OpenAI's and vLLM's."""
+    prompts = progresses[::choices]
+    prompt, completion = sum(each.prompt_tokens for each in prompts), sum(each.completion_tokens for each in progresses)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(each.cached_tokens for each in progresses)}}
+            "prompt_tokens_details": {"cached_tokens": sum(each.cached_tokens for each in prompts)}}
+
+
+class _Told:
+    """What a stream has sent of one choice: its tokens' log-probabilities so far (`tokens`), the texts those tokens
+    were named by (token_logprobs.TokenTexts, which follows them) and the offset in the choice's text after them."""
+
+    def __init__(self, texts: TokenTexts | None = None, offset: int = 0):
+        self.tokens, self.texts, self.offset = 0, texts, offset
 
 
 class ChatCompletion:
     """One /v1/chat/completions response's identity, and its objects: the whole completion, or its stream's chunks
-    (`opening`, a `delta` per new text, `ending`, `usage_chunk`). With `with_usage` every chunk has the usage key,
-    as OpenAI's do when a stream's usage was asked for: only the last one a value. With `logprobs` (the request
-    asked for them, so its Progress carries them) each choice, and each chunk of a stream, has its tokens'
-    log-probabilities, their texts by `tokenizer` (or `token_id:N` names, `as_ids`)."""
+    (`opening`, a `delta` per new text, `ending`, `usage_chunk`), each of choice `index` (several: `n`, or a
+    completion's several prompts). With `with_usage` every chunk has the usage key, as OpenAI's do when a stream's
+    usage was asked for: only the last one a value. With `logprobs` (the request asked for them, so its Progress
+    carries them) each choice, and each chunk of a stream, has its tokens' log-probabilities, their texts by
+    `tokenizer` (or `token_id:N` names, `as_ids`). `choices`: per prompt (n)."""
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False):
+    def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
+                 choices: int = 1):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
-        self.with_usage = with_usage
+        self.with_usage, self.choices = with_usage, choices
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
-        self._told, self._texts = 0, None  # a stream's: the tokens whose log-probabilities were sent, and their texts
+        self._told: dict[int, _Told] = {}  # a stream's, per choice
 
     def whole(self, *progresses: Progress) -> dict:
-        """The whole response: a choice per answer (several for a completion of several prompts), their usage summed."""
+        """The whole response: a choice per answer, their usage summed."""
         choices = [self._choice(self._text(index, progress), progress.finish_reason, whole=True, index=index,
                                 logprobs=self._whole_logprobs(index, progress) if self.logprobs else None)
                    for index, progress in enumerate(progresses)]
-        return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses)}
+        return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses, choices=self.choices)}
 
-    def opening(self, progress: Progress) -> dict | None:
-        """The stream's first chunk, before the answer's text (`progress`: the first)."""
-        return self._chunk({"role": "assistant", "content": ""})
+    def opening(self, progress: Progress, index: int = 0) -> dict | None:
+        """Choice `index`'s first chunk, before its text (`progress`: its first)."""
+        return self._chunk({"role": "assistant", "content": ""}, index=index)
 
-    def delta(self, text: str, progress: Progress) -> dict:
-        return self._chunk({"content": text}, logprobs=self._stream_logprobs(progress))
+    def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
+        return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index))
 
-    def ending(self, progress: Progress) -> dict:
-        return self._chunk({}, progress.finish_reason, logprobs=self._stream_logprobs(progress, last=True))
+    def ending(self, progress: Progress, index: int = 0) -> dict:
+        return self._chunk({}, progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True))
 
-    def usage_chunk(self, progress: Progress) -> dict:
-        return {**self._head(self.chunk_kind), "choices": [], "usage": usage(progress)}
+    def usage_chunk(self, *progresses: Progress) -> dict:
+        return {**self._head(self.chunk_kind), "choices": [], "usage": usage(*progresses, choices=self.choices)}
 
     def _text(self, index: int, progress: Progress) -> str:
         return progress.text
@@ -372,14 +394,13 @@ class ChatCompletion:
         texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
         return {"content": chat_logprobs(texts, progress.tokens[:count], progress.logprobs[:count]), "refusal": None}
 
-    def _stream_logprobs(self, progress: Progress, last: bool = False) -> dict | None:
-        """The log-probabilities of the tokens come since the last chunk (up to the text sent, or all at the end)."""
+    def _stream_logprobs(self, progress: Progress, index: int, last: bool = False) -> dict | None:
+        """The log-probabilities of the choice's tokens come since its last chunk (to the text sent, or all at the end)."""
         if not self.logprobs:
             return None
-        if self._texts is None:
-            self._texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
-        told, self._told = self._told, progress.completion_tokens
-        return {"content": chat_logprobs(self._texts, progress.tokens[told: self._told], progress.logprobs[told: self._told]),
+        told = self._told.setdefault(index, _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids)))
+        start, told.tokens = told.tokens, progress.completion_tokens
+        return {"content": chat_logprobs(told.texts, progress.tokens[start: told.tokens], progress.logprobs[start: told.tokens]),
                 "refusal": None}
 
     def _head(self, kind: str) -> dict:
@@ -391,8 +412,8 @@ class ChatCompletion:
             return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
         return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def _chunk(self, delta, finish_reason: str | None = None, logprobs: dict | None = None) -> dict:
-        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason, logprobs=logprobs)]}
+    def _chunk(self, delta, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
+        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs)]}
         if self.with_usage:
             chunk["usage"] = None
         return chunk
@@ -400,37 +421,35 @@ class ChatCompletion:
 
 class TextCompletion(ChatCompletion):
     """The same for /v1/completions: choices carry `text`, chunks are text_completion objects too, and a stream
-    opens with its first text (there is no role), or with `echo` the prompt's. `prompts[i]` is choice i's Prompt,
-    set when its answer begins: the echoed text, and the tokens the log-probabilities of an echo are of. Offsets
-    are into the choice's text (the echoed prompt's included)."""
+    opens with its first text (there is no role), or with `echo` the prompt's. `prompts[i]` is answer i's Prompt,
+    set when it begins: the echoed text, and the tokens the log-probabilities of an echo are of. Offsets are into
+    the choice's text (the echoed prompt's included)."""
     prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 echo: bool = False, choices: int = 1):
-        super().__init__(model, with_usage, tokenizer, logprobs, as_ids)
-        self.echo, self.prompts = echo, [None] * choices
-        self._offset = 0
+                 choices: int = 1, echo: bool = False, answers: int = 1):
+        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices)
+        self.echo, self.prompts = echo, [None] * answers
 
     def echoed(self, index: int) -> str:
-        """Choice i's prompt as its text begins with it: as sent, or token ids decoded."""
+        """Answer i's prompt as its text begins with it: as sent, or token ids decoded."""
         prompt = self.prompts[index]
         return prompt.text or self.tokenizer.decode(prompt.ids[0].tolist(), skip_special_tokens=True)
 
-    def opening(self, progress: Progress) -> dict | None:
+    def opening(self, progress: Progress, index: int = 0) -> dict | None:
         if not self.echo:
             return None
-        text, logprobs = self.echoed(0), None
+        text, logprobs = self.echoed(index), None
         if self.logprobs:
-            self._texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
-            logprobs, _ = completion_logprobs(self._texts, self.prompts[0].ids[0].tolist(), progress.prompt_logprobs, 0)
-            self._offset = len(text)
-        return self._chunk(text, logprobs=logprobs)
+            told = self._told[index] = _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids), len(text))
+            logprobs, _ = completion_logprobs(told.texts, self.prompts[index].ids[0].tolist(), progress.prompt_logprobs, 0)
+        return self._chunk(text, index=index, logprobs=logprobs)
 
-    def delta(self, text: str, progress: Progress) -> dict:
-        return self._chunk(text, logprobs=self._stream_logprobs(progress))
+    def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
+        return self._chunk(text, index=index, logprobs=self._stream_logprobs(progress, index))
 
-    def ending(self, progress: Progress) -> dict:
-        return self._chunk("", progress.finish_reason, logprobs=self._stream_logprobs(progress, last=True))
+    def ending(self, progress: Progress, index: int = 0) -> dict:
+        return self._chunk("", progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True))
 
     def _text(self, index: int, progress: Progress) -> str:
         return self.echoed(index) + progress.text if self.echo else progress.text
@@ -449,16 +468,15 @@ class TextCompletion(ChatCompletion):
             parts.append(completion_logprobs(texts, [progress.ended_by.token], [progress.ended_by], offset)[0])
         return joined(*parts)
 
-    def _stream_logprobs(self, progress: Progress, last: bool = False) -> dict | None:
+    def _stream_logprobs(self, progress: Progress, index: int, last: bool = False) -> dict | None:
         if not self.logprobs:
             return None
-        if self._texts is None:
-            self._texts = TokenTexts(self.tokenizer, self.prompts[0].ids[0].tolist(), self.as_ids)
-        told, self._told = self._told, progress.completion_tokens
-        layout, self._offset = completion_logprobs(self._texts, progress.tokens[told: self._told],
-                                                   progress.logprobs[told: self._told], self._offset)
+        told = self._told.setdefault(index, _Told(TokenTexts(self.tokenizer, self.prompts[index].ids[0].tolist(), self.as_ids)))
+        start, told.tokens = told.tokens, progress.completion_tokens
+        layout, told.offset = completion_logprobs(told.texts, progress.tokens[start: told.tokens],
+                                                  progress.logprobs[start: told.tokens], told.offset)
         if last and progress.ended_by is not None:
-            layout = joined(layout, completion_logprobs(self._texts, [progress.ended_by.token], [progress.ended_by], self._offset)[0])
+            layout = joined(layout, completion_logprobs(told.texts, [progress.ended_by.token], [progress.ended_by], told.offset)[0])
         return layout
 
     def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:

@@ -130,38 +130,41 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         authorize(request)
         chat = parse_request(await read_body(request, max_body_bytes))
 
-        def begin(loop, interval: float):
-            messages, images = engine_messages(chat, policy)
-            sampling = chat.sampling(MAX_COMPLETION_TOKENS)
-            if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
-                return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
-            return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
+        def begin_with(choice: int):
+            def begin(loop, interval: float):
+                messages, images = engine_messages(chat, policy)
+                sampling = chat.sampling(MAX_COMPLETION_TOKENS, choice)
+                if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
+                    return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
+                return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
+            return begin
 
         response = ChatCompletion(model_name, with_usage(chat), tokenizer, logprobs=bool(chat.logprobs),
-                                  as_ids=bool(chat.return_tokens_as_token_ids))
-        return await respond(request, chat, [begin], response)
+                                  as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices)
+        return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, param="n")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
         completion = parse_completion_request(await read_body(request, max_body_bytes))
 
-        sampling = completion.sampling(MAX_COMPLETION_TOKENS)
-        prompts = completion.prompts
+        prompts, choices = completion.prompts, completion.choices
         response = TextCompletion(model_name, with_usage(completion), tokenizer, logprobs=completion.logprobs is not None,
-                                  as_ids=bool(completion.return_tokens_as_token_ids), echo=bool(completion.echo),
-                                  choices=len(prompts))
+                                  as_ids=bool(completion.return_tokens_as_token_ids), choices=choices,
+                                  echo=bool(completion.echo), answers=len(prompts) * choices)
 
-        def begin_with(index: int):
+        def begin_with(index: int):  # prompt index // choices, its choice index % choices (vLLM's order)
             def begin(loop, interval: float):
                 # the prompt's tokens (ChatError here): the response echoes them, and names their log-probabilities
-                made = response.prompts[index] = engine.prompter.text_prompt(prompts[index])
+                made = response.prompts[index] = engine.prompter.text_prompt(prompts[index // choices])
+                sampling = completion.sampling(MAX_COMPLETION_TOKENS, index % choices)
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval))
             return begin
 
-        return await respond(request, completion, [begin_with(index) for index in range(len(prompts))], response, param="prompt")
+        return await respond(request, completion, [begin_with(index) for index in range(len(prompts) * choices)], response,
+                             param="prompt")
 
     prompter = getattr(engine, "prompter", None)  # the engine's tokens' tokenizer (in either process)
     tokenizer = prompter.processor.tokenizer if prompter is not None else None
@@ -171,10 +174,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
     async def respond(request: Request, asked: SamplingRequest, begins: list[Callable], completion: ChatCompletion,
                       param: str = "messages"):
-        """A request's answer, whole or streamed; or its answers, a choice each, decoded together (a completion of
-        several prompts: whole only), laid out by `completion`. Each `begin(loop, interval)` runs in a worker thread
-        (one hop there and back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read;
-        the input it refuses came in `param`. Each answer takes a place of `max_concurrent`."""
+        """A request's answers (n choices, or a completion's several prompts: a choice each, decoded together),
+        whole or streamed, laid out by `completion`. Each `begin(loop, interval)` runs in a worker thread (one hop
+        there and back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input
+        it refuses came in `param`. Each answer takes a place of `max_concurrent`."""
         if asked.model != model_name:
             raise APIError(404, f"the model {asked.model!r} does not exist here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -182,7 +185,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             raise APIError(503, "the engine is not responding (no heartbeat); retry shortly", code="engine_not_responding",
                            kind="server_error", headers=RETRY_SOON)
         if len(begins) > max_concurrent:
-            raise APIError(400, f"{param}: {len(begins)} prompts in one request; this server answers at most {max_concurrent} at once",
+            raise APIError(400, f"{param}: {len(begins)} answers in one request; this server answers at most {max_concurrent} at once",
                            param=param)
         if state["active"] + len(begins) > max_concurrent:
             raise APIError(503, f"the server is busy ({max_concurrent} requests at once); retry shortly", code="queue_full",
@@ -208,22 +211,24 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             progress = await first(release, begin)
             return progress if progress.finish_reason else await rest(release.answer)
 
+        async def release_all():
+            for release in releases:
+                await release()
+
+        makers = [functools.partial(answered if not asked.stream else first, release, begin) for release, begin in zip(releases, begins)]
         if not asked.stream:
-            makers = [functools.partial(answered, release, begin) for release, begin in zip(releases, begins)]
             try:
                 return completion.whole(*await unless_gone(request, lambda: together(makers)))
             finally:
-                for release in releases:
-                    await release()
-        (release,), (begin,) = releases, begins  # parse_completion_request streams one prompt only
+                await release_all()
         try:
-            opening = await unless_gone(request, lambda: first(release, begin))
+            openings = await unless_gone(request, lambda: together(makers))
         except BaseException:
-            await release()
+            await release_all()
             raise
         # the release also as a background task: a client gone before the stream's first byte never starts `events`
-        return StreamingResponse(events(release, opening, completion), media_type="text/event-stream",
-                                 background=BackgroundTask(release))
+        return StreamingResponse(events(releases, openings, completion), media_type="text/event-stream",
+                                 background=BackgroundTask(release_all))
 
     return app
 
@@ -257,6 +262,9 @@ class ThreadedAnswer:
 
     def __init__(self, iterator):
         self._iterator, self._first = iterator, None
+        # a read's thread goes on when its await is cancelled (a stream of several answers that ends early): closing
+        # waits for that read (the answer's next tokens), since a generator running in a thread cannot be closed
+        self._reading = threading.Lock()
 
     def read_first(self):
         """The first Progress, read in the caller's worker thread (the one that started the answer)."""
@@ -269,10 +277,11 @@ class ThreadedAnswer:
         return await run_in_threadpool(self._read)
 
     def _read(self) -> Progress:
-        progress = next(self._iterator)
-        if progress.finish_reason is not None:
-            self._iterator.close()
-        return progress
+        with self._reading:
+            progress = next(self._iterator)
+            if progress.finish_reason is not None:
+                self._iterator.close()
+            return progress
 
     @property
     def answering(self) -> bool:
@@ -280,7 +289,8 @@ class ThreadedAnswer:
         return getattr(self._iterator, "gi_frame", True) is not None
 
     def close(self):
-        self._iterator.close()
+        with self._reading:
+            self._iterator.close()
 
 
 async def together(makers: list[Callable[[], Awaitable[T]]]) -> list[T]:
@@ -366,41 +376,72 @@ class Release:
             self.answer.close()  # an answer that ended: nothing to wait for
 
 
-async def events(release: Release, progress, completion: ChatCompletion):
-    """Server-sent events: the opening (a chat stream's role), the text as it grows, the finish reason, the usage if
-    asked, then [DONE]. Events ready at once go out in one write (the opening with the first text; the end's three):
-    each write is a send here and a read for the client, whose CPU a loaded machine shares."""
+async def events(releases: list[Release], progresses: list[Progress], completion: ChatCompletion):
+    """Server-sent events of each answer (`progresses`: their first): its opening (a chat stream's role), its text as
+    it grows, its finish reason; then the usage if asked, then [DONE]. Several answers' chunks interleave as they
+    come, each naming its choice. Events ready at once go out in one write (an opening with the first text; the
+    end's three): each write is a send here and a read for the client, whose CPU a loaded machine shares."""
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    sent, ready = "", ""
+    sent, finals, ready = [""] * len(releases), list(progresses), ""
+    reading: dict[asyncio.Future, int] = {}  # the reads under way of the answers still going, several at once
+
+    def take(index: int, progress: Progress) -> bool:
+        """The chunks of an answer's new Progress; whether it ended."""
+        nonlocal ready
+        finals[index] = progress
+        if progress.text.startswith(sent[index]) and len(progress.text) > len(sent[index]):
+            ready += sse(completion.delta(progress.text[len(sent[index]):], progress, index))
+            sent[index] = progress.text
+        if progress.finish_reason is None:
+            return False
+        ready += sse(completion.ending(progress, index))
+        releases[index].free()
+        return True
+
     try:
-        if opening := completion.opening(progress):
-            ready = sse(opening)
-        while True:
-            if progress.text.startswith(sent) and len(progress.text) > len(sent):
-                ready += sse(completion.delta(progress.text[len(sent):], progress))
-                sent = progress.text
-            if progress.finish_reason is not None:
-                break
+        going = []
+        for index, progress in enumerate(progresses):
+            if opening := completion.opening(progress, index):
+                ready += sse(opening)
+            if not take(index, progress):
+                going.append(index)
+        while len(going) == 1:  # one answer (most streams): awaited as it is, no task per read
             if ready:
                 yield ready
                 ready = ""
-            progress = await next_progress(release.answer)
-        ready += sse(completion.ending(progress))
+            if take(going[0], await next_progress(releases[going[0]].answer)):
+                going = []
+        reading.update({asyncio.ensure_future(next_progress(releases[index].answer)): index for index in going})
+        while reading:
+            if ready:
+                yield ready
+                ready = ""
+            done, _ = await asyncio.wait(reading, return_when=asyncio.FIRST_COMPLETED)
+            for read in sorted(done, key=reading.get):
+                index = reading.pop(read)
+                if not take(index, read.result()):
+                    reading[asyncio.ensure_future(next_progress(releases[index].answer))] = index
         if completion.with_usage:
-            ready += sse(completion.usage_chunk(progress))
+            ready += sse(completion.usage_chunk(*finals))
     except APIError as error:
         ready += sse(error.body())
     except Exception:
         log.exception("a stream failed")
         ready += sse(APIError(500, "internal server error", kind="server_error").body())
     finally:
-        release.free()
+        for read in reading:  # another answer failed, or the client left: the rest is not read
+            if read.done() and not read.cancelled():
+                read.exception()  # failed too, at the same time: seen (asyncio would log it as never retrieved)
+            read.cancel()
+        for release in releases:
+            release.free()
     try:
         yield ready + "data: [DONE]\n\n"
     finally:
-        await release()
+        for release in releases:
+            await release()
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -312,6 +312,30 @@ def test_a_client_gone_before_its_first_token_is_let_go_at_once(child, monkeypat
                                               max_tokens=10).choices[0].message.content  # the only place is free
 
 
+def test_a_stream_of_several_choices_over_the_child_interleaves_and_is_let_go_whole(child, local):
+    prompt = "A chat about a picture of shapes. USER: Describe the picture. ASSISTANT:"
+    expected = [last(local.complete(prompt + tail, GREEDY)).text for tail in ("", " The")]
+    sent, real_send = [], child._send
+    with running(create_app(child, "shapes", stream_interval=0)) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        chunks = [chunk.choices[0] for chunk in client.completions.create(
+            model="shapes", prompt=[prompt, prompt + " The"], temperature=0, max_tokens=40, stream=True) if chunk.choices]
+        assert ["".join(chunk.text for chunk in chunks if chunk.index == index) for index in (0, 1)] == expected
+        # four long answers, the client gone after the first chunk: each is cancelled in the child
+        child._send = lambda message: (sent.append(message[:2]), real_send(message))[1]
+        body = {"model": "shapes", "messages": api_messages(QUESTIONS[0], IMAGES[0]), "n": 4, "stream": True,
+                "max_tokens": 1000, "temperature": 1.0, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", base_url + "/chat/completions", json=body, timeout=30) as response:
+                assert next(line for line in response.iter_lines() if line.startswith("data: "))
+            deadline = time.monotonic() + 10
+            while sorted(kind for kind, _ in sent) != ["cancel"] * 4 + ["generate"] * 4 or child._streams:
+                assert time.monotonic() < deadline, (sent, child._streams)
+                time.sleep(0.05)
+        finally:
+            child._send = real_send
+
+
 def test_a_dead_engine_fails_its_answers_and_the_health_check():
     engine = EngineProcess(str(MODEL), threads=1, device="cpu")
     with running(create_app(engine, "shapes")) as base_url:

@@ -79,7 +79,7 @@ def test_prompts_it_cannot_answer_get_openai_errors_that_name_the_prompt(client,
         assert error.status_code == 400 and wanted in error.body["message"] and error.body["param"] == "prompt", (prompt, error.body)
     too_long = refused(lambda: complete(client, [5] * 1100))  # the model's context is 1024
     assert too_long.status_code == 400 and too_long.body["code"] == "context_length_exceeded"
-    for extra in ({"best_of": 2}, {"suffix": "!"}, {"n": 2}):
+    for extra in ({"best_of": 2}, {"suffix": "!"}):
         error = refused(lambda: complete(client, PROMPT, extra_body=extra))
         assert error.status_code == 400 and error.body["code"] == "unsupported_parameter" and error.body["param"] == next(iter(extra))
     assert complete(client, PROMPT, extra_body={"echo": False, "logprobs": None, "n": 1}).choices[0].text  # neutral values pass
@@ -171,6 +171,13 @@ def test_several_prompts_in_one_request_are_answered_a_choice_each_as_alone(clie
             break
         time.sleep(0.05)
     assert engine.scheduler.active == 0
-    streamed = refused(lambda: client.completions.create(model=MODEL, prompt=texts, max_tokens=4, stream=True))
-    assert streamed.status_code == 400 and streamed.body["param"] == "stream"
     assert complete(client, texts[:2]).choices[1].text == alone[1].choices[0].text  # and the server goes on
+    # streamed, the choices' chunks interleave, each naming its prompt; each one's text is its whole answer's
+    chunks = list(client.completions.create(model=MODEL, prompt=texts, temperature=0, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts_by_index = ["".join(chunk.choices[0].text for chunk in chunks if chunk.choices and chunk.choices[0].index == index)
+                      for index in range(3)]
+    assert texts_by_index == [choice.text for choice in together.choices]
+    finishes = [(chunk.choices[0].index, chunk.choices[0].finish_reason) for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert sorted(finishes) == [(index, choice.finish_reason) for index, choice in enumerate(together.choices)]
+    assert chunks[-1].usage.model_dump() == together.usage.model_dump() and all(chunk.usage is None for chunk in chunks[:-1])

@@ -269,7 +269,7 @@ def ask_alone(engine, text: str, images: list[bytes], **options) -> str:
     return progress[-1].text
 
 
-UNSUPPORTED = {"n": 2, "response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
+UNSUPPORTED = {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
                "tool_choice": "required", "logit_bias": {"42": 10},
                "frequency_penalty": 0.5, "presence_penalty": -1, "modalities": ["text", "audio"],
                "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"}}

@@ -1,0 +1,70 @@
+"""llava-serve's `n`: several choices for one prompt (or each of a completion's prompts), each an answer of its own
+decoded with the others, choice j drawing with the request's seed + j; whole and streamed, through the openai
+client on loopback."""
+
+import httpx
+
+from test_serve import CIRCLES, MODEL, client, engine, refused  # noqa: F401
+from test_serve_completions import PROMPT, complete
+
+SAMPLED = {"temperature": 1.5, "max_tokens": 24}
+
+
+def test_n_chat_choices_are_each_the_answer_of_their_own_seed(client):
+    together = client.chat.completions.create(model=MODEL, messages=CIRCLES, n=3, seed=11, **SAMPLED)
+    assert [choice.index for choice in together.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(model=MODEL, messages=CIRCLES, seed=11 + choice, **SAMPLED) for choice in range(3)]
+    assert [choice.message.content for choice in together.choices] == [answer.choices[0].message.content for answer in alone]
+    assert len({choice.message.content for choice in together.choices}) > 1  # three draws, not one thrice
+    # the prompt counted once, as OpenAI's and vLLM's
+    assert together.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert together.usage.completion_tokens == sum(answer.usage.completion_tokens for answer in alone)
+    # streamed: each choice's role, then its text, its chunks naming it
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, n=3, seed=11, stream=True,
+                                                 stream_options={"include_usage": True}, **SAMPLED))
+    for index, choice in enumerate(together.choices):
+        mine = [chunk.choices[0] for chunk in chunks if chunk.choices and chunk.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(part.delta.content or "" for part in mine) == choice.message.content
+        assert [part.finish_reason for part in mine if part.finish_reason] == [choice.finish_reason]
+    usage = chunks[-1].usage  # (its cached tokens are the prefix cache's: the prompt was asked before)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (together.usage.prompt_tokens, together.usage.completion_tokens)
+    greedy = client.chat.completions.create(model=MODEL, messages=CIRCLES, n=2, temperature=0, max_tokens=24)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_n_completions_of_several_prompts_are_in_prompt_order_then_choice(client):
+    prompts = [PROMPT, "A picture of shapes. USER: What color is the circle? ASSISTANT:"]
+    together = complete(client, prompts, n=2, seed=5, **SAMPLED)
+    expected = [complete(client, prompt, seed=5 + choice, **SAMPLED).choices[0].text for prompt in prompts for choice in range(2)]
+    assert [choice.index for choice in together.choices] == [0, 1, 2, 3]
+    assert [choice.text for choice in together.choices] == expected
+    assert together.usage.prompt_tokens == sum(complete(client, prompt, max_tokens=1).usage.prompt_tokens for prompt in prompts)
+    # with echo and log-probabilities, each choice its own
+    scored = complete(client, prompts, n=2, max_tokens=2, logprobs=1, echo=True, seed=5, temperature=1.5)
+    for index, choice in enumerate(scored.choices):
+        assert choice.text.startswith(prompts[index // 2]) and choice.logprobs.token_logprobs[0] is None
+
+
+def test_too_many_choices_are_refused_by_name(client):
+    base = str(client.base_url).rstrip("/")
+    for path, body in [("chat/completions", {"messages": CIRCLES, "n": 65}),
+                       ("completions", {"prompt": [PROMPT] * 8, "n": 9}),
+                       ("completions", {"prompt": PROMPT, "n": 0})]:
+        response = httpx.post(f"{base}/{path}", json={"model": MODEL, **body}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n", response.text
+
+
+def test_a_client_that_leaves_a_stream_of_several_choices_lets_go_of_them_all(client, engine):
+    import time
+
+    body = {"model": MODEL, "messages": CIRCLES, "n": 4, "stream": True, "max_tokens": 1000, "temperature": 1.0,
+            "ignore_eos": True}  # four answers of about a thousand tokens each: seconds on this CPU, if kept
+    with httpx.stream("POST", f"{str(client.base_url).rstrip('/')}/chat/completions", json=body, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert engine.scheduler.active == 4
+    deadline = time.monotonic() + 5
+    while engine.scheduler.active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.scheduler.active == 0
