@@ -59,16 +59,16 @@ def main():
     engine = ChatEngine(str(ROOT / "checkpoints" / "shapes-llava"), device="cpu")
     made = prompts(engine.processor.tokenizer, args.prompts)
     print(f"{args.prompts} prompts of {min(map(len, made))}-{max(map(len, made))} tokens, torch threads {args.threads}")
-    together = scheduler.SCORED_POSITIONS
+    together = scheduler.SCORED_LOGITS
     with running(create_app(engine, "shapes", max_concurrent=64)) as base_url:
         for size in args.batch_sizes:
             batches = [made[start: start + size] for start in range(0, len(made), size)]
             rates = {}
-            for name, positions in (("one per forward", 1), ("together", together)):
-                scheduler.SCORED_POSITIONS = positions  # read at each scoring: 1 puts every prompt in a forward of its own
+            for name, logits in (("one per forward", 1), ("together", together)):
+                scheduler.SCORED_LOGITS = logits  # read at each scoring: 1 puts every prompt in a forward of its own
                 scored_per_second(base_url, "shapes", batches[:2])  # warm
                 rates[name] = max(scored_per_second(base_url, "shapes", batches) for _ in range(args.repeats))
-            scheduler.SCORED_POSITIONS = together
+            scheduler.SCORED_LOGITS = together
             print(f"batch_size {size:3d}: one per forward {rates['one per forward']:7.1f} prompts/s, together "
                   f"{rates['together']:7.1f} prompts/s, {rates['together'] / rates['one per forward']:.2f}x")
 

@@ -18,7 +18,7 @@ from .answer_text import Progress, Tokens, as_text, continuation
 from .decoding import NonFiniteScores, Sampling  # noqa: F401 (NonFiniteScores: engine's export)
 from .prefix_cache import PrefixCache, common_prefix
 from .prompts import ChatError, ContextTooLong, Prompt, Prompter
-from .scheduler import Scheduler, Sequence
+from .scheduler import SCORED_LOGITS, Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
 
@@ -195,6 +195,10 @@ class ChatEngine:
         room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
         if room < min(1, sampling.max_new_tokens):  # a prompt scored only may fill the context
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
+        if sampling.prompt_logprobs is not None and ids.shape[1] * self.scheduler.vocabulary > SCORED_LOGITS:
+            most = SCORED_LOGITS // self.scheduler.vocabulary
+            raise ChatError(f"the prompt is {ids.shape[1]} tokens; every token's log-probability is computed for at most "
+                            f"{most} (each position's scores over the {self.scheduler.vocabulary:,}-token vocabulary are kept)")
         if sampling.max_new_tokens > room:
             sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size

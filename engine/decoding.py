@@ -49,8 +49,8 @@ class Sampling:
             raise ValueError(f"temperature is {self.temperature}; it must be between 0 and 2")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p is {self.top_p}; it must be in (0, 1]")
-        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):  # a prompt may be scored only
-            raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
+        if self.max_new_tokens < 0:  # 0: nothing generated (a prompt echoed, or scored, only)
+            raise ValueError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 0")
         if not 0 <= self.top_k < 2**31:  # one tensor of the batch's top_k: a row's overflow would fail all rows
             raise ValueError(f"top_k is {self.top_k}; it must be between 0 (no limit) and 2**31 - 1")
         if not 0 <= self.min_p <= 1:
@@ -76,10 +76,10 @@ class TokenLogprob(NamedTuple):
     top: tuple[tuple[int, float], ...]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprob]:
-    """For each row of `logits` (B, V), its token's log-probability and its `alternatives[i]` most likely ones'."""
-    logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprob]:
+    """For each row of `logprobs` (B, V: the log-softmax of the model's scores), its token's log-probability and its
+    `alternatives[i]` most likely ones'."""
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
     most = max(alternatives, default=0)
     values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
     values, ids = values.tolist(), ids.tolist()
@@ -94,7 +94,11 @@ def prompt_logprobs(logits: torch.Tensor, ids: list[int], alternatives: int) -> 
     scored: list[TokenLogprob | None] = [None]
     for start in range(0, len(ids) - 1, SCORED_ROWS):
         end = min(start + SCORED_ROWS, len(ids) - 1)
-        scored += token_logprobs(logits[start:end], ids[start + 1: end + 1], [alternatives] * (end - start))
+        rows = logits[start:end].float()
+        if (broken := rows.isnan().any(dim=-1) | rows.isposinf().any(dim=-1)).any():
+            raise NonFiniteScores(f"the model's scores after the prompt's token {start + int(broken.nonzero()[0])} were NaN or "
+                                  "infinite; if the model runs in float16, bfloat16 or float32 may not overflow")
+        scored += token_logprobs(rows.log_softmax(dim=-1), ids[start + 1: end + 1], [alternatives] * (end - start))
     return scored
 
 
@@ -122,7 +126,8 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     global generator), never one of `suppress` nor of its own `blocked[i]` (the end tokens of a sequence short of its
     min_tokens); None for a row whose scores hold a NaN or +inf. Such a row is not drawn from (the multinomial
     would raise for the whole batch, failing every other sequence's answer), and its argmax would be noise."""
-    logits = logits.float()
+    masked = bool(suppress) or any(blocked or [])
+    logits = logits.to(torch.float32, copy=masked)  # the caller's scores stay as they are (its log-probabilities)
     broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)  # before suppress writes its -inf
     if suppress:
         logits[:, suppress] = -float("inf")

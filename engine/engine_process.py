@@ -14,6 +14,7 @@ same for the server's event loop: the reader thread hands the child's messages s
 Progress is awaited (StreamedAnswer), so that a chunk of a stream costs no hop to a worker thread and back."""
 
 import asyncio
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -34,6 +35,9 @@ from .scheduler import QueueFull
 
 _ERRORS = {"ChatError": ChatError, "ContextTooLong": ContextTooLong, "QueueFull": QueueFull, "NonFiniteScores": NonFiniteScores}
 _END = object()
+# a Tokens crosses the pipe as a plain tuple of its fields in order (pickling a dataclass per message cost more than
+# its tokens); the reader makes it again with Tokens(*fields)
+TOKENS_FIELDS = tuple(field.name for field in dataclasses.fields(Tokens))
 HEARTBEAT = 1.0  # seconds between the child's signs of life
 
 
@@ -304,9 +308,7 @@ def _child(pipe, model_path: str, engine_options: dict, threads: int | None):
                 for item in arrivals:
                     if cancels[request].is_set():
                         break
-                    # a plain tuple: pickling a dataclass per message cost more than its tokens
-                    send(("tokens", request, item.new, item.prompt_tokens, item.cached_tokens, item.finish_reason,
-                          item.logprobs, item.prompt_logprobs, item.ended_by))
+                    send(("tokens", request, *(getattr(item, name) for name in TOKENS_FIELDS)))
                     finished = item.finish_reason is not None
             finally:
                 arrivals.close()

@@ -5,7 +5,7 @@ import time
 import uuid
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from pydantic_core import from_json
 
 from .answer_text import Progress
@@ -126,8 +126,8 @@ class SamplingRequest(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: StrictBool | None = None  # strict, as the next two: 1, "true" or a count here is a client's mistake
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @property
     def wanted_tokens(self) -> int | None:
@@ -147,8 +147,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     # a count here (0 still asks for the chosen token's); with echo, the prompt's tokens' too (lm-eval's
     # loglikelihood and multiple-choice tasks send logprobs 1, echo true, max_tokens 1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # false or true here is a chat client's habit
+    echo: StrictBool | None = None
 
     @property
     def logprob_alternatives(self) -> int | None:
@@ -156,9 +156,7 @@ class CompletionRequest(SamplingRequest):
 
     @property
     def prompt_logprob_alternatives(self) -> int | None:
-        if self.echo and self.logprobs is not None:
-            return self.logprobs
-        return 0 if self.echo and self.max_tokens == 0 else None  # nothing to generate: the prompt's forward only
+        return self.logprobs if self.echo else None
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -395,7 +393,9 @@ class ChatCompletion:
         return {"content": chat_logprobs(texts, progress.tokens[:count], progress.logprobs[:count]), "refusal": None}
 
     def _stream_logprobs(self, progress: Progress, index: int, last: bool = False) -> dict | None:
-        """The log-probabilities of the choice's tokens come since its last chunk (to the text sent, or all at the end)."""
+        """The log-probabilities of the choice's tokens come since its last chunk: all that arrived, also those whose
+        text a stream still holds back (it could start a stop string); `last`: the end's, which may add the end
+        token."""
         if not self.logprobs:
             return None
         told = self._told.setdefault(index, _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids)))
@@ -463,10 +463,14 @@ class TextCompletion(ChatCompletion):
             parts.append(prompt)
             offset = len(self.echoed(index))
         answer, offset = completion_logprobs(texts, progress.tokens[:count], progress.logprobs[:count], offset)
-        parts.append(answer)
-        if progress.ended_by is not None:  # the end token that finished it, as vLLM lists it (lm-eval drops the last)
-            parts.append(completion_logprobs(texts, [progress.ended_by.token], [progress.ended_by], offset)[0])
-        return joined(*parts)
+        return joined(*parts, answer, *self._end(texts, progress, offset))
+
+    @staticmethod
+    def _end(texts: TokenTexts, progress: Progress, offset: int) -> list[dict]:
+        """The end token that finished the answer, as vLLM lists it (lm-eval drops a response's last entry)."""
+        if progress.ended_by is None:
+            return []
+        return [completion_logprobs(texts, [progress.ended_by.token], [progress.ended_by], offset)[0]]
 
     def _stream_logprobs(self, progress: Progress, index: int, last: bool = False) -> dict | None:
         if not self.logprobs:
@@ -475,9 +479,7 @@ class TextCompletion(ChatCompletion):
         start, told.tokens = told.tokens, progress.completion_tokens
         layout, told.offset = completion_logprobs(told.texts, progress.tokens[start: told.tokens],
                                                   progress.logprobs[start: told.tokens], told.offset)
-        if last and progress.ended_by is not None:
-            layout = joined(layout, completion_logprobs(told.texts, [progress.ended_by.token], [progress.ended_by], told.offset)[0])
-        return layout
+        return joined(layout, *self._end(told.texts, progress, told.offset)) if last else layout
 
     def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
         return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}

@@ -29,9 +29,10 @@ from .static_slots import StaticSlot
 
 END = object()  # the last item of a sequence's output queue
 PREFILL_TOKENS = 2048  # prefilled per pause in decoding: more arrivals at once wait for the next pause
-# prompts scored in one forward: at most this many positions, padding included (every position's logits are kept:
-# 4k positions of a 32k vocabulary are 256 MB in float16)
-SCORED_POSITIONS = 4096
+# Prompts scored in one forward: at most this many logits (padded positions x vocabulary), which the forward keeps
+# all of (1 GB in float32: 8k positions of a 32k vocabulary, 2k of a 128k one). A longer prompt is not scored
+# (ChatEngine refuses it).
+SCORED_LOGITS = 2**28
 
 
 class QueueFull(RuntimeError):
@@ -105,6 +106,10 @@ class Sequence:
         return False
 
     def finish(self, error: BaseException | None = None):
+        """Ends it, once: a failed step's handler may reach a sequence twice (an arrival that joined the batch), and
+        a second END would reach its reader as a token."""
+        if self.done.is_set():
+            return
         if error is not None:
             self.error = error
         if self.error is not None:  # a failed step's cache, or one holding what gave NaN scores: never reused
@@ -119,6 +124,7 @@ class Scheduler:
 
     def __init__(self, model, suppress: list[int], max_batch: int = 32, max_waiting: int = 256):
         self.model, self.suppress = model, suppress
+        self.vocabulary = model.config.get_text_config().vocab_size  # the width of a position's logits
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self._waiting: list[Sequence] = []
         self._alone: list[Sequence] = []  # sequences over a StaticSlot, stepped one by one
@@ -216,7 +222,13 @@ class Scheduler:
     @torch.no_grad()
     def _join(self, arrivals: list[Sequence]):
         """Slot sequences one by one through their slots; into the batch the others: those that can ride join as
-        they are (the next step feeds the rest of their prompt); the rest are prefilled in one forward."""
+        they are (the next step feeds the rest of their prompt); the rest are prefilled in one forward. One that
+        asks for no tokens and no scores ends here (a prompt echoed only)."""
+        for sequence in arrivals:
+            if sequence.sampling.max_new_tokens == 0 and not sequence.scores_prompt:
+                sequence.finish_reason = "length"
+                sequence.finish()
+        arrivals = [sequence for sequence in arrivals if not sequence.done.is_set()]
         for sequence in [sequence for sequence in arrivals if isinstance(sequence.cache, StaticSlot)]:
             try:
                 self.counts["slot_steps"] += 1
@@ -286,28 +298,30 @@ class Scheduler:
     def _emit(self, sequences: list[Sequence], logits: torch.Tensor) -> list[bool]:
         """Draws each sequence's next token from its row of `logits` (B, V) and records it, with its log-probability
         for those that asked; whether each one is finished."""
+        asking = [row for row, sequence in enumerate(sequences) if sequence.sampling.logprobs is not None]
+        # the model's own distribution: before the end tokens of a row short of its min_tokens, and the suppressed
+        # ones, are ruled out
+        raw = logits[asking].float().log_softmax(dim=-1) if asking else None
         tokens = next_tokens(logits, [sequence.sampling for sequence in sequences], [sequence.generator for sequence in sequences],
                              self.suppress, [sequence.blocked for sequence in sequences])
-        scored = [row for row, (sequence, token) in enumerate(zip(sequences, tokens))
-                  if sequence.sampling.logprobs is not None and token is not None]
         logprobs = [None] * len(sequences)
-        if scored:
-            found = token_logprobs(logits[scored], [tokens[row] for row in scored], [sequences[row].sampling.logprobs for row in scored])
-            for row, logprob in zip(scored, found):
-                logprobs[row] = logprob
+        if kept := [index for index, row in enumerate(asking) if tokens[row] is not None]:  # a broken row ends without
+            found = token_logprobs(raw[kept], [tokens[asking[index]] for index in kept],
+                                   [sequences[asking[index]].sampling.logprobs for index in kept])
+            for index, logprob in zip(kept, found):
+                logprobs[asking[index]] = logprob
         return [sequence.emit(token, logprob) for sequence, token, logprob in zip(sequences, tokens, logprobs)]
 
     def _score(self, sequences: list[Sequence]):
         """Prefills the sequences whose prompt is scored (see Sequence.scores_prompt): with every position's logits,
         which give each prompt token's log-probability, and the last one its first token (unless it asked for none:
-        a prompt scored only). Together, in forwards of at most SCORED_POSITIONS padded positions (their logits are
-        all kept at once)."""
+        a prompt scored only). Together, in forwards of at most SCORED_LOGITS logits (all kept at once)."""
         for sequence in sequences:
             if sequence.cache is not None and sequence.cache.get_seq_length():  # the prefix's positions would have no logits
                 sequence.finish(ValueError("a prompt to score comes with no cached prefix: its every token is fed"))
         group: list[Sequence] = []
         for sequence in sorted((sequence for sequence in sequences if not sequence.done.is_set()), key=lambda each: each.pending.shape[1]):
-            if group and (len(group) + 1) * sequence.pending.shape[1] > SCORED_POSITIONS:
+            if group and (len(group) + 1) * sequence.pending.shape[1] * self.vocabulary > SCORED_LOGITS:
                 self._score_together(group)
                 group = []
             group.append(sequence)

@@ -71,6 +71,11 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
     app = FastAPI(title="llava-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     state = {"active": 0}
+    prompter = getattr(engine, "prompter", None)  # the engine's tokens' tokenizer (in either process)
+    tokenizer = prompter.processor.tokenizer if prompter is not None else None
+
+    def with_usage(asked: SamplingRequest) -> bool:
+        return bool(asked.stream and asked.stream_options and asked.stream_options.include_usage)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -166,12 +171,6 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         return await respond(request, completion, [begin_with(index) for index in range(len(prompts) * choices)], response,
                              param="prompt")
 
-    prompter = getattr(engine, "prompter", None)  # the engine's tokens' tokenizer (in either process)
-    tokenizer = prompter.processor.tokenizer if prompter is not None else None
-
-    def with_usage(asked: SamplingRequest) -> bool:
-        return bool(asked.stream and asked.stream_options and asked.stream_options.include_usage)
-
     async def respond(request: Request, asked: SamplingRequest, begins: list[Callable], completion: ChatCompletion,
                       param: str = "messages"):
         """A request's answers (n choices, or a completion's several prompts: a choice each, decoded together),
@@ -218,7 +217,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         makers = [functools.partial(answered if not asked.stream else first, release, begin) for release, begin in zip(releases, begins)]
         if not asked.stream:
             try:
-                return completion.whole(*await unless_gone(request, lambda: together(makers)))
+                progresses = await unless_gone(request, lambda: together(makers))
+                if completion.logprobs:  # naming every token and its alternatives can take seconds: not on the event loop
+                    return await run_in_threadpool(completion.whole, *progresses)
+                return completion.whole(*progresses)
             finally:
                 await release_all()
         try:
@@ -403,7 +405,9 @@ async def events(releases: list[Release], progresses: list[Progress], completion
     try:
         going = []
         for index, progress in enumerate(progresses):
-            if opening := completion.opening(progress, index):
+            # an echo's opening names the whole prompt's tokens when log-probabilities are asked: not on the event loop
+            opening = await run_in_threadpool(completion.opening, progress, index) if completion.logprobs else completion.opening(progress, index)
+            if opening:
                 ready += sse(opening)
             if not take(index, progress):
                 going.append(index)

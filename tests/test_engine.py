@@ -53,6 +53,26 @@ def test_a_failing_step_is_raised_and_the_session_starts_clean(engine, monkeypat
     assert engine.sessions.get("carol").cache is None
 
 
+def test_a_bug_after_a_prefill_fails_its_answer_once_and_the_next_goes_on(engine, monkeypatch):
+    """An error of ours while an arrival's first token is drawn (after its prefill took it into the batch): the
+    scheduler's handler reaches it both as an arrival and as a row; it ends once, with the error (a second end
+    reached its reader as a token, a TypeError in the text)."""
+    from engine import scheduler as scheduling
+
+    real, calls = scheduling.next_tokens, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scheduling, "next_tokens", failing_once)
+    with pytest.raises(KeyError, match="a bug"):
+        list(engine.stream([user_turn("Hi")], IMAGE, max_new_tokens=3))
+    assert answer(engine, [user_turn("Hi")]) is not None
+
+
 def record_calls(engine):
     prefills, tower = [], []
     hooks = [

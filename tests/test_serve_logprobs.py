@@ -231,7 +231,7 @@ def test_prompts_scored_together_each_get_their_own_log_probabilities(engine, pa
     answers they go on to."""
     if padded:
         monkeypatch.setattr(row_batch.RowBatch, "supports", staticmethod(lambda model: False))
-    monkeypatch.setattr(scheduling, "SCORED_POSITIONS", 64)
+    monkeypatch.setattr(scheduling, "SCORED_LOGITS", 64 * engine.model.config.get_text_config().vocab_size)
     scheduler = Scheduler(engine.model, [])  # stepped here, on the test's thread: no submit
     config = engine.model.config.get_text_config()
     from transformers import DynamicCache
@@ -252,3 +252,69 @@ def test_prompts_scored_together_each_get_their_own_log_probabilities(engine, pa
         assert sequence.tokens == [int(expected[len(ids) + step - 1].argmax()) for step in range(4)]  # greedy, as alone
         for step, found in enumerate(sequence.logprobs):
             assert math.isclose(found.logprob, float(expected[len(ids) + step - 1].max()), abs_tol=1e-4)
+
+
+def test_log_probabilities_are_the_models_own_where_min_tokens_rules_the_end_token_out(client, engine):
+    """The answer ends with its end token after 11 tokens; with min_tokens 20 the end token is blocked from there on,
+    but what is reported is the model's own distribution, not the one renormalized without it."""
+    tokenizer = engine.processor.tokenizer
+    ids = tokenizer(PROMPT)["input_ids"]
+    answer = complete(client, PROMPT, max_tokens=20, logprobs=1, extra_body={"min_tokens": 20, "return_tokens_as_token_ids": True})
+    drawn = [int(name.removeprefix("token_id:")) for name in answer.choices[0].logprobs.tokens]
+    assert len(drawn) == 20
+    expected = model_logprobs(engine, ids + drawn)
+    # the end token was the likely one after 11 tokens (the drawn token's share there is small, not renormalized)
+    assert max(float(expected[len(ids) + position - 1, tokenizer.eos_token_id]) for position in range(20)) > -1
+    for position, value in enumerate(answer.choices[0].logprobs.token_logprobs):
+        assert math.isclose(value, float(expected[len(ids) + position - 1, drawn[position]]), abs_tol=1e-4), position
+
+
+def test_a_prompt_whose_scores_are_not_numbers_fails_alone(client, engine):
+    def poisoned(module, args, kwargs, output):
+        if output.logits.shape[1] > 5:  # the scored prompt's forward only
+            output.logits[:, 3] = float("nan")
+        return output
+
+    hook = engine.model.register_forward_hook(poisoned, with_kwargs=True)
+    try:
+        response = post(client, "completions", {"prompt": PROMPT, "max_tokens": 1, "logprobs": 1, "echo": True})
+    finally:
+        hook.remove()
+    assert response.status_code == 500 and response.json()["error"]["code"] == "model_output_not_finite", response.text
+    assert "prompt's token 3" in response.json()["error"]["message"]
+    assert complete(client, PROMPT, logprobs=1, echo=True, max_tokens=1).choices[0].logprobs.token_logprobs[4] is not None
+
+
+def test_characters_split_across_tokens_join_whole_and_offsets_only_grow(client, engine):
+    tokenizer = engine.processor.tokenizer
+    text = "A red \u2603 circle \u00e9"  # a snowman is three bytes, three byte-level tokens here
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [piece[0] for piece in TokenTexts(tokenizer).after(ids, [[token] for token in ids])]
+    assert "".join(piece.text for piece in pieces) == text
+    assert b"".join(bytes(piece.bytes) for piece in pieces) == text.encode()
+    assert any(piece.text == "" and piece.bytes for piece in pieces)  # part of the snowman: bytes, no text yet
+    for as_ids in (False, True):
+        body = post(client, "completions", {"prompt": text, "max_tokens": 3, "echo": True, "logprobs": 2,
+                                            "return_tokens_as_token_ids": as_ids}).json()
+        offsets = body["choices"][0]["logprobs"]["text_offset"]
+        assert offsets == sorted(offsets) and offsets[-1] <= len(body["choices"][0]["text"]), offsets
+
+
+def test_what_a_request_does_not_ask_for_is_not_computed(client, engine, monkeypatch):
+    before = dict(engine.scheduler.counts)
+    echoed = post(client, "completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True}).json()
+    assert echoed["choices"][0]["text"] == PROMPT and echoed["usage"]["completion_tokens"] == 0
+    assert engine.scheduler.counts == before  # no forward at all
+    # a prompt too long to keep every position's scores is refused by name, not run out of memory
+    from engine import chat
+
+    monkeypatch.setattr(chat, "SCORED_LOGITS", 10 * engine.scheduler.vocabulary)
+    refused_long = post(client, "completions", {"prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 0})
+    assert refused_long.status_code == 400 and refused_long.json()["error"]["param"] == "prompt"
+    assert "at most 10" in refused_long.json()["error"]["message"]
+    assert complete(client, PROMPT, max_tokens=2).choices[0].text  # unscored, the same prompt runs
+    for path, body in [("completions", {"prompt": PROMPT, "logprobs": True}), ("completions", {"prompt": PROMPT, "echo": "yes"}),
+                       ("chat/completions", {"messages": CIRCLES, "logprobs": 1}),
+                       ("chat/completions", {"messages": CIRCLES, "logprobs": True, "top_logprobs": True})]:
+        response = post(client, path, body)
+        assert response.status_code == 400, (body, response.text)
