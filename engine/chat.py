@@ -195,6 +195,8 @@ class ChatEngine:
         room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
         if room < min(1, sampling.max_new_tokens):  # a prompt scored only may fill the context
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
+        if outside := [token for token, _ in sampling.logit_bias if not 0 <= token < self.scheduler.vocabulary]:
+            raise ChatError(f"logit_bias names the token id {outside[0]}, outside the model's vocabulary")
         if sampling.prompt_logprobs is not None and ids.shape[1] * self.scheduler.vocabulary > SCORED_LOGITS:
             most = SCORED_LOGITS // self.scheduler.vocabulary
             raise ChatError(f"the prompt is {ids.shape[1]} tokens; every token's log-probability is computed for at most "
@@ -226,7 +228,8 @@ class ChatEngine:
         if extra and image_sizes is not None:
             extra["image_sizes"] = image_sizes
         keep = session.cached_tokens
-        sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids, cancel))
+        sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids, cancel,
+                                                  prompt=ids[0].tolist() if sampling.repetition_penalty != 1 else None))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
         told = {"tokens": 0, "prompt": False}
 

@@ -16,6 +16,7 @@ MIN_TEMPERATURE = 1e-5
 # Any top_p below the most likely token's probability (at least 1 / vocabulary) keeps that token alone; a floor far
 # below any vocabulary's share changes no answer, but keeps float32 from rounding top_p to 0, which keeps no token.
 MIN_TOP_P = 1e-30
+MAX_REPETITION_PENALTY = 10.0  # vLLM sets none; past a few, every token said is as good as ruled out
 MAX_LOGPROBS = 20  # alternatives per token, at most (OpenAI's top_logprobs and vLLM's default max_logprobs)
 SCORED_ROWS = 256  # prompt positions whose log-softmax is taken at once: (256, 32k) floats are 32 MB
 
@@ -43,6 +44,11 @@ class Sampling:
     # log-probability and this many most likely alternatives' (None: nothing computed), and the same per prompt token
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # what the sequence's own rules add to its scores (engine.penalties): OpenAI's, and vLLM's repetition_penalty
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -57,6 +63,13 @@ class Sampling:
             raise ValueError(f"min_p is {self.min_p}; it must be between 0 and 1")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens is {self.min_tokens}; it must be between 0 and max_new_tokens ({self.max_new_tokens})")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= (value := getattr(self, name)) <= 2:
+                raise ValueError(f"{name} is {value}; it must be between -2 and 2")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty is {self.repetition_penalty}; it must be in (0, {MAX_REPETITION_PENALTY}]")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("a logit_bias is between -100 and 100")
         for name in ("logprobs", "prompt_logprobs"):
             if (count := getattr(self, name)) is not None and not 0 <= count <= MAX_LOGPROBS:
                 raise ValueError(f"{name} is {count}; it must be between 0 and {MAX_LOGPROBS}")
@@ -121,14 +134,20 @@ def truncated(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min
 
 @torch.no_grad()
 def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
-                suppress: list[int], blocked: list[Collection[int]] | None = None) -> list[int | None]:
+                suppress: list[int], blocked: list[Collection[int]] | None = None,
+                penalties: list | None = None) -> list[int | None]:
     """One token per row of `logits` (B, V), row i following samplings[i] and drawing from generators[i] (None: the
-    global generator), never one of `suppress` nor of its own `blocked[i]` (the end tokens of a sequence short of its
-    min_tokens); None for a row whose scores hold a NaN or +inf. Such a row is not drawn from (the multinomial
-    would raise for the whole batch, failing every other sequence's answer), and its argmax would be noise."""
-    masked = bool(suppress) or any(blocked or [])
+    global generator), its scores adjusted first by its own `penalties[i]` (engine.penalties: logit bias, repetition,
+    frequency and presence penalties; None: none), never one of `suppress` nor of its own `blocked[i]` (the end
+    tokens of a sequence short of its min_tokens); None for a row whose scores hold a NaN or +inf. Such a row is
+    not drawn from (the multinomial would raise for the whole batch, failing every other sequence's answer), and
+    its argmax would be noise."""
+    masked = bool(suppress) or any(blocked or []) or any(penalties or [])
     logits = logits.to(torch.float32, copy=masked)  # the caller's scores stay as they are (its log-probabilities)
     broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)  # before suppress writes its -inf
+    for row, adjustments in enumerate(penalties or []):
+        if adjustments is not None:
+            adjustments.apply(logits[row])
     if suppress:
         logits[:, suppress] = -float("inf")
     for row, ids in enumerate(blocked or []):

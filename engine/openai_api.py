@@ -1,6 +1,7 @@
 """OpenAI's chat-completions format: the request as a typed model, its messages in the engine's form, and the
 response, chunk and error objects. No HTTP here (that is server.py)."""
 
+import re
 import time
 import uuid
 from typing import Annotated, ClassVar, Literal
@@ -9,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from pydantic_core import from_json
 
 from .answer_text import Progress
-from .decoding import MAX_LOGPROBS, Sampling
+from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, Sampling
 from .media import MediaPolicy, image_bytes
 from .token_logprobs import TokenTexts, chat_logprobs, completion_logprobs, joined
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
@@ -58,6 +59,7 @@ class StreamOptions(BaseModel):
 # a top_k past int64 made the batched sampling's tensor overflow on the scheduler's thread, failing every answer
 MAX_TOP_K = 2**31 - 1
 MAX_CHOICES = 64  # in one request (n per prompt, times the prompts): each takes a place in the batch
+MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias (OpenAI takes 300)
 
 
 class SamplingRequest(BaseModel):
@@ -80,6 +82,10 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
     n: int | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)  # vLLM's
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)  # token id (as text) -> bias
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
 
@@ -116,11 +122,14 @@ class SamplingRequest(BaseModel):
         answer draws from a generator of its own: one seed would give n equal answers)."""
         most = min(self.most_tokens, max_tokens)
         seed = None if self.seed is None else (self.seed + choice + 2**63) % 2**64 - 2**63  # within int64
+        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
         return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
                         top_p=1.0 if self.top_p is None else self.top_p, max_new_tokens=most, seed=seed,
                         top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, min_tokens=min(self.min_tokens or 0, most),
                         ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_alternatives,
-                        prompt_logprobs=self.prompt_logprob_alternatives)
+                        prompt_logprobs=self.prompt_logprob_alternatives, frequency_penalty=self.frequency_penalty or 0.0,
+                        presence_penalty=self.presence_penalty or 0.0,
+                        repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty, logit_bias=bias)
 
 
 class ChatRequest(SamplingRequest):
@@ -167,13 +176,13 @@ class CompletionRequest(SamplingRequest):
 
 # Parameters this server does not implement -> the values that ask for nothing (what a client may send by habit).
 # Anything else is refused by name rather than ignored: a client that asked for JSON, tools or two choices must not
-# take a plain single answer for what it asked. Penalties are refused, not implemented: sampling is the scheduler's.
+# take a plain single answer for what it asked.
 NEUTRAL = {
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
-    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "web_search_options": (None,),
-    # the sampling extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos are)
-    "repetition_penalty": (None, 1), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
+    "web_search_options": (None,),
+    # the extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos, repetition_penalty are)
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
     "guided_grammar": (None,),
 }
 # /v1/completions' own
@@ -243,6 +252,10 @@ def _checked(request: SamplingRequest, neutral: dict):
         raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     if (request.min_tokens or 0) > (most := request.most_tokens):
         raise APIError(400, f"min_tokens: {request.min_tokens} is more than the answer's most tokens ({most})", param="min_tokens")
+    if not_ids := [key for key in request.logit_bias or {} if not re.fullmatch(r"[0-9]{1,12}", key)]:
+        raise APIError(400, f"logit_bias: the key {not_ids[0][:40]!r} is not a token id", param="logit_bias")
+    if any(not -100 <= bias <= 100 for bias in (request.logit_bias or {}).values()):
+        raise APIError(400, "logit_bias: each bias is between -100 and 100", param="logit_bias")
     if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
     if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
@@ -270,8 +283,8 @@ def refuse_too_many_items(raw):
 def refuse_unsupported(request: SamplingRequest, neutral: dict):
     for name, value in (request.model_extra or {}).items():
         if name in neutral and not any(_same(value, allowed) for allowed in neutral[name]):
-            raise APIError(400, f"{name}: not supported by this server (it answers with one plain-text choice and "
-                           "samples with temperature, top_p, top_k, min_p and seed only)", param=name, code="unsupported_parameter")
+            raise APIError(400, f"{name}: not supported by this server (it answers in plain text, without tools or "
+                           "guided decoding)", param=name, code="unsupported_parameter")
 
 
 def _same(value, neutral) -> bool:

@@ -24,6 +24,7 @@ import torch
 
 from .decoding import NonFiniteScores, Sampling, TokenLogprob, next_tokens, prompt_logprobs, token_logprobs
 from .padded_batch import PaddedBatch
+from .penalties import Penalties
 from .row_batch import RowBatch
 from .static_slots import StaticSlot
 
@@ -45,9 +46,11 @@ class Sequence:
     back), or is None after a failed step."""
 
     def __init__(self, cache, pending: torch.Tensor, image_inputs: dict, sampling: Sampling, stop_ids: set[int],
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, prompt: list[int] | None = None):
         self.cache, self.pending, self.image_inputs = cache, pending, image_inputs
         self.sampling, self.stop_ids = sampling, stop_ids
+        # its own score adjustments, if it asked for any; `prompt`: all of its prompt's ids (the repetition penalty's)
+        self.penalties = Penalties(sampling, prompt if prompt is not None else pending[0].tolist()) if Penalties.wanted(sampling) else None
         self.generator = sampling.generator(pending.device)
         self.tokens: list[int] = []
         # with sampling.logprobs: tokens[i]'s in logprobs[i], and the end token's that finished it in `ended_by`
@@ -98,6 +101,8 @@ class Sequence:
             return True
         if logprob is not None:  # before the token: whoever reads the token finds its log-probability
             self.logprobs.append(logprob)
+        if self.penalties is not None:
+            self.penalties.add(token)
         self.tokens.append(token)
         self.out.put(token)
         if len(self.tokens) >= self.sampling.max_new_tokens:
@@ -303,7 +308,8 @@ class Scheduler:
         # ones, are ruled out
         raw = logits[asking].float().log_softmax(dim=-1) if asking else None
         tokens = next_tokens(logits, [sequence.sampling for sequence in sequences], [sequence.generator for sequence in sequences],
-                             self.suppress, [sequence.blocked for sequence in sequences])
+                             self.suppress, [sequence.blocked for sequence in sequences],
+                             [sequence.penalties for sequence in sequences])
         logprobs = [None] * len(sequences)
         if kept := [index for index, row in enumerate(asking) if tokens[row] is not None]:  # a broken row ends without
             found = token_logprobs(raw[kept], [tokens[asking[index]] for index in kept],

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from .chat import ChatEngine, ChatError
 from .prompts import ContextTooLong
 from .answer_text import Progress
-from .decoding import NonFiniteScores
+from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .metrics import render
@@ -73,6 +73,15 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     state = {"active": 0}
     prompter = getattr(engine, "prompter", None)  # the engine's tokens' tokenizer (in either process)
     tokenizer = prompter.processor.tokenizer if prompter is not None else None
+
+    def sampling_of(asked: SamplingRequest, choice: int) -> Sampling:
+        """The request's sampling for its choice `choice`; a logit_bias naming a token the model does not have is a
+        400 here (on the scheduler's thread its indexing would fail every answer of the batch)."""
+        sampling = asked.sampling(MAX_COMPLETION_TOKENS, choice)
+        if tokenizer is not None and (outside := [token for token, _ in sampling.logit_bias if not 0 <= token < len(tokenizer)]):
+            raise APIError(400, f"logit_bias: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
+                           param="logit_bias")
+        return sampling
 
     def with_usage(asked: SamplingRequest) -> bool:
         return bool(asked.stream and asked.stream_options and asked.stream_options.include_usage)
@@ -138,7 +147,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         def begin_with(choice: int):
             def begin(loop, interval: float):
                 messages, images = engine_messages(chat, policy)
-                sampling = chat.sampling(MAX_COMPLETION_TOKENS, choice)
+                sampling = sampling_of(chat, choice)
                 if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
                     return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
                 return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
@@ -162,7 +171,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             def begin(loop, interval: float):
                 # the prompt's tokens (ChatError here): the response echoes them, and names their log-probabilities
                 made = response.prompts[index] = engine.prompter.text_prompt(prompts[index // choices])
-                sampling = completion.sampling(MAX_COMPLETION_TOKENS, index % choices)
+                sampling = sampling_of(completion, index % choices)
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval))

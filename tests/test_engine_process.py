@@ -151,6 +151,9 @@ def test_a_text_completion_over_the_child_equals_the_engines_in_process(child, l
         several = client.completions.create(model="shapes", prompt=[prompt, prompt + " The"], temperature=0, max_tokens=40)
         assert several.choices[0].text == expected.text
         assert several.choices[1].text == last(local.complete(prompt + " The", GREEDY)).text
+        # the score rules cross the pipe: the child's sequences apply them as the engine in process does
+        ruled = Sampling(temperature=0, max_new_tokens=30, repetition_penalty=1.3, frequency_penalty=0.5, logit_bias=((17, 3.0),))
+        assert last(child.complete(prompt, ruled)).text == last(local.complete(prompt, ruled)).text != expected.text
         # log-probabilities cross the pipe: the prompt's (echo) and the answer's, with the end token's, as in process
         scoring = Sampling(temperature=0, max_new_tokens=40, logprobs=2, prompt_logprobs=2)
         mine, theirs = last(local.complete(prompt, scoring)), last(child.complete(prompt, scoring))

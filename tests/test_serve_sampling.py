@@ -133,7 +133,7 @@ def test_sglang_bench_servings_payload_gets_answers_of_the_length_it_asked(clien
     ({"top_k": -2}, "top_k"),
     ({"top_k": 2**70, "temperature": 1.0}, "top_k"),  # past int64: the batch's sampling tensor would overflow
     ({"min_p": 1.5}, "min_p"),
-    ({"repetition_penalty": 1.2}, "repetition_penalty"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty"),
 ])
 def test_out_of_range_extras_are_refused_by_name(client, extra, param):
     error = refused(lambda: complete(client, PROMPT, extra_body=extra))

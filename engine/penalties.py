@@ -1,0 +1,66 @@
+"""What a sequence's own sampling rules add to its next-token scores before it draws: OpenAI's `logit_bias`,
+`frequency_penalty` and `presence_penalty`, and vLLM's (and transformers') `repetition_penalty`, in vLLM's order:
+the bias first, then the penalties.
+
+- logit_bias: a number added to the named tokens' scores (-100 rules a token out, 100 all but forces it);
+- repetition_penalty p: every token of the prompt or the answer so far has its score divided by p where it is
+  positive and multiplied by p where it is negative (transformers' RepetitionPenaltyLogitsProcessor, vLLM's);
+- frequency_penalty f and presence_penalty q: a token the answer has said n times loses f * n + q * (n > 0)
+  (OpenAI's; the prompt's tokens do not count).
+
+Each sequence keeps the counts of what it said in one tensor of the vocabulary's size, made at its first draw and
+added to as it goes (one indexed addition per token): nothing is recounted per step."""
+
+import torch
+
+from .decoding import Sampling
+
+
+class Penalties:
+    """The score adjustments of one sequence: `prompt` its prompt's token ids (the repetition penalty counts them)."""
+
+    def __init__(self, sampling: Sampling, prompt: list[int]):
+        self.sampling, self.prompt = sampling, prompt
+        self.counts: torch.Tensor | None = None  # (V,) how often the answer said each token
+        self.seen: torch.Tensor | None = None  # (V,) True for each token of the prompt or the answer
+        self._said: list[int] = []  # tokens said before the tensors exist
+
+    @staticmethod
+    def wanted(sampling: Sampling) -> bool:
+        return bool(sampling.logit_bias or sampling.frequency_penalty or sampling.presence_penalty
+                    or sampling.repetition_penalty != 1)
+
+    def add(self, token: int):
+        """A token the sequence said."""
+        if self.counts is None:
+            self._said.append(token)
+            return
+        self.counts[token] += 1
+        self.seen[token] = True
+
+    def apply(self, scores: torch.Tensor):
+        """Adjusts one row of float32 scores (V,) in place."""
+        if self.counts is None:
+            self._made(scores)
+        sampling = self.sampling
+        if sampling.logit_bias:
+            ids, biases = self._bias
+            scores[ids] += biases
+        if sampling.repetition_penalty != 1:
+            penalty = sampling.repetition_penalty
+            seen = scores[self.seen]
+            scores[self.seen] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        if sampling.frequency_penalty or sampling.presence_penalty:
+            scores -= sampling.frequency_penalty * self.counts + sampling.presence_penalty * (self.counts > 0)
+
+    def _made(self, scores: torch.Tensor):
+        size, device = scores.shape[-1], scores.device
+        self.counts = torch.zeros(size, dtype=torch.float32, device=device)
+        self.seen = torch.zeros(size, dtype=torch.bool, device=device)
+        if self.prompt:
+            self.seen[torch.tensor(self.prompt, device=device)] = True
+        for token in self._said:
+            self.add(token)
+        ids = [token for token, _ in self.sampling.logit_bias]
+        self._bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                      torch.tensor([bias for _, bias in self.sampling.logit_bias], dtype=torch.float32, device=device))
