@@ -125,20 +125,21 @@ class ChatEngine:
             yield progress.text
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
-                 stop: tuple[str, ...] = (), interval: float = 0.0) -> Iterator[Progress]:
+                 stop: tuple[str, ...] = (), interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Progress]:
         """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
-        With `interval`, at most one Progress per that many seconds (the end is never held back)."""
-        return as_text(self.generate_tokens(messages, image, sampling, session_id, interval), self.processor.tokenizer, stop,
-                       min_tokens=sampling.min_tokens)
+        With `interval`, at most one Progress per that many seconds (the end is never held back). Setting `cancel`
+        (from any thread) ends the answer at once, also while it waits for a place in the batch."""
+        return as_text(self.generate_tokens(messages, image, sampling, session_id, interval, cancel), self.processor.tokenizer,
+                       stop, min_tokens=sampling.min_tokens)
 
     def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (),
-                 interval: float = 0.0) -> Iterator[Progress]:
+                 interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Progress]:
         """A text completion: `prompt` (raw text, tokenized as it is without a chat template, or token ids; no images;
         or the Prompt the prompter's text_prompt made of them) continued, its text exactly what follows the prompt (a
         leading space kept, nothing stripped), as OpenAI's and vLLM's /v1/completions return it. ChatError here for
-        a prompt we refuse."""
+        a prompt we refuse. `cancel`: as generate's."""
         made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
-        return as_text(self.answer_prompt(made, sampling, interval=interval), self.processor.tokenizer, stop,
+        return as_text(self.answer_prompt(made, sampling, interval=interval, cancel=cancel), self.processor.tokenizer, stop,
                        continuation(made.ids[0].tolist()), sampling.min_tokens)
 
     def generate_tokens(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,

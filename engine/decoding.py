@@ -16,7 +16,9 @@ MIN_TEMPERATURE = 1e-5
 # Any top_p below the most likely token's probability (at least 1 / vocabulary) keeps that token alone; a floor far
 # below any vocabulary's share changes no answer, but keeps float32 from rounding top_p to 0, which keeps no token.
 MIN_TOP_P = 1e-30
-MAX_REPETITION_PENALTY = 10.0  # vLLM sets none; past a few, every token said is as good as ruled out
+# vLLM's bounds are (0, inf); past a few every token said is as good as ruled out, and a tiny one (1e-45) made a
+# score infinite
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
 MAX_LOGPROBS = 20  # alternatives per token, at most (OpenAI's top_logprobs and vLLM's default max_logprobs)
 SCORED_ROWS = 256  # prompt positions whose log-softmax is taken at once: (256, 32k) floats are 32 MB
 
@@ -66,8 +68,9 @@ class Sampling:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= (value := getattr(self, name)) <= 2:
                 raise ValueError(f"{name} is {value}; it must be between -2 and 2")
-        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise ValueError(f"repetition_penalty is {self.repetition_penalty}; it must be in (0, {MAX_REPETITION_PENALTY}]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty is {self.repetition_penalty}; it must be between {MIN_REPETITION_PENALTY} "
+                             f"and {MAX_REPETITION_PENALTY}")
         if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
             raise ValueError("a logit_bias is between -100 and 100")
         for name in ("logprobs", "prompt_logprobs"):
@@ -144,10 +147,12 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     its argmax would be noise."""
     masked = bool(suppress) or any(blocked or []) or any(penalties or [])
     logits = logits.to(torch.float32, copy=masked)  # the caller's scores stay as they are (its log-probabilities)
-    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)  # before suppress writes its -inf
     for row, adjustments in enumerate(penalties or []):
         if adjustments is not None:
             adjustments.apply(logits[row])
+    # after a row's own rules (a tiny repetition penalty can make a score infinite: that row ends, not the batch),
+    # before suppress writes its -inf
+    broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1)
     if suppress:
         logits[:, suppress] = -float("inf")
     for row, ids in enumerate(blocked or []):

@@ -6,11 +6,11 @@ import time
 import uuid
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from pydantic_core import from_json
 
 from .answer_text import Progress
-from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, Sampling
+from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, Sampling
 from .media import MediaPolicy, image_bytes
 from .token_logprobs import TokenTexts, chat_logprobs, completion_logprobs, joined
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
@@ -73,7 +73,7 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch generator takes
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch generator takes
     # vLLM's and SGLang's sampling extras, which their clients send in extra_body (SGLang's benchmark sends
     # ignore_eos: true by default); top_k -1 or 0 is no limit, as theirs
     top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
@@ -81,11 +81,12 @@ class SamplingRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
+    n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=MAX_REPETITION_PENALTY)  # vLLM's
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)  # token id (as text) -> bias
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)  # vLLM's
+    # token id (as text) -> bias; strict, as n and seed: true or "50" is a client's mistake
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
 
@@ -122,7 +123,8 @@ class SamplingRequest(BaseModel):
         answer draws from a generator of its own: one seed would give n equal answers)."""
         most = min(self.most_tokens, max_tokens)
         seed = None if self.seed is None else (self.seed + choice + 2**63) % 2**64 - 2**63  # within int64
-        bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+        # "5" and "0005" are one token: the later one counts, as in a dict keyed by id
+        bias = tuple({int(token): float(value) for token, value in (self.logit_bias or {}).items()}.items())
         return Sampling(temperature=1.0 if self.temperature is None else self.temperature,
                         top_p=1.0 if self.top_p is None else self.top_p, max_new_tokens=most, seed=seed,
                         top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0, min_tokens=min(self.min_tokens or 0, most),
@@ -154,6 +156,7 @@ class CompletionRequest(SamplingRequest):
     default_max_tokens: ClassVar[int] = 16
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
+    best_of: StrictInt | None = None  # only as many as n: the best of more is not chosen here
     # a count here (0 still asks for the chosen token's); with echo, the prompt's tokens' too (lm-eval's
     # loglikelihood and multiple-choice tasks send logprobs 1, echo true, max_tokens 1)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # false or true here is a chat client's habit
@@ -175,8 +178,8 @@ class CompletionRequest(SamplingRequest):
 
 
 # Parameters this server does not implement -> the values that ask for nothing (what a client may send by habit).
-# Anything else is refused by name rather than ignored: a client that asked for JSON, tools or two choices must not
-# take a plain single answer for what it asked.
+# Anything else is refused by name rather than ignored: a client that asked for JSON or tools must not take a plain
+# answer for what it asked.
 NEUTRAL = {
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
@@ -186,7 +189,7 @@ NEUTRAL = {
     "guided_grammar": (None,),
 }
 # /v1/completions' own
-COMPLETION_NEUTRAL = {**NEUTRAL, "best_of": (None, 1), "suffix": (None, "")}
+COMPLETION_NEUTRAL = {**NEUTRAL, "suffix": (None, "")}
 # OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
 # the end-of-text string (5 and more for some tasks). Each costs a search of the answer's tail per arrival.
 MAX_STOPS, MAX_STOP_CHARS = 16, 1_000
@@ -258,6 +261,9 @@ def _checked(request: SamplingRequest, neutral: dict):
         raise APIError(400, "logit_bias: each bias is between -100 and 100", param="logit_bias")
     if isinstance(request, ChatRequest) and request.top_logprobs and not request.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
+    if isinstance(request, CompletionRequest) and request.best_of not in (None, request.choices):
+        raise APIError(400, f"best_of: not supported by this server other than equal to n ({request.choices}): it does not "
+                       "choose the best of more answers", param="best_of", code="unsupported_parameter")
     if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
         raise APIError(400, "max_tokens: 0 asks for nothing but the prompt's echo; give echo true, or at least 1", param="max_tokens")
     return request

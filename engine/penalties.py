@@ -21,9 +21,9 @@ class Penalties:
 
     def __init__(self, sampling: Sampling, prompt: list[int]):
         self.sampling, self.prompt = sampling, prompt
+        # made at the first `apply`, which comes before the first token is said (`add`)
         self.counts: torch.Tensor | None = None  # (V,) how often the answer said each token
-        self.seen: torch.Tensor | None = None  # (V,) True for each token of the prompt or the answer
-        self._said: list[int] = []  # tokens said before the tensors exist
+        self.seen: torch.Tensor | None = None  # (V,) True for each token of the prompt or the answer (repetition only)
 
     @staticmethod
     def wanted(sampling: Sampling) -> bool:
@@ -31,12 +31,10 @@ class Penalties:
                     or sampling.repetition_penalty != 1)
 
     def add(self, token: int):
-        """A token the sequence said."""
-        if self.counts is None:
-            self._said.append(token)
-            return
+        """A token the sequence said (after the draw whose `apply` made the counts)."""
         self.counts[token] += 1
-        self.seen[token] = True
+        if self.seen is not None:
+            self.seen[token] = True
 
     def apply(self, scores: torch.Tensor):
         """Adjusts one row of float32 scores (V,) in place."""
@@ -48,19 +46,18 @@ class Penalties:
             scores[ids] += biases
         if sampling.repetition_penalty != 1:
             penalty = sampling.repetition_penalty
-            seen = scores[self.seen]
-            scores[self.seen] = torch.where(seen > 0, seen / penalty, seen * penalty)
+            # over the whole row: a boolean mask's indexing would wait for a GPU at every step
+            scores.copy_(torch.where(self.seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores))
         if sampling.frequency_penalty or sampling.presence_penalty:
             scores -= sampling.frequency_penalty * self.counts + sampling.presence_penalty * (self.counts > 0)
 
     def _made(self, scores: torch.Tensor):
         size, device = scores.shape[-1], scores.device
         self.counts = torch.zeros(size, dtype=torch.float32, device=device)
-        self.seen = torch.zeros(size, dtype=torch.bool, device=device)
-        if self.prompt:
-            self.seen[torch.tensor(self.prompt, device=device)] = True
-        for token in self._said:
-            self.add(token)
+        if self.sampling.repetition_penalty != 1:
+            self.seen = torch.zeros(size, dtype=torch.bool, device=device)
+            if self.prompt:
+                self.seen[torch.tensor(self.prompt, device=device)] = True
         ids = [token for token, _ in self.sampling.logit_bias]
         self._bias = (torch.tensor(ids, dtype=torch.long, device=device),
                       torch.tensor([bias for _, bias in self.sampling.logit_bias], dtype=torch.float32, device=device))

@@ -150,12 +150,13 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 sampling = sampling_of(chat, choice)
                 if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
                     return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
-                return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval))
+                cancel = threading.Event()
+                return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval, cancel=cancel), cancel)
             return begin
 
         response = ChatCompletion(model_name, with_usage(chat), tokenizer, logprobs=bool(chat.logprobs),
                                   as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices)
-        return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, param="n")
+        return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -174,18 +175,20 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 sampling = sampling_of(completion, index % choices)
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
-                return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval))
+                cancel = threading.Event()
+                return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval, cancel=cancel), cancel)
             return begin
 
         return await respond(request, completion, [begin_with(index) for index in range(len(prompts) * choices)], response,
-                             param="prompt")
+                             param="prompt", counted="n" if choices > 1 else "prompt")
 
     async def respond(request: Request, asked: SamplingRequest, begins: list[Callable], completion: ChatCompletion,
-                      param: str = "messages"):
+                      param: str = "messages", counted: str = "n"):
         """A request's answers (n choices, or a completion's several prompts: a choice each, decoded together),
         whole or streamed, laid out by `completion`. Each `begin(loop, interval)` runs in a worker thread (one hop
         there and back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input
-        it refuses came in `param`. Each answer takes a place of `max_concurrent`."""
+        it refuses came in `param`. Each answer takes a place of `max_concurrent` (too many is the fault of
+        `counted`, the field that asked for them)."""
         if asked.model != model_name:
             raise APIError(404, f"the model {asked.model!r} does not exist here; this server serves {model_name!r}",
                            param="model", code="model_not_found")
@@ -193,8 +196,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             raise APIError(503, "the engine is not responding (no heartbeat); retry shortly", code="engine_not_responding",
                            kind="server_error", headers=RETRY_SOON)
         if len(begins) > max_concurrent:
-            raise APIError(400, f"{param}: {len(begins)} answers in one request; this server answers at most {max_concurrent} at once",
-                           param=param)
+            raise APIError(400, f"{counted}: {len(begins)} answers in one request; this server answers at most {max_concurrent} at once",
+                           param=counted)
         if state["active"] + len(begins) > max_concurrent:
             raise APIError(503, f"the server is busy ({max_concurrent} requests at once); retry shortly", code="queue_full",
                            kind="server_error", headers=RETRY_SOON)
@@ -203,16 +206,20 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         loop = asyncio.get_running_loop()
         interval = stream_interval if asked.stream else 0.5  # a whole answer: its reader need not wake per token
 
-        async def first(release: Release, begin: Callable) -> Progress:
-            def start():
-                # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
-                # thread is) still lets go of it
-                with api_errors(param):  # input errors surface here, before any byte is sent
-                    release.answer = begin(loop, interval)
-                    if isinstance(release.answer, ThreadedAnswer):
-                        release.answer.read_first()
+        def started(release: Release, begin: Callable, read: bool):
+            """Starts an answer (in a worker thread): input errors surface here, before any byte is sent. With
+            `read`, its first Progress is read in the same thread (an in-process answer's: one hop less)."""
+            # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
+            # thread is) still lets go of it, and one whose client left has it cancelled at once
+            with api_errors(param):
+                release.answer = begin(loop, interval)
+                if release.gone:
+                    release.cancel()
+                if read and isinstance(release.answer, ThreadedAnswer):
+                    release.answer.read_first()
 
-            await run_in_threadpool(start)
+        async def first(release: Release, begin: Callable) -> Progress:
+            await run_in_threadpool(started, release, begin, True)
             return await next_progress(release.answer, param)  # the engine's refusals come here
 
         async def answered(release: Release, begin: Callable) -> Progress:
@@ -223,22 +230,34 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             for release in releases:
                 await release()
 
-        makers = [functools.partial(answered if not asked.stream else first, release, begin) for release, begin in zip(releases, begins)]
+        def gone():  # the client left: every answer ends now, also one whose thread waits for its first token
+            for release in releases:
+                release.cancel()
+
         if not asked.stream:
+            makers = [functools.partial(answered, release, begin) for release, begin in zip(releases, begins)]
             try:
-                progresses = await unless_gone(request, lambda: together(makers))
+                progresses = await unless_gone(request, lambda: together(makers), gone)
                 if completion.logprobs:  # naming every token and its alternatives can take seconds: not on the event loop
                     return await run_in_threadpool(completion.whole, *progresses)
                 return completion.whole(*progresses)
             finally:
                 await release_all()
+        # A stream begins once every answer has started (its input checked) and the first one's first Progress has
+        # come (the engine's refusals of the prompt, which n choices share, are still HTTP errors); the others' first
+        # tokens come in the stream, so that its first byte does not wait for every choice to find a place.
         try:
-            openings = await unless_gone(request, lambda: together(makers))
+            if len(begins) > 1:
+                starts = [functools.partial(run_in_threadpool, started, release, begin, False) for release, begin in zip(releases, begins)]
+                await unless_gone(request, lambda: together(starts), gone)
+                openings = {0: await unless_gone(request, lambda: next_progress(releases[0].answer, param), gone)}
+            else:
+                openings = {0: await unless_gone(request, lambda: first(releases[0], begins[0]), gone)}
         except BaseException:
             await release_all()
             raise
         # the release also as a background task: a client gone before the stream's first byte never starts `events`
-        return StreamingResponse(events(releases, openings, completion), media_type="text/event-stream",
+        return StreamingResponse(events(releases, openings, completion, param), media_type="text/event-stream",
                                  background=BackgroundTask(release_all))
 
     return app
@@ -271,10 +290,13 @@ class ThreadedAnswer:
     thread. At the last Progress the iterator is closed in the thread that read it, so that the engine lets go of
     the answer without one more hop (see Release)."""
 
-    def __init__(self, iterator):
+    def __init__(self, iterator, cancel: threading.Event | None = None):
         self._iterator, self._first = iterator, None
+        # set by `cancel`: the engine ends the answer at once, also while it waits for a place in the batch
+        self._cancel = cancel or threading.Event()
         # a read's thread goes on when its await is cancelled (a stream of several answers that ends early): closing
-        # waits for that read (the answer's next tokens), since a generator running in a thread cannot be closed
+        # cancels the answer, which ends that read, then waits for it, since a generator running in a thread cannot
+        # be closed
         self._reading = threading.Lock()
 
     def read_first(self):
@@ -299,7 +321,12 @@ class ThreadedAnswer:
         """Whether closing has work to do (a generator that finished or was closed has no frame left)."""
         return getattr(self._iterator, "gi_frame", True) is not None
 
+    def cancel(self):
+        self._cancel.set()
+
     def close(self):
+        if self.answering:
+            self.cancel()
         with self._reading:
             self._iterator.close()
 
@@ -333,7 +360,7 @@ async def rest(answer) -> Progress:
     return progress
 
 
-async def unless_gone(request: Request, reading: Callable[[], Awaitable[T]]) -> T:
+async def unless_gone(request: Request, reading: Callable[[], Awaitable[T]], on_gone: Callable[[], None] | None = None) -> T:
     """What `reading()` gives, or ClientDisconnect as soon as the client leaves first. Nothing else would notice before
     the next byte is sent: a request still waiting for its first token (for a place in the batch, or from an engine
     that froze) would hold its place for nobody, and so would a whole answer computed to max_tokens for a client
@@ -351,6 +378,8 @@ async def unless_gone(request: Request, reading: Callable[[], Awaitable[T]]) -> 
         while (await request.receive())["type"] != "http.disconnect":  # the body is read: only the disconnect comes
             pass
         outcome.setdefault("error", ClientDisconnect())
+        if on_gone is not None:  # before the cancel: a read in a worker thread ends only when its answer does
+            on_gone()
         group.cancel_scope.cancel()
 
     async with anyio.create_task_group() as group:
@@ -366,6 +395,13 @@ class Release:
 
     def __init__(self, state: dict):
         self.state, self.answer, self.freed, self.done = state, None, False, False
+        self.gone = False  # its client left: an answer that starts after that is cancelled as it starts
+
+    def cancel(self):
+        """Ends the answer in the engine now (its client left), without waiting for anything."""
+        self.gone = True
+        if isinstance(self.answer, ThreadedAnswer):  # an engine process's answer is cancelled by its close
+            self.answer.cancel()
 
     def free(self):
         """The request's place only (no wait): a client may send its next request the moment it reads [DONE]."""
@@ -387,20 +423,30 @@ class Release:
             self.answer.close()  # an answer that ended: nothing to wait for
 
 
-async def events(releases: list[Release], progresses: list[Progress], completion: ChatCompletion):
-    """Server-sent events of each answer (`progresses`: their first): its opening (a chat stream's role), its text as
-    it grows, its finish reason; then the usage if asked, then [DONE]. Several answers' chunks interleave as they
-    come, each naming its choice. Events ready at once go out in one write (an opening with the first text; the
-    end's three): each write is a send here and a read for the client, whose CPU a loaded machine shares."""
+async def events(releases: list[Release], openings: dict[int, Progress], completion: ChatCompletion, param: str = "messages"):
+    """Server-sent events of each answer: its opening (a chat stream's role), its text as it grows, its finish
+    reason; then the usage if asked, then [DONE]. `openings`: the first Progress of those answers that have one
+    (the others' is read here). Several answers' chunks interleave as they come, each naming its choice; one that
+    fails ends the stream with an error that names it. Events ready at once go out in one write (an opening with
+    the first text; the end's three): each write is a send here and a read for the client, whose CPU a loaded
+    machine shares."""
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
-    sent, finals, ready = [""] * len(releases), list(progresses), ""
+    count = len(releases)
+    sent, finals, opened, ready = [""] * count, [None] * count, [False] * count, ""
     reading: dict[asyncio.Future, int] = {}  # the reads under way of the answers still going, several at once
 
-    def take(index: int, progress: Progress) -> bool:
-        """The chunks of an answer's new Progress; whether it ended."""
+    async def take(index: int, progress: Progress) -> bool:
+        """The chunks of an answer's new Progress (its opening first, if it is its first); whether it ended."""
         nonlocal ready
+        if not opened[index]:
+            opened[index] = True
+            # an echo's opening names the whole prompt's tokens when log-probabilities are asked: not on the event loop
+            opening = (await run_in_threadpool(completion.opening, progress, index) if completion.logprobs
+                       else completion.opening(progress, index))
+            if opening:
+                ready += sse(opening)
         finals[index] = progress
         if progress.text.startswith(sent[index]) and len(progress.text) > len(sent[index]):
             ready += sse(completion.delta(progress.text[len(sent[index]):], progress, index))
@@ -411,43 +457,47 @@ async def events(releases: list[Release], progresses: list[Progress], completion
         releases[index].free()
         return True
 
+    def read(index: int) -> asyncio.Future:
+        return asyncio.ensure_future(next_progress(releases[index].answer, param))
+
+    failed = None  # the choice whose read failed
     try:
-        going = []
-        for index, progress in enumerate(progresses):
-            # an echo's opening names the whole prompt's tokens when log-probabilities are asked: not on the event loop
-            opening = await run_in_threadpool(completion.opening, progress, index) if completion.logprobs else completion.opening(progress, index)
-            if opening:
-                ready += sse(opening)
-            if not take(index, progress):
+        going = [index for index in range(count) if index not in openings]
+        for index, progress in sorted(openings.items()):
+            if not await take(index, progress):
                 going.append(index)
-        while len(going) == 1:  # one answer (most streams): awaited as it is, no task per read
+        while len(going) == 1 and count == 1:  # one answer (most streams): awaited as it is, no task per read
             if ready:
                 yield ready
                 ready = ""
-            if take(going[0], await next_progress(releases[going[0]].answer)):
+            if await take(0, await next_progress(releases[0].answer, param)):
                 going = []
-        reading.update({asyncio.ensure_future(next_progress(releases[index].answer)): index for index in going})
+        reading.update({read(index): index for index in going})
         while reading:
             if ready:
                 yield ready
                 ready = ""
             done, _ = await asyncio.wait(reading, return_when=asyncio.FIRST_COMPLETED)
-            for read in sorted(done, key=reading.get):
-                index = reading.pop(read)
-                if not take(index, read.result()):
-                    reading[asyncio.ensure_future(next_progress(releases[index].answer))] = index
+            for future in sorted(done, key=reading.get):
+                index = failed = reading.pop(future)
+                progress = future.result()
+                failed = None
+                if not await take(index, progress):
+                    reading[read(index)] = index
         if completion.with_usage:
             ready += sse(completion.usage_chunk(*finals))
     except APIError as error:
+        if failed is not None and count > 1:
+            error.message = f"choice {failed}: {error.message}"
         ready += sse(error.body())
     except Exception:
         log.exception("a stream failed")
         ready += sse(APIError(500, "internal server error", kind="server_error").body())
     finally:
-        for read in reading:  # another answer failed, or the client left: the rest is not read
-            if read.done() and not read.cancelled():
-                read.exception()  # failed too, at the same time: seen (asyncio would log it as never retrieved)
-            read.cancel()
+        for future in reading:  # another answer failed, or the client left: the rest is not read
+            if future.done() and not future.cancelled():
+                future.exception()  # failed too, at the same time: seen (asyncio would log it as never retrieved)
+            future.cancel()
         for release in releases:
             release.free()
     try:

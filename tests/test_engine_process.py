@@ -194,7 +194,7 @@ def test_the_server_reads_the_child_on_its_event_loop_and_cancels_what_it_stops_
         chunks = [chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
             model="shapes", messages=api_messages(QUESTIONS[2], image), temperature=0, max_tokens=40, stream=True) if chunk.choices]
         assert "".join(chunks) == expected.text and len(chunks) > 5
-        assert hops == ["start"] and [kind for kind, _ in sent] == ["generate"]
+        assert hops == ["started"] and [kind for kind, _ in sent] == ["generate"]
 
         # a long answer (114 tokens) streamed a chunk per token, cut at its third word: the child is still answering
         # when the parent sees it

@@ -139,7 +139,7 @@ def test_a_stream_sends_what_is_ready_at_once_in_one_write():
         release.answer = ThreadedAnswer(answer())
         release.answer.read_first()
         first = await release.answer.next()
-        return [write async for write in events([release], [first], ChatCompletion(MODEL, with_usage=True))], state
+        return [write async for write in events([release], {0: first}, ChatCompletion(MODEL, with_usage=True))], state
 
     sent, state = asyncio.run(writes())
     events_of = [[json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in write.split("\n\n") if line]
@@ -229,7 +229,7 @@ class Gate:
     def __init__(self):
         self.release, self.entered = threading.Event(), threading.Event()
 
-    def generate(self, messages, image, sampling, stop=(), interval=0.0):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None):
         self.entered.set()
         assert self.release.wait(30)
         yield Progress("ok", prompt_tokens=3, cached_tokens=0, completion_tokens=1, finish_reason="stop")
@@ -257,7 +257,7 @@ class SlowGate(Gate):
         super().__init__()
         self.closed = threading.Event()
 
-    def generate(self, messages, image, sampling, stop=(), interval=0.0):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None):
         try:
             yield Progress("first", prompt_tokens=3, cached_tokens=0, completion_tokens=1)
             self.entered.set()

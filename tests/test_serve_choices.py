@@ -63,8 +63,59 @@ def test_a_client_that_leaves_a_stream_of_several_choices_lets_go_of_them_all(cl
     with httpx.stream("POST", f"{str(client.base_url).rstrip('/')}/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
+        deadline = time.monotonic() + 5  # the stream began with the first choice's first token; the others join it
+        while engine.scheduler.active < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert engine.scheduler.active == 4
     deadline = time.monotonic() + 5
     while engine.scheduler.active and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.scheduler.active == 0
+
+
+def test_with_one_place_a_streams_first_byte_waits_for_its_first_choice_only_and_a_leaver_is_let_go():
+    """max_batch 1: a stream of two long choices begins with the first one's tokens (the second waits for the place);
+    a whole answer whose client leaves while it waits for the place is cancelled at once, in this process too."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from engine import ChatEngine
+    from engine.server import create_app, running
+
+    engine = ChatEngine(str(Path(__file__).resolve().parents[1] / "checkpoints" / MODEL), device="cpu", max_batch=1)
+    long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+    with running(create_app(engine, MODEL)) as base_url:
+        start = time.monotonic()
+        with httpx.stream("POST", base_url + "/completions", json={**long, "n": 2, "stream": True}, timeout=60) as response:
+            assert next(line for line in response.iter_lines() if line.startswith("data: "))
+            first_byte = time.monotonic() - start
+            assert engine.scheduler.active == 1  # the first choice decoding, the second waiting for the place
+        alone = time.monotonic()
+        httpx.post(base_url + "/completions", json={**long, "max_tokens": 300}, timeout=60)
+        whole_answer = time.monotonic() - alone
+        assert first_byte < whole_answer / 2, (first_byte, whole_answer)
+        deadline = time.monotonic() + 10
+        while engine.scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # one long answer (about 3 s) holds the place; a second request's client gives up while it waits
+        holder = threading.Thread(target=lambda: httpx.post(base_url + "/completions", json={**long, "max_tokens": 990}, timeout=60))
+        holder.start()
+        while engine.scheduler.active == 0:
+            time.sleep(0.01)
+        try:
+            httpx.post(base_url + "/completions", json=long, timeout=0.5)
+        except httpx.ReadTimeout:
+            pass
+        deadline = time.monotonic() + 0.5  # (without the cancel it waited for the holder's end, seconds)
+        while engine.scheduler.stats()["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.scheduler.stats()["waiting"] == 0 and holder.is_alive()  # let go of before the holder is done
+        holder.join(60)
+
+
+def test_a_field_that_asked_for_too_much_is_the_one_named(client):
+    base = str(client.base_url).rstrip("/")
+    too_long = httpx.post(f"{base}/chat/completions", json={"model": MODEL, "n": 2, "messages": [
+        {"role": "user", "content": "shape " * 1200}]}, timeout=30)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "messages", too_long.text

@@ -96,3 +96,28 @@ def test_sampling_refuses_rules_out_of_range():
     for rules in ({"frequency_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": ((5, 200.0),)}):
         with pytest.raises(ValueError):
             Sampling(**rules)
+
+
+def test_a_rule_that_makes_a_score_infinite_ends_its_own_row_only():
+    """A repetition penalty divides a seen token's positive score: over float32's range it is +inf, and softmax of
+    that row NaN, whose multinomial would raise for the whole batch. The row is caught after its rules."""
+    from engine.decoding import next_tokens
+    from engine.penalties import Penalties
+
+    logits = torch.randn(3, 50)
+    logits[0, 5] = 3e38
+    ruled = Sampling(temperature=1.0, repetition_penalty=0.01)
+    tokens = next_tokens(logits, [ruled, Sampling(temperature=1.0), Sampling(temperature=0.0)], [None] * 3, [],
+                         penalties=[Penalties(ruled, [5]), None, None])
+    assert tokens[0] is None and isinstance(tokens[1], int) and tokens[2] == int(logits[2].argmax())
+
+
+def test_loose_types_are_refused(client):
+    base = str(client.base_url).rstrip("/")
+    for body, param in [({"logit_bias": {"5": True}}, "logit_bias.5"), ({"logit_bias": {"5": "50"}}, "logit_bias.5"),
+                        ({"n": True}, "n"), ({"seed": 1.0}, "seed"), ({"n": 2, "best_of": 3}, "best_of")]:
+        response = httpx.post(f"{base}/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **body}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"].startswith(param.split(".")[0]), (body, response.text)
+    assert len(complete(client, PROMPT, max_tokens=2, n=2, extra_body={"best_of": 2}).choices) == 2
+    # "5" and "0005" are one token: one bias, the later
+    assert ids_of(exact(client, PROMPT, max_tokens=3, logit_bias={"17": -100, "0017": 100})) == [17] * 3
