@@ -198,10 +198,12 @@ class ChatEngine:
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if outside := [token for token, _ in sampling.logit_bias if not 0 <= token < self.scheduler.vocabulary]:
             raise ChatError(f"logit_bias names the token id {outside[0]}, outside the model's vocabulary")
-        if sampling.prompt_logprobs is not None and ids.shape[1] * self.scheduler.vocabulary > SCORED_LOGITS:
+        # a prompt to score is fed in parts (Scheduler._score_ahead), but an image's span whole
+        if sampling.prompt_logprobs is not None and prompt.sources and ids.shape[1] * self.scheduler.vocabulary > SCORED_LOGITS:
             most = SCORED_LOGITS // self.scheduler.vocabulary
-            raise ChatError(f"the prompt is {ids.shape[1]} tokens; every token's log-probability is computed for at most "
-                            f"{most} (each position's scores over the {self.scheduler.vocabulary:,}-token vocabulary are kept)")
+            raise ChatError(f"the prompt is {ids.shape[1]} tokens with images; every token's log-probability is computed "
+                            f"for at most {most} (each position's scores over the {self.scheduler.vocabulary:,}-token "
+                            "vocabulary are kept)")
         if sampling.max_new_tokens > room:
             sampling = dataclasses.replace(sampling, max_new_tokens=room, min_tokens=min(sampling.min_tokens, room))
         # AnyRes: the tiles, and so the image tokens, are laid out by the image's size

@@ -321,10 +321,13 @@ class Scheduler:
     def _score(self, sequences: list[Sequence]):
         """Prefills the sequences whose prompt is scored (see Sequence.scores_prompt): with every position's logits,
         which give each prompt token's log-probability, and the last one its first token (unless it asked for none:
-        a prompt scored only). Together, in forwards of at most SCORED_LOGITS logits (all kept at once)."""
+        a prompt scored only). Together, in forwards of at most SCORED_LOGITS logits (all kept at once); a prompt
+        longer than that alone is scored a part at a time first (see _score_ahead)."""
         for sequence in sequences:
             if sequence.cache is not None and sequence.cache.get_seq_length():  # the prefix's positions would have no logits
                 sequence.finish(ValueError("a prompt to score comes with no cached prefix: its every token is fed"))
+            elif sequence.pending.shape[1] * self.vocabulary > SCORED_LOGITS:
+                self._score_ahead(sequence)
         group: list[Sequence] = []
         for sequence in sorted((sequence for sequence in sequences if not sequence.done.is_set()), key=lambda each: each.pending.shape[1]):
             if group and (len(group) + 1) * sequence.pending.shape[1] * self.vocabulary > SCORED_LOGITS:
@@ -347,7 +350,9 @@ class Scheduler:
         leaving, answering = [], []
         for row, sequence, ids, scores in zip(rows, sequences, prompts, logits):
             try:
-                sequence.prompt_logprobs = prompt_logprobs(scores, ids, sequence.sampling.prompt_logprobs)
+                found = prompt_logprobs(scores, ids, sequence.sampling.prompt_logprobs)
+                # after parts scored ahead, the first token's is theirs (the None of a first token is not)
+                sequence.prompt_logprobs = found if sequence.prompt_logprobs is None else sequence.prompt_logprobs + found[1:]
             except Exception as error:  # out of memory, say: this sequence fails alone, the batch goes on
                 sequence.error = error
                 leaving.append(row)
@@ -361,6 +366,36 @@ class Scheduler:
             finished = self._emit([sequence for _, sequence, _ in answering], torch.stack([last for _, _, last in answering]))
             leaving += [row for (row, _, _), done in zip(answering, finished) if done]
         self._leave(leaving)
+
+    def _score_ahead(self, sequence: Sequence):
+        """Scores a long prompt's leading parts, each of as many tokens as SCORED_LOGITS allows, one forward each: a
+        part is prefilled after those before it (the sequence takes a row, then leaves it with its cache), and its
+        logits score its tokens after the first and the next part's first. The last part is left pending, for
+        _score_together; on a failure the sequence ends with it."""
+        if sequence.image_inputs:  # an image's span is fed whole (ChatEngine refuses such a prompt when too long)
+            return
+        part = max(1, SCORED_LOGITS // self.vocabulary)
+        ids, alternatives = sequence.pending[0].tolist(), sequence.sampling.prompt_logprobs
+        whole, fed = sequence.pending, 0
+        scored: list = []  # tokens 0 .. fed (the last one not fed yet: it starts the next part)
+        for start in range(0, len(ids) - part, part):
+            end = start + part
+            sequence.pending = whole[:, start:end]
+            self.counts["prefill_forwards"] += 1
+            try:
+                (row,), (logits,) = self._batch.prefill([sequence], every_position=True)
+            except Exception as error:
+                return sequence.finish(error)
+            try:
+                found = prompt_logprobs(logits, ids[start: end + 1], alternatives)  # the next part's first token too
+                del logits
+                scored += found if start == 0 else found[1:]
+                self._batch.remove([row])  # its keys and values go back to its cache: the next part comes after them
+                fed = end
+            except Exception as error:
+                sequence.error = error
+                return self._leave([self._batch.rows.index(sequence)] if sequence in self._batch.rows else [])
+        sequence.pending, sequence.prompt_logprobs = whole[:, fed:], scored
 
     def _leave(self, indices: list[int]):
         if indices:

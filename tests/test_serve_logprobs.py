@@ -300,21 +300,50 @@ def test_characters_split_across_tokens_join_whole_and_offsets_only_grow(client,
         assert offsets == sorted(offsets) and offsets[-1] <= len(body["choices"][0]["text"]), offsets
 
 
-def test_what_a_request_does_not_ask_for_is_not_computed(client, engine, monkeypatch):
+def test_what_a_request_does_not_ask_for_is_not_computed(client, engine):
     before = dict(engine.scheduler.counts)
     echoed = post(client, "completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True}).json()
     assert echoed["choices"][0]["text"] == PROMPT and echoed["usage"]["completion_tokens"] == 0
     assert engine.scheduler.counts == before  # no forward at all
-    # a prompt too long to keep every position's scores is refused by name, not run out of memory
-    from engine import chat
-
-    monkeypatch.setattr(chat, "SCORED_LOGITS", 10 * engine.scheduler.vocabulary)
-    refused_long = post(client, "completions", {"prompt": PROMPT, "max_tokens": 1, "echo": True, "logprobs": 0})
-    assert refused_long.status_code == 400 and refused_long.json()["error"]["param"] == "prompt"
-    assert "at most 10" in refused_long.json()["error"]["message"]
-    assert complete(client, PROMPT, max_tokens=2).choices[0].text  # unscored, the same prompt runs
     for path, body in [("completions", {"prompt": PROMPT, "logprobs": True}), ("completions", {"prompt": PROMPT, "echo": "yes"}),
                        ("chat/completions", {"messages": CIRCLES, "logprobs": 1}),
                        ("chat/completions", {"messages": CIRCLES, "logprobs": True, "top_logprobs": True})]:
         response = post(client, path, body)
         assert response.status_code == 400, (body, response.text)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_prompt_too_long_to_score_in_one_forward_is_scored_in_parts(engine, padded, monkeypatch):
+    """At most 7 positions' scores a forward: a prompt of 20 tokens is scored 7, 7, then 6 with its first answer
+    token, each part after the ones before (its cache), and its scores and answer are those of one forward."""
+    if padded:
+        monkeypatch.setattr(row_batch.RowBatch, "supports", staticmethod(lambda model: False))
+    monkeypatch.setattr(scheduling, "SCORED_LOGITS", 7 * engine.model.config.get_text_config().vocab_size)
+    scheduler = Scheduler(engine.model, [])
+    from transformers import DynamicCache
+    torch.manual_seed(1)
+    ids = torch.randint(3, 700, (20,)).tolist()
+    sequence = Sequence(DynamicCache(config=engine.model.config.get_text_config()), torch.tensor([ids]), {},
+                        Sampling(0.0, 1.0, 3, logprobs=0, prompt_logprobs=2, ignore_eos=True), set())
+    scheduler._join([sequence])
+    assert scheduler.counts["prefill_forwards"] == 3
+    while not sequence.done.is_set():
+        scheduler._decode()
+    expected = model_logprobs(engine, ids + sequence.tokens)
+    assert sequence.prompt_logprobs[0] is None and len(sequence.prompt_logprobs) == len(ids)
+    for position, found in enumerate(sequence.prompt_logprobs[1:], start=1):
+        assert found.token == ids[position] and math.isclose(found.logprob, float(expected[position - 1, ids[position]]), abs_tol=1e-4)
+        assert [token for token, _ in found.top] == expected[position - 1].topk(2).indices.tolist()
+    assert sequence.tokens == [int(expected[len(ids) + step - 1].argmax()) for step in range(3)]
+    assert sequence.cache.get_seq_length() == len(ids) + 2  # every token fed but the last answer token
+
+
+def test_a_prompt_scored_in_parts_through_the_server_scores_as_in_one(client, engine, monkeypatch):
+    body = {"prompt": [PROMPT, PROMPT + " The"], "max_tokens": 2, "echo": True, "logprobs": 2, "temperature": 0}
+    whole = post(client, "completions", body).json()
+    monkeypatch.setattr(scheduling, "SCORED_LOGITS", 5 * engine.scheduler.vocabulary)
+    parts = post(client, "completions", body).json()
+    for one, several in zip(whole["choices"], parts["choices"]):
+        assert several["text"] == one["text"] and several["logprobs"]["tokens"] == one["logprobs"]["tokens"]
+        assert all(a == b or math.isclose(a, b, abs_tol=1e-4)
+                   for a, b in zip(several["logprobs"]["token_logprobs"][1:], one["logprobs"]["token_logprobs"][1:]))
