@@ -124,7 +124,9 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         stats = engine.stats() if hasattr(engine, "stats") else {}
         return PlainTextResponse(render(stats, state["active"]), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    served = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "llava-plugin"}
+    served = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "llava-plugin", "root": model_name}
+    if tokenizer is not None:  # vLLM's model card says its context: clients size their prompts by it
+        served["max_model_len"] = tokenizer.model_max_length
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -65,6 +65,7 @@ def streamed(client, messages, **options) -> tuple[str, object]:
 def test_an_image_question_is_answered_about_that_image(client):
     assert [model.id for model in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
+    assert client.models.retrieve(MODEL).model_extra["max_model_len"] == 1024  # as vLLM's model card says it
     assert refused(lambda: client.models.retrieve("gpt-4o")).body["code"] == "model_not_found"
     red = ask(client, CIRCLES)
     assert "red" in red.choices[0].message.content and red.choices[0].finish_reason == "stop"
