@@ -1,18 +1,15 @@
-"""OpenAI's chat-completions format: the request as a typed model, its messages in the engine's form, and the
-response, chunk and error objects. No HTTP here (that is server.py)."""
+"""OpenAI's chat-completions and completions formats, the asking side: each request as a typed model, checked, its
+messages in the engine's form, and the error object. The answers' objects are openai_responses.py's; no HTTP here
+(that is server.py)."""
 
 import re
-import time
-import uuid
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 from pydantic_core import from_json
 
-from .answer_text import Progress
 from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, Sampling
 from .media import MediaPolicy, image_bytes
-from .token_logprobs import TokenTexts, chat_logprobs, completion_logprobs, joined
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
 
 DEFAULT_MAX_TOKENS = 512
@@ -348,157 +345,3 @@ def _merged(messages: list[dict]) -> list[dict]:
         joined = f"{before}\n{content}" if isinstance(before, str) and isinstance(content, str) else as_parts(before) + as_parts(content)
         runs[-1] = {**runs[-1], "content": joined}
     return runs
-
-
-def usage(*progresses: Progress, choices: int = 1) -> dict:
-    """The usage of a request's answers (prompt-major: prompt i's choice j is answer i * choices + j), each prompt's
-    tokens counted once however many choices it has, as OpenAI's and vLLM's."""
-    prompts = progresses[::choices]
-    prompt, completion = sum(each.prompt_tokens for each in prompts), sum(each.completion_tokens for each in progresses)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(each.cached_tokens for each in prompts)}}
-
-
-class _Told:
-    """What a stream has sent of one choice: its tokens' log-probabilities so far (`tokens`), the texts those tokens
-    were named by (token_logprobs.TokenTexts, which follows them) and the offset in the choice's text after them."""
-
-    def __init__(self, texts: TokenTexts | None = None, offset: int = 0):
-        self.tokens, self.texts, self.offset = 0, texts, offset
-
-
-class ChatCompletion:
-    """One /v1/chat/completions response's identity, and its objects: the whole completion, or its stream's chunks
-    (`opening`, a `delta` per new text, `ending`, `usage_chunk`), each of choice `index` (several: `n`, or a
-    completion's several prompts). With `with_usage` every chunk has the usage key, as OpenAI's do when a stream's
-    usage was asked for: only the last one a value. With `logprobs` (the request asked for them, so its Progress
-    carries them) each choice, and each chunk of a stream, has its tokens' log-probabilities, their texts by
-    `tokenizer` (or `token_id:N` names, `as_ids`). `choices`: per prompt (n)."""
-    prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
-
-    def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1):
-        self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
-        self.with_usage, self.choices = with_usage, choices
-        self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
-        self._told: dict[int, _Told] = {}  # a stream's, per choice
-
-    def whole(self, *progresses: Progress) -> dict:
-        """The whole response: a choice per answer, their usage summed."""
-        choices = [self._choice(self._text(index, progress), progress.finish_reason, whole=True, index=index,
-                                logprobs=self._whole_logprobs(index, progress) if self.logprobs else None)
-                   for index, progress in enumerate(progresses)]
-        return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses, choices=self.choices)}
-
-    def opening(self, progress: Progress, index: int = 0) -> dict | None:
-        """Choice `index`'s first chunk, before its text (`progress`: its first)."""
-        return self._chunk({"role": "assistant", "content": ""}, index=index)
-
-    def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
-        return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index))
-
-    def ending(self, progress: Progress, index: int = 0) -> dict:
-        return self._chunk({}, progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True))
-
-    def usage_chunk(self, *progresses: Progress) -> dict:
-        return {**self._head(self.chunk_kind), "choices": [], "usage": usage(*progresses, choices=self.choices)}
-
-    def _text(self, index: int, progress: Progress) -> str:
-        return progress.text
-
-    def _whole_logprobs(self, index: int, progress: Progress) -> dict:
-        count = progress.completion_tokens
-        texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
-        return {"content": chat_logprobs(texts, progress.tokens[:count], progress.logprobs[:count]), "refusal": None}
-
-    def _stream_logprobs(self, progress: Progress, index: int, last: bool = False) -> dict | None:
-        """The log-probabilities of the choice's tokens come since its last chunk: all that arrived, also those whose
-        text a stream still holds back (it could start a stop string); `last`: the end's, which may add the end
-        token."""
-        if not self.logprobs:
-            return None
-        told = self._told.setdefault(index, _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids)))
-        start, told.tokens = told.tokens, progress.completion_tokens
-        return {"content": chat_logprobs(told.texts, progress.tokens[start: told.tokens], progress.logprobs[start: told.tokens]),
-                "refusal": None}
-
-    def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
-        """`text`: the message's content when whole, else the chunk's delta."""
-        if whole:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
-        return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs}
-
-    def _chunk(self, delta, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
-        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs)]}
-        if self.with_usage:
-            chunk["usage"] = None
-        return chunk
-
-
-class TextCompletion(ChatCompletion):
-    """The same for /v1/completions: choices carry `text`, chunks are text_completion objects too, and a stream
-    opens with its first text (there is no role), or with `echo` the prompt's. `prompts[i]` is answer i's Prompt,
-    set when it begins: the echoed text, and the tokens the log-probabilities of an echo are of. Offsets are into
-    the choice's text (the echoed prompt's included)."""
-    prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
-
-    def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, echo: bool = False, answers: int = 1):
-        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices)
-        self.echo, self.prompts = echo, [None] * answers
-
-    def echoed(self, index: int) -> str:
-        """Answer i's prompt as its text begins with it: as sent, or token ids decoded."""
-        prompt = self.prompts[index]
-        return prompt.text or self.tokenizer.decode(prompt.ids[0].tolist(), skip_special_tokens=True)
-
-    def opening(self, progress: Progress, index: int = 0) -> dict | None:
-        if not self.echo:
-            return None
-        text, logprobs = self.echoed(index), None
-        if self.logprobs:
-            told = self._told[index] = _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids), len(text))
-            logprobs, _ = completion_logprobs(told.texts, self.prompts[index].ids[0].tolist(), progress.prompt_logprobs, 0)
-        return self._chunk(text, index=index, logprobs=logprobs)
-
-    def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
-        return self._chunk(text, index=index, logprobs=self._stream_logprobs(progress, index))
-
-    def ending(self, progress: Progress, index: int = 0) -> dict:
-        return self._chunk("", progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True))
-
-    def _text(self, index: int, progress: Progress) -> str:
-        return self.echoed(index) + progress.text if self.echo else progress.text
-
-    def _whole_logprobs(self, index: int, progress: Progress) -> dict:
-        ids, count = self.prompts[index].ids[0].tolist(), progress.completion_tokens
-        texts = TokenTexts(self.tokenizer, () if self.echo else ids, self.as_ids)
-        parts, offset = [], 0
-        if self.echo:
-            prompt, _ = completion_logprobs(texts, ids, progress.prompt_logprobs, 0)
-            parts.append(prompt)
-            offset = len(self.echoed(index))
-        answer, offset = completion_logprobs(texts, progress.tokens[:count], progress.logprobs[:count], offset)
-        return joined(*parts, answer, *self._end(texts, progress, offset))
-
-    @staticmethod
-    def _end(texts: TokenTexts, progress: Progress, offset: int) -> list[dict]:
-        """The end token that finished the answer, as vLLM lists it (lm-eval drops a response's last entry)."""
-        if progress.ended_by is None:
-            return []
-        return [completion_logprobs(texts, [progress.ended_by.token], [progress.ended_by], offset)[0]]
-
-    def _stream_logprobs(self, progress: Progress, index: int, last: bool = False) -> dict | None:
-        if not self.logprobs:
-            return None
-        told = self._told.setdefault(index, _Told(TokenTexts(self.tokenizer, self.prompts[index].ids[0].tolist(), self.as_ids)))
-        start, told.tokens = told.tokens, progress.completion_tokens
-        layout, told.offset = completion_logprobs(told.texts, progress.tokens[start: told.tokens],
-                                                  progress.logprobs[start: told.tokens], told.offset)
-        return joined(layout, *self._end(told.texts, progress, told.offset)) if last else layout
-
-    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}

@@ -37,8 +37,8 @@ from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .metrics import render
-from .openai_api import (APIError, ChatCompletion, SamplingRequest, TextCompletion, engine_messages, parse_completion_request,
-                         parse_request)
+from .openai_api import APIError, SamplingRequest, engine_messages, parse_completion_request, parse_request
+from .openai_responses import ChatCompletion, TextCompletion
 from .scheduler import QueueFull
 
 from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL

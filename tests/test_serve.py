@@ -127,7 +127,7 @@ def test_a_stream_sends_what_is_ready_at_once_in_one_write():
     import asyncio
     import json
 
-    from engine.openai_api import ChatCompletion
+    from engine.openai_responses import ChatCompletion
     from engine.server import Release, ThreadedAnswer, events
 
     def answer():
