@@ -119,3 +119,30 @@ def test_a_field_that_asked_for_too_much_is_the_one_named(client):
     too_long = httpx.post(f"{base}/chat/completions", json={"model": MODEL, "n": 2, "messages": [
         {"role": "user", "content": "shape " * 1200}]}, timeout=30)
     assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "messages", too_long.text
+
+
+def test_a_choice_that_fails_mid_stream_is_named_and_the_stream_ends(client, engine):
+    """Choice 1's scores turn NaN (a hook poisons the second row of each two-row step): the stream ends with one
+    error event naming that choice, then [DONE], and nothing is left decoding."""
+    import json
+    import time
+
+    def poisoned(module, args, kwargs, output):
+        if output.logits.shape[0] == 2:  # a decode step of both choices
+            output.logits[1] = float("nan")
+        return output
+
+    hook = engine.model.register_forward_hook(poisoned, with_kwargs=True)
+    try:
+        body = {"model": MODEL, "messages": CIRCLES, "n": 2, "stream": True, "max_tokens": 30, "temperature": 0, "ignore_eos": True}
+        with httpx.stream("POST", f"{str(client.base_url).rstrip('/')}/chat/completions", json=body, timeout=30) as response:
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    finally:
+        hook.remove()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "model_output_not_finite" and error["message"].startswith("choice 1: "), error
+    deadline = time.monotonic() + 5
+    while engine.scheduler.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.scheduler.active == 0
