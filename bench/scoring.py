@@ -60,12 +60,14 @@ def main():
     made = prompts(engine.processor.tokenizer, args.prompts)
     print(f"{args.prompts} prompts of {min(map(len, made))}-{max(map(len, made))} tokens, torch threads {args.threads}")
     together = scheduler.SCORED_LOGITS
+    # room for the longest prompt's logits, and no more: each prompt in a forward of its own, none split in parts
+    one_each = max(map(len, made)) * engine.scheduler.vocabulary
     with running(create_app(engine, "shapes", max_concurrent=64)) as base_url:
         for size in args.batch_sizes:
             batches = [made[start: start + size] for start in range(0, len(made), size)]
             rates = {}
-            for name, logits in (("one per forward", 1), ("together", together)):
-                scheduler.SCORED_LOGITS = logits  # read at each scoring: 1 puts every prompt in a forward of its own
+            for name, logits in (("one per forward", one_each), ("together", together)):
+                scheduler.SCORED_LOGITS = logits  # read at each scoring
                 scored_per_second(base_url, "shapes", batches[:2])  # warm
                 rates[name] = max(scored_per_second(base_url, "shapes", batches) for _ in range(args.repeats))
             scheduler.SCORED_LOGITS = together

@@ -181,9 +181,10 @@ NEUTRAL = {
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,),
-    # the extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos, repetition_penalty are)
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
-    "guided_grammar": (None,),
+    # the extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos, repetition_penalty
+    # are; prompt_logprobs is vLLM's own layout of what echo with logprobs gives in OpenAI's)
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "prompt_logprobs": (None,),
 }
 # /v1/completions' own
 COMPLETION_NEUTRAL = {**NEUTRAL, "suffix": (None, "")}

@@ -379,6 +379,8 @@ class Scheduler:
         whole, fed = sequence.pending, 0
         scored: list = []  # tokens 0 .. fed (the last one not fed yet: it starts the next part)
         for start in range(0, len(ids) - part, part):
+            if sequence.cancelled:  # its reader left: the parts after are not scored
+                return sequence.finish()
             end = start + part
             sequence.pending = whole[:, start:end]
             self.counts["prefill_forwards"] += 1
@@ -393,8 +395,10 @@ class Scheduler:
                 self._batch.remove([row])  # its keys and values go back to its cache: the next part comes after them
                 fed = end
             except Exception as error:
-                sequence.error = error
-                return self._leave([self._batch.rows.index(sequence)] if sequence in self._batch.rows else [])
+                if sequence in self._batch.rows:
+                    sequence.error = error
+                    return self._leave([self._batch.rows.index(sequence)])
+                return sequence.finish(error)  # its row was taken out before the failure (in remove)
         sequence.pending, sequence.prompt_logprobs = whole[:, fed:], scored
 
     def _leave(self, indices: list[int]):

@@ -175,6 +175,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 # the prompt's tokens (ChatError here): the response echoes them, and names their log-probabilities
                 made = response.prompts[index] = engine.prompter.text_prompt(prompts[index // choices])
                 sampling = sampling_of(completion, index % choices)
+                # here, not at the engine's first read: a stream of several prompts has begun by then
+                if (length := made.ids.shape[1]) + min(1, sampling.max_new_tokens) > tokenizer.model_max_length:
+                    raise ContextTooLong(f"the prompt is {length} tokens, the model's whole context ({tokenizer.model_max_length}): "
+                                         "no room for a token of the answer")
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 cancel = threading.Event()

@@ -84,6 +84,13 @@ def test_with_one_place_a_streams_first_byte_waits_for_its_first_choice_only_and
     from engine.server import create_app, running
 
     engine = ChatEngine(str(Path(__file__).resolve().parents[1] / "checkpoints" / MODEL), device="cpu", max_batch=1)
+    forward = engine.model.forward
+
+    def slowed(*args, **kwargs):  # 2 ms a forward: the answers below last seconds on any machine
+        time.sleep(0.002)
+        return forward(*args, **kwargs)
+
+    engine.model.forward = slowed
     long = {"model": MODEL, "prompt": PROMPT, "max_tokens": 600, "temperature": 0, "ignore_eos": True}
     with running(create_app(engine, MODEL)) as base_url:
         start = time.monotonic()
@@ -101,7 +108,8 @@ def test_with_one_place_a_streams_first_byte_waits_for_its_first_choice_only_and
         # one long answer (about 3 s) holds the place; a second request's client gives up while it waits
         holder = threading.Thread(target=lambda: httpx.post(base_url + "/completions", json={**long, "max_tokens": 990}, timeout=60))
         holder.start()
-        while engine.scheduler.active == 0:
+        deadline = time.monotonic() + 10
+        while engine.scheduler.active == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         try:
             httpx.post(base_url + "/completions", json=long, timeout=0.5)

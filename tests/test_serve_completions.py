@@ -172,6 +172,9 @@ def test_several_prompts_in_one_request_are_answered_a_choice_each_as_alone(clie
         time.sleep(0.05)
     assert engine.scheduler.active == 0
     assert complete(client, texts[:2]).choices[1].text == alone[1].choices[0].text  # and the server goes on
+    # a prompt with no room for an answer refuses a stream of several too, before it begins (the model's context: 1024)
+    full = refused(lambda: list(client.completions.create(model=MODEL, prompt=[[5] * 10, [5] * 1024], max_tokens=2, stream=True)))
+    assert full.status_code == 400 and full.body["code"] == "context_length_exceeded" and full.body["param"] == "prompt"
     # streamed, the choices' chunks interleave, each naming its prompt; each one's text is its whole answer's
     chunks = list(client.completions.create(model=MODEL, prompt=texts, temperature=0, max_tokens=12, stream=True,
                                             stream_options={"include_usage": True}))

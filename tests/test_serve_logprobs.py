@@ -177,7 +177,8 @@ def test_log_probabilities_asked_for_wrongly_are_refused_by_name(client):
                               ("chat/completions", {"messages": CIRCLES, "top_logprobs": 2}, "top_logprobs"),
                               ("completions", {"prompt": PROMPT, "logprobs": 21}, "logprobs"),
                               ("completions", {"prompt": PROMPT, "logprobs": -1}, "logprobs"),
-                              ("completions", {"prompt": PROMPT, "max_tokens": 0, "logprobs": 1}, "max_tokens")]:
+                              ("completions", {"prompt": PROMPT, "max_tokens": 0, "logprobs": 1}, "max_tokens"),
+                              ("completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs")]:  # vLLM's own
         response = post(client, path, body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     # what clients send by habit passes
@@ -269,7 +270,7 @@ def test_log_probabilities_are_the_models_own_where_min_tokens_rules_the_end_tok
         assert math.isclose(value, float(expected[len(ids) + position - 1, drawn[position]]), abs_tol=1e-4), position
 
 
-def test_a_prompt_whose_scores_are_not_numbers_fails_alone(client, engine):
+def test_a_prompt_whose_scores_are_not_numbers_is_a_500_naming_the_token_and_the_server_goes_on(client, engine):
     def poisoned(module, args, kwargs, output):
         if output.logits.shape[1] > 5:  # the scored prompt's forward only
             output.logits[:, 3] = float("nan")
@@ -336,13 +337,22 @@ def test_a_prompt_too_long_to_score_in_one_forward_is_scored_in_parts(engine, pa
         assert [token for token, _ in found.top] == expected[position - 1].topk(2).indices.tolist()
     assert sequence.tokens == [int(expected[len(ids) + step - 1].argmax()) for step in range(3)]
     assert sequence.cache.get_seq_length() == len(ids) + 2  # every token fed but the last answer token
+    # one whose reader left is not scored on: it ends without a forward
+    gone = Sequence(DynamicCache(config=engine.model.config.get_text_config()), torch.tensor([ids]), {},
+                    Sampling(0.0, 1.0, 3, prompt_logprobs=0), set())
+    gone.cancel()
+    forwards = scheduler.counts["prefill_forwards"]
+    scheduler._score([gone])
+    assert gone.done.is_set() and gone.error is None and scheduler.counts["prefill_forwards"] == forwards
 
 
 def test_a_prompt_scored_in_parts_through_the_server_scores_as_in_one(client, engine, monkeypatch):
     body = {"prompt": [PROMPT, PROMPT + " The"], "max_tokens": 2, "echo": True, "logprobs": 2, "temperature": 0}
     whole = post(client, "completions", body).json()
     monkeypatch.setattr(scheduling, "SCORED_LOGITS", 5 * engine.scheduler.vocabulary)
+    forwards = engine.scheduler.counts["prefill_forwards"]
     parts = post(client, "completions", body).json()
+    assert engine.scheduler.counts["prefill_forwards"] - forwards >= 2 * 4  # 20-odd tokens at 5 a forward, each prompt
     for one, several in zip(whole["choices"], parts["choices"]):
         assert several["text"] == one["text"] and several["logprobs"]["tokens"] == one["logprobs"]["tokens"]
         assert all(a == b or math.isclose(a, b, abs_tol=1e-4)

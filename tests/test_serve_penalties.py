@@ -70,12 +70,14 @@ def test_logit_bias_forces_and_rules_out_tokens(client, engine):
     assert ruled_out[0] != first[0] and ruled_out[0] == int(scores.topk(2).indices[1])
 
 
-def test_one_requests_rules_do_not_reach_the_others_in_its_batch(client):
+def test_one_requests_rules_do_not_reach_the_others_in_its_batch(client, engine):
     plain = exact(client, PROMPT, max_tokens=24).choices[0].text
+    engine.scheduler.peak_batch = 0
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda bias: exact(client, PROMPT, max_tokens=24, **bias).choices[0].text,
                                 [{}, {"logit_bias": {"17": 100}}, {}, {"frequency_penalty": 2.0}]))
     assert answers[0] == answers[2] == plain and answers[1] != plain
+    assert engine.scheduler.peak_batch > 1  # they did share a batch
 
 
 def test_rules_out_of_range_are_refused_by_name(client):
