@@ -51,6 +51,7 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk has its choice's usage so far
 
 
 # a top_k past int64 made the batched sampling's tensor overflow on the scheduler's thread, failing every answer

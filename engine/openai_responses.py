@@ -32,13 +32,14 @@ class ChatCompletion:
     completion's several prompts). With `with_usage` every chunk has the usage key, as OpenAI's do when a stream's
     usage was asked for: only the last one a value. With `logprobs` (the request asked for them, so its Progress
     carries them) each choice, and each chunk of a stream, has its tokens' log-probabilities, their texts by
-    `tokenizer` (or `token_id:N` names, `as_ids`). `choices`: per prompt (n)."""
+    `tokenizer` (or `token_id:N` names, `as_ids`). `choices`: per prompt (n). With `continuous` (vLLM's
+    continuous_usage_stats) each chunk's usage is its choice's so far."""
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
                  choices: int = 1):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
-        self.with_usage, self.choices = with_usage, choices
+        self.with_usage, self.choices, self.continuous = with_usage, choices, False
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
         self._told: dict[int, _Told] = {}  # a stream's, per choice
 
@@ -51,13 +52,14 @@ class ChatCompletion:
 
     def opening(self, progress: Progress, index: int = 0) -> dict | None:
         """Choice `index`'s first chunk, before its text (`progress`: its first)."""
-        return self._chunk({"role": "assistant", "content": ""}, index=index)
+        return self._chunk({"role": "assistant", "content": ""}, index=index, progress=progress)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
-        return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index))
+        return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index), progress=progress)
 
     def ending(self, progress: Progress, index: int = 0) -> dict:
-        return self._chunk({}, progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True))
+        return self._chunk({}, progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True),
+                           progress=progress)
 
     def usage_chunk(self, *progresses: Progress) -> dict:
         return {**self._head(self.chunk_kind), "choices": [], "usage": usage(*progresses, choices=self.choices)}
@@ -90,10 +92,11 @@ class ChatCompletion:
             return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
         return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def _chunk(self, delta, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
+    def _chunk(self, delta, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None,
+               progress: Progress | None = None) -> dict:
         chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs)]}
         if self.with_usage:
-            chunk["usage"] = None
+            chunk["usage"] = usage(progress) if self.continuous and progress is not None else None
         return chunk
 
 
@@ -121,13 +124,14 @@ class TextCompletion(ChatCompletion):
         if self.logprobs:
             told = self._told[index] = _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids), len(text))
             logprobs, _ = completion_logprobs(told.texts, self.prompts[index].ids[0].tolist(), progress.prompt_logprobs, 0)
-        return self._chunk(text, index=index, logprobs=logprobs)
+        return self._chunk(text, index=index, logprobs=logprobs, progress=progress)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
-        return self._chunk(text, index=index, logprobs=self._stream_logprobs(progress, index))
+        return self._chunk(text, index=index, logprobs=self._stream_logprobs(progress, index), progress=progress)
 
     def ending(self, progress: Progress, index: int = 0) -> dict:
-        return self._chunk("", progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True))
+        return self._chunk("", progress.finish_reason, index, logprobs=self._stream_logprobs(progress, index, last=True),
+                           progress=progress)
 
     def _text(self, index: int, progress: Progress) -> str:
         return self.echoed(index) + progress.text if self.echo else progress.text

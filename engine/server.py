@@ -86,6 +86,9 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     def with_usage(asked: SamplingRequest) -> bool:
         return bool(asked.stream and asked.stream_options and asked.stream_options.include_usage)
 
+    def continuous(asked: SamplingRequest) -> bool:
+        return with_usage(asked) and asked.stream_options.continuous_usage_stats
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         return error_response(error)
@@ -158,6 +161,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
         response = ChatCompletion(model_name, with_usage(chat), tokenizer, logprobs=bool(chat.logprobs),
                                   as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices)
+        response.continuous = continuous(chat)
         return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
 
     @app.post("/v1/completions")
@@ -185,6 +189,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval, cancel=cancel), cancel)
             return begin
 
+        response.continuous = continuous(completion)
         return await respond(request, completion, [begin_with(index) for index in range(len(prompts) * choices)], response,
                              param="prompt", counted="n" if choices > 1 else "prompt")
 

@@ -154,3 +154,20 @@ def test_a_choice_that_fails_mid_stream_is_named_and_the_stream_ends(client, eng
     while engine.scheduler.active and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.scheduler.active == 0
+
+
+def test_continuous_usage_stats_give_every_chunk_its_choices_usage_so_far(client):
+    """vLLM's stream_options.continuous_usage_stats: with include_usage, each chunk's usage is its choice's so far,
+    growing to the whole answer's; the last chunk the request's."""
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=20, n=2, stream=True,
+                                                 stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    for index in (0, 1):
+        mine = [chunk for chunk in chunks if chunk.choices and chunk.choices[0].index == index]
+        counts = [chunk.usage.completion_tokens for chunk in mine]
+        assert all(chunk.usage is not None for chunk in mine) and counts == sorted(counts) and counts[-1] > 0
+        assert mine[-1].usage.prompt_tokens == chunks[-1].usage.prompt_tokens  # a prompt counted once in the request's
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(
+        [chunk.usage.completion_tokens for chunk in chunks if chunk.choices and chunk.choices[0].index == index][-1] for index in (0, 1))
+    plain = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=5, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert all(chunk.usage is None for chunk in plain[:-1])  # without it, only the last chunk has a usage
