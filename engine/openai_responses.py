@@ -37,9 +37,9 @@ class ChatCompletion:
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1):
+                 choices: int = 1, continuous: bool = False):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
-        self.with_usage, self.choices, self.continuous = with_usage, choices, False
+        self.with_usage, self.choices, self.continuous = with_usage, choices, continuous
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
         self._told: dict[int, _Told] = {}  # a stream's, per choice
 
@@ -108,8 +108,8 @@ class TextCompletion(ChatCompletion):
     prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, echo: bool = False, answers: int = 1):
-        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices)
+                 choices: int = 1, continuous: bool = False, echo: bool = False, answers: int = 1):
+        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices, continuous)
         self.echo, self.prompts = echo, [None] * answers
 
     def echoed(self, index: int) -> str:

@@ -39,7 +39,8 @@ class PaddedBatch:
     def prefilled(cls, model, sequences: list, every_position: bool = False) -> tuple["PaddedBatch", torch.Tensor | list[torch.Tensor]]:
         """Feeds every sequence's pending tokens after its cached prefix in one forward: row i is [padding][prefix i]
         [padding][pending i], so that every row's last token is in the last column. Returns the batch the sequences
-        form and the logits (B, vocab) after each one's last token."""
+        form and the logits (B, vocab) after each one's last token, or with `every_position` per sequence those
+        after each of its pending tokens."""
         batch, device = cls(model), sequences[0].pending.device
         prefixes = [sequence.cache.get_seq_length() for sequence in sequences]
         pending = [sequence.pending.shape[1] for sequence in sequences]

@@ -94,10 +94,11 @@ class Prompter:
             raise ChatError(str(error)) from error
         return prompt
 
-    def text_prompt(self, prompt: str | list[int]) -> Prompt:
+    def text_prompt(self, prompt: str | list[int], room: int = 0) -> Prompt:
         """The Prompt of a text-completion request: `prompt` is raw text, tokenized as it is (the tokenizer's own
         start token added, no chat template), or token ids; no images (their markers are refused: the model would
-        look for features nobody sent). ChatError for input we refuse."""
+        look for features nobody sent). ChatError for input we refuse, ContextTooLong for a prompt that leaves the
+        answer less than `room` tokens of the context."""
         tokenizer = self.processor.tokenizer
         if isinstance(prompt, str):
             if len(prompt) > MAX_CONVERSATION_CHARS:
@@ -114,8 +115,9 @@ class Prompter:
             raise ChatError(f"the prompt has the image token ({self.processor.image_token}); images go in messages of "
                             "/v1/chat/completions")
         context = tokenizer.model_max_length
-        if len(ids) > context:
-            raise ContextTooLong(f"the prompt is {len(ids)} tokens but the model's context is {context}")
+        if len(ids) + room > context:
+            raise ContextTooLong(f"the prompt is {len(ids)} tokens but the model's context is {context}"
+                                 + (" (no room for a token of the answer)" if len(ids) <= context else ""))
         return Prompt(text, "", [], [], ids=torch.tensor([ids], dtype=torch.long))
 
     def inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:

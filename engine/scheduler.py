@@ -49,8 +49,11 @@ class Sequence:
                  cancel: threading.Event | None = None, prompt: list[int] | None = None):
         self.cache, self.pending, self.image_inputs = cache, pending, image_inputs
         self.sampling, self.stop_ids = sampling, stop_ids
-        # its own score adjustments, if it asked for any; `prompt`: all of its prompt's ids (the repetition penalty's)
-        self.penalties = Penalties(sampling, prompt if prompt is not None else pending[0].tolist()) if Penalties.wanted(sampling) else None
+        # its own score adjustments, if it asked for any; `prompt`: all of its prompt's ids, which the repetition
+        # penalty counts (without it, the pending ones)
+        if sampling.repetition_penalty != 1 and prompt is None:
+            prompt = pending[0].tolist()
+        self.penalties = Penalties(sampling, prompt or []) if Penalties.wanted(sampling) else None
         self.generator = sampling.generator(pending.device)
         self.tokens: list[int] = []
         # with sampling.logprobs: tokens[i]'s in logprobs[i], and the end token's that finished it in `ended_by`
@@ -85,7 +88,8 @@ class Sequence:
 
     @property
     def scores_prompt(self) -> bool:
-        """Whether its prompt is scored: then it is prefilled whole, alone, with the logits of every position."""
+        """Whether its prompt is scored: then it is fed whole (no cached prefix), with the logits of every position
+        (Scheduler._score)."""
         return self.sampling.prompt_logprobs is not None
 
     def emit(self, token: int | None, logprob: TokenLogprob | None = None) -> bool:

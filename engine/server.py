@@ -160,8 +160,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             return begin
 
         response = ChatCompletion(model_name, with_usage(chat), tokenizer, logprobs=bool(chat.logprobs),
-                                  as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices)
-        response.continuous = continuous(chat)
+                                  as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat))
         return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
 
     @app.post("/v1/completions")
@@ -172,24 +171,21 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         prompts, choices = completion.prompts, completion.choices
         response = TextCompletion(model_name, with_usage(completion), tokenizer, logprobs=completion.logprobs is not None,
                                   as_ids=bool(completion.return_tokens_as_token_ids), choices=choices,
-                                  echo=bool(completion.echo), answers=len(prompts) * choices)
+                                  continuous=continuous(completion), echo=bool(completion.echo), answers=len(prompts) * choices)
 
         def begin_with(index: int):  # prompt index // choices, its choice index % choices (vLLM's order)
             def begin(loop, interval: float):
-                # the prompt's tokens (ChatError here): the response echoes them, and names their log-probabilities
-                made = response.prompts[index] = engine.prompter.text_prompt(prompts[index // choices])
                 sampling = sampling_of(completion, index % choices)
-                # here, not at the engine's first read: a stream of several prompts has begun by then
-                if (length := made.ids.shape[1]) + min(1, sampling.max_new_tokens) > tokenizer.model_max_length:
-                    raise ContextTooLong(f"the prompt is {length} tokens, the model's whole context ({tokenizer.model_max_length}): "
-                                         "no room for a token of the answer")
+                # the prompt's tokens (ChatError here, not at the engine's first read: a stream of several prompts has
+                # begun by then): the response echoes them, and names their log-probabilities
+                made = response.prompts[index] = engine.prompter.text_prompt(prompts[index // choices],
+                                                                             room=min(1, sampling.max_new_tokens))
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 cancel = threading.Event()
                 return ThreadedAnswer(engine.complete(made, sampling, stop=completion.stops, interval=interval, cancel=cancel), cancel)
             return begin
 
-        response.continuous = continuous(completion)
         return await respond(request, completion, [begin_with(index) for index in range(len(prompts) * choices)], response,
                              param="prompt", counted="n" if choices > 1 else "prompt")
 
@@ -261,14 +257,14 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             if len(begins) > 1:
                 starts = [functools.partial(run_in_threadpool, started, release, begin, False) for release, begin in zip(releases, begins)]
                 await unless_gone(request, lambda: together(starts), gone)
-                openings = {0: await unless_gone(request, lambda: next_progress(releases[0].answer, param), gone)}
+                opening = await unless_gone(request, lambda: next_progress(releases[0].answer, param), gone)
             else:
-                openings = {0: await unless_gone(request, lambda: first(releases[0], begins[0]), gone)}
+                opening = await unless_gone(request, lambda: first(releases[0], begins[0]), gone)
         except BaseException:
             await release_all()
             raise
         # the release also as a background task: a client gone before the stream's first byte never starts `events`
-        return StreamingResponse(events(releases, openings, completion, param), media_type="text/event-stream",
+        return StreamingResponse(events(releases, opening, completion, param), media_type="text/event-stream",
                                  background=BackgroundTask(release_all))
 
     return app
@@ -434,10 +430,10 @@ class Release:
             self.answer.close()  # an answer that ended: nothing to wait for
 
 
-async def events(releases: list[Release], openings: dict[int, Progress], completion: ChatCompletion, param: str = "messages"):
+async def events(releases: list[Release], first: Progress, completion: ChatCompletion, param: str = "messages"):
     """Server-sent events of each answer: its opening (a chat stream's role), its text as it grows, its finish
-    reason; then the usage if asked, then [DONE]. `openings`: the first Progress of those answers that have one
-    (the others' is read here). Several answers' chunks interleave as they come, each naming its choice; one that
+    reason; then the usage if asked, then [DONE]. `first`: the first answer's first Progress (the others' is read
+    here). Several answers' chunks interleave as they come, each naming its choice; one that
     fails ends the stream with an error that names it. Events ready at once go out in one write (an opening with
     the first text; the end's three): each write is a send here and a read for the client, whose CPU a loaded
     machine shares."""
@@ -473,11 +469,8 @@ async def events(releases: list[Release], openings: dict[int, Progress], complet
 
     failed = None  # the choice whose read failed
     try:
-        going = [index for index in range(count) if index not in openings]
-        for index, progress in sorted(openings.items()):
-            if not await take(index, progress):
-                going.append(index)
-        while len(going) == 1 and count == 1:  # one answer (most streams): awaited as it is, no task per read
+        going = ([] if await take(0, first) else [0]) + list(range(1, count))
+        while going == [0] and count == 1:  # one answer (most streams): awaited as it is, no task per read
             if ready:
                 yield ready
                 ready = ""

@@ -140,7 +140,7 @@ def test_a_stream_sends_what_is_ready_at_once_in_one_write():
         release.answer = ThreadedAnswer(answer())
         release.answer.read_first()
         first = await release.answer.next()
-        return [write async for write in events([release], {0: first}, ChatCompletion(MODEL, with_usage=True))], state
+        return [write async for write in events([release], first, ChatCompletion(MODEL, with_usage=True))], state
 
     sent, state = asyncio.run(writes())
     events_of = [[json.loads(line[6:]) if line != "data: [DONE]" else "[DONE]" for line in write.split("\n\n") if line]
