@@ -21,6 +21,7 @@ from .prompts import ChatError, ContextTooLong, Prompt, Prompter
 from .scheduler import SCORED_LOGITS, Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
+from .structured_output import Constraint, Grammars, StructureError
 
 CACHE = Path(os.environ.get("LLAVA_PLUGIN_CACHE", "~/.cache/llava-plugin")).expanduser()
 
@@ -103,6 +104,7 @@ class ChatEngine:
         self.stop_ids = {generation.eos_token_id} if isinstance(generation.eos_token_id, int) else set(generation.eos_token_id or [])
         self.stop_ids.add(self.processor.tokenizer.eos_token_id)
         self.scheduler = Scheduler(self.model, list(generation.suppress_tokens or []), max_batch, max_waiting)
+        self.grammars = Grammars(self.processor.tokenizer, self.scheduler.vocabulary, self.stop_ids)
         # answers' counts for /metrics (each reader thread adds its own answer's at its end)
         self._counts = dict.fromkeys(["requests_finished", "requests_failed", "prompt_tokens", "cached_prompt_tokens",
                                       "generation_tokens"], 0)
@@ -198,6 +200,10 @@ class ChatEngine:
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if outside := [token for token, _ in sampling.logit_bias if not 0 <= token < self.scheduler.vocabulary]:
             raise ChatError(f"logit_bias names the token id {outside[0]}, outside the model's vocabulary")
+        try:  # compiled here, in the request's thread: the scheduler's only matches
+            constraint = self.grammars.constraint(sampling.structure) if sampling.structure is not None else None
+        except StructureError as error:
+            raise ChatError(str(error)) from None
         # a prompt to score is fed in parts (Scheduler._score_ahead), but an image's span whole
         if sampling.prompt_logprobs is not None and prompt.sources and ids.shape[1] * self.scheduler.vocabulary > SCORED_LOGITS:
             most = SCORED_LOGITS // self.scheduler.vocabulary
@@ -218,12 +224,12 @@ class ChatEngine:
                 ids, pixel_values = self._inputs(prompt)
                 ids = ids.to(self.device)
             with session.lock:  # a slot's eviction takes only a session whose lock is free
-                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel)
+                yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel, constraint)
         else:  # generate holds the session's lock
-            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel)
+            yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel, constraint)
 
     def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, one_off: bool,
-                interval: float, cancel: threading.Event | None) -> Iterator[Tokens]:
+                interval: float, cancel: threading.Event | None, constraint: Constraint | None = None) -> Iterator[Tokens]:
         # a one-off answer takes a slot only without a prefix cache, which keeps DynamicCaches
         scored = sampling.prompt_logprobs is not None  # fed whole, in the batch: see Scheduler._score
         extra = self._reuse(session, ids[0], pixel_values, sampling.max_new_tokens, evict=not one_off,
@@ -232,7 +238,8 @@ class ChatEngine:
             extra["image_sizes"] = image_sizes
         keep = session.cached_tokens
         sequence = self.scheduler.submit(Sequence(session.cache, ids[:, keep:], extra, sampling, self.stop_ids, cancel,
-                                                  prompt=ids[0].tolist() if sampling.repetition_penalty != 1 else None))
+                                                  prompt=ids[0].tolist() if sampling.repetition_penalty != 1 else None,
+                                                  constraint=constraint))
         counts = {"prompt_tokens": ids.shape[1], "cached_tokens": keep}
         told = {"tokens": 0, "prompt": False}
 

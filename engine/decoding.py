@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import torch
 
+from .structured_output import Structure, rule_out
+
 # Below this a temperature is greedy decoding in all but name, and far below it sampling breaks: float32 rounds
 # 1e-300 to 0, logits / temperature overflow to inf, softmax gives NaN, and the multinomial raises inside the
 # scheduler's batched step, failing every answer in the batch (one such API request failed 9 of 16 others' streams).
@@ -51,6 +53,7 @@ class Sampling:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
+    structure: Structure | None = None  # what the answer is held to (engine.structured_output)
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -76,6 +79,8 @@ class Sampling:
         for name in ("logprobs", "prompt_logprobs"):
             if (count := getattr(self, name)) is not None and not 0 <= count <= MAX_LOGPROBS:
                 raise ValueError(f"{name} is {count}; it must be between 0 and {MAX_LOGPROBS}")
+        if self.structure is not None and self.min_tokens:  # an answer its grammar ends would have no token left to draw
+            raise ValueError("min_tokens cannot be combined with a structured output, which ends where its grammar does")
         if self.temperature < MIN_TEMPERATURE:  # whoever asks (the API, the app, a caller of the engine)
             object.__setattr__(self, "temperature", 0.0)
         object.__setattr__(self, "top_p", max(self.top_p, MIN_TOP_P))
@@ -138,14 +143,15 @@ def truncated(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, min
 @torch.no_grad()
 def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None],
                 suppress: list[int], blocked: list[Collection[int]] | None = None,
-                penalties: list | None = None) -> list[int | None]:
+                penalties: list | None = None, constraints: list | None = None) -> list[int | None]:
     """One token per row of `logits` (B, V), row i following samplings[i] and drawing from generators[i] (None: the
     global generator), its scores adjusted first by its own `penalties[i]` (engine.penalties: logit bias, repetition,
     frequency and presence penalties; None: none), never one of `suppress` nor of its own `blocked[i]` (the end
-    tokens of a sequence short of its min_tokens); None for a row whose scores hold a NaN or +inf. Such a row is
-    not drawn from (the multinomial would raise for the whole batch, failing every other sequence's answer), and
-    its argmax would be noise."""
-    masked = bool(suppress) or any(blocked or []) or any(penalties or [])
+    tokens of a sequence short of its min_tokens), and only one its `constraints[i]` allows (a structured output's
+    grammar, engine.structured_output; None: any). None for a row whose scores hold a NaN or +inf, or that has no
+    token left. Such a row is not drawn from (the multinomial would raise for the whole batch, failing every other
+    sequence's answer), and its argmax would be noise."""
+    masked = bool(suppress) or any(blocked or []) or any(penalties or []) or any(constraints or [])
     logits = logits.to(torch.float32, copy=masked)  # the caller's scores stay as they are (its log-probabilities)
     for row, adjustments in enumerate(penalties or []):
         if adjustments is not None:
@@ -158,6 +164,9 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     for row, ids in enumerate(blocked or []):
         if ids:
             logits[row, list(ids)] = -float("inf")
+    if any(constraints or []):
+        if stuck := rule_out(logits, constraints):
+            broken[stuck] = True
     tokens = logits.argmax(dim=-1)
     sampled = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
     if sampled:

@@ -5,11 +5,12 @@ messages in the engine's form, and the error object. The answers' objects are op
 import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
-from pydantic_core import from_json
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt, ValidationError
+from pydantic_core import from_json, to_json
 
 from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, Sampling
 from .media import MediaPolicy, image_bytes
+from .structured_output import Structure, StructureError, check, check_size
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
 
 DEFAULT_MAX_TOKENS = 512
@@ -54,6 +55,35 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk has its choice's usage so far
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None  # OpenAI's requires one; it names the schema, nothing more here
+    schema_: dict | None = Field(None, alias="schema")  # none: any JSON object
+    strict: bool | None = None  # an answer is held to its schema either way
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's: plain text (the default), any JSON object, or JSON following `json_schema.schema`."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (which its `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`
+    fields were before): one of json (a schema), regex, choice, grammar (EBNF) or json_object."""
+    model_config = ConfigDict(extra="forbid")  # structural_tag, whitespace_pattern ...: refused by name, not ignored
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's default is any whitespace in JSON, which small models fill without end; here it is json.dumps' layout
+    # unless this is false
+    disable_any_whitespace: bool | None = None
+    disable_fallback: bool | None = None  # there is one backend here: nothing to fall back from
+    disable_additional_properties: bool | None = None  # what a schema does not name is refused already
+
+
 # a top_k past int64 made the batched sampling's tensor overflow on the scheduler's thread, failing every answer
 MAX_TOP_K = 2**31 - 1
 MAX_CHOICES = 64  # in one request (n per prompt, times the prompts): each takes a place in the batch
@@ -87,6 +117,52 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, StrictFloat | StrictInt] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     stream: bool | None = False  # null: not streamed, as for every other field a client may send null for
     stream_options: StreamOptions | None = None
+    # a structured output (engine.structured_output): OpenAI's, vLLM's (and its former guided_* fields), SGLang's
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    _structure: tuple[str, Structure] | None = PrivateAttr(None)  # (the field that asked, what) once checked
+
+    @property
+    def structure(self) -> tuple[str, Structure] | None:
+        """The structured output asked for, and the field that asked (set by `_checked`)."""
+        return self._structure
+
+    def asked_structures(self) -> list[tuple[str, Structure]]:
+        """Every structured output the request asks for, each with its field (more than one is the client's mistake)."""
+        outputs = self.structured_outputs or StructuredOutputs()
+        compact = outputs.disable_any_whitespace is not False
+        asked = []
+
+        def schema(param: str, value: dict | str | None):
+            if value is not None:
+                text = value if isinstance(value, str) else to_json(value).decode()
+                asked.append((param, Structure("json_schema", text, any_whitespace=not compact)))
+
+        if self.response_format is not None and self.response_format.type != "text":
+            inner = self.response_format.json_schema
+            if self.response_format.type == "json_schema" and inner is not None and inner.schema_ is not None:
+                schema("response_format", inner.schema_)
+            else:  # json_object, or a json_schema without a schema
+                asked.append(("response_format", Structure("json_object", any_whitespace=not compact)))
+        schema("structured_outputs.json", outputs.json_)
+        schema("guided_json", self.guided_json)
+        if outputs.json_object:
+            asked.append(("structured_outputs.json_object", Structure("json_object", any_whitespace=not compact)))
+        for param, kind, value in [("structured_outputs.regex", "regex", outputs.regex), ("guided_regex", "regex", self.guided_regex),
+                                   ("regex", "regex", self.regex), ("structured_outputs.grammar", "grammar", outputs.grammar),
+                                   ("guided_grammar", "grammar", self.guided_grammar), ("ebnf", "grammar", self.ebnf)]:
+            if value is not None:
+                asked.append((param, Structure(kind, value)))
+        for param, value in [("structured_outputs.choice", outputs.choice), ("guided_choice", self.guided_choice)]:
+            if value is not None:
+                asked.append((param, Structure("choice", to_json(value).decode())))
+        return asked
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -129,7 +205,8 @@ class SamplingRequest(BaseModel):
                         ignore_eos=bool(self.ignore_eos), logprobs=self.logprob_alternatives,
                         prompt_logprobs=self.prompt_logprob_alternatives, frequency_penalty=self.frequency_penalty or 0.0,
                         presence_penalty=self.presence_penalty or 0.0,
-                        repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty, logit_bias=bias)
+                        repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty, logit_bias=bias,
+                        structure=self.structure[1] if self.structure else None)
 
 
 class ChatRequest(SamplingRequest):
@@ -179,13 +256,12 @@ class CompletionRequest(SamplingRequest):
 # Anything else is refused by name rather than ignored: a client that asked for JSON or tools must not take a plain
 # answer for what it asked.
 NEUTRAL = {
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,),
     # the extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos, repetition_penalty
-    # are; prompt_logprobs is vLLM's own layout of what echo with logprobs gives in OpenAI's)
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "prompt_logprobs": (None,),
+    # and structured outputs are; prompt_logprobs is vLLM's own layout of what echo with logprobs gives in OpenAI's)
+    "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
 }
 # /v1/completions' own
 COMPLETION_NEUTRAL = {**NEUTRAL, "suffix": (None, "")}
@@ -246,6 +322,18 @@ def _validated(kind: type[SamplingRequest], raw):
 
 def _checked(request: SamplingRequest, neutral: dict):
     refuse_unsupported(request, neutral)
+    if len(asked := request.asked_structures()) > 1:
+        raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both ask for a structured output; give one", param=asked[1][0])
+    if asked:
+        param, structure = asked[0]
+        try:
+            check_size(structure)  # its grammar is checked in a worker thread (`checked_structure`)
+        except StructureError as error:
+            raise APIError(400, f"{param}: {error}", param=param) from None
+        if request.min_tokens:
+            raise APIError(400, f"min_tokens: cannot be combined with a structured output ({param}), which ends where its "
+                           "grammar does", param="min_tokens")
+        request._structure = asked[0]
     if len(request.stops) > MAX_STOPS:
         raise APIError(400, f"stop: at most {MAX_STOPS} stop strings", param="stop")
     if any(len(stop) > MAX_STOP_CHARS for stop in request.stops):
@@ -268,6 +356,17 @@ def _checked(request: SamplingRequest, neutral: dict):
     return request
 
 
+def checked_structure(request: SamplingRequest):
+    """A 400 naming the field if the request's structured output gives no grammar; not on the event loop (see
+    structured_output.check)."""
+    if request.structure is not None:
+        param, structure = request.structure
+        try:
+            check(structure)
+        except StructureError as error:
+            raise APIError(400, f"{param}: {error}", param=param) from None
+
+
 def _union_branch(loc) -> bool:
     """pydantic's name of a union's branch in an error's location ("str", "list[...]"): no field of the request.
     (A tagged union's branch is its tag, which the location then repeats: `image_url.image_url.url`, dropped too.)"""
@@ -288,8 +387,9 @@ def refuse_too_many_items(raw):
 def refuse_unsupported(request: SamplingRequest, neutral: dict):
     for name, value in (request.model_extra or {}).items():
         if name in neutral and not any(_same(value, allowed) for allowed in neutral[name]):
-            raise APIError(400, f"{name}: not supported by this server (it answers in plain text, without tools or "
-                           "guided decoding)", param=name, code="unsupported_parameter")
+            raise APIError(400, f"{name}: not supported by this server (it answers without tools; its structured outputs "
+                           "are response_format, structured_outputs and guided_json, guided_regex, guided_choice, guided_grammar)",
+                           param=name, code="unsupported_parameter")
 
 
 def _same(value, neutral) -> bool:

@@ -27,6 +27,7 @@ from .padded_batch import PaddedBatch
 from .penalties import Penalties
 from .row_batch import RowBatch
 from .static_slots import StaticSlot
+from .structured_output import Constraint
 
 END = object()  # the last item of a sequence's output queue
 PREFILL_TOKENS = 2048  # prefilled per pause in decoding: more arrivals at once wait for the next pause
@@ -46,8 +47,9 @@ class Sequence:
     back), or is None after a failed step."""
 
     def __init__(self, cache, pending: torch.Tensor, image_inputs: dict, sampling: Sampling, stop_ids: set[int],
-                 cancel: threading.Event | None = None, prompt: list[int] | None = None):
+                 cancel: threading.Event | None = None, prompt: list[int] | None = None, constraint: Constraint | None = None):
         self.cache, self.pending, self.image_inputs = cache, pending, image_inputs
+        self.constraint = constraint  # its structured output's place in its grammar (sampling.structure), if it has one
         self.sampling, self.stop_ids = sampling, stop_ids
         # its own score adjustments, if it asked for any; `prompt`: all of its prompt's ids, which the repetition
         # penalty counts (without it, the pending ones)
@@ -96,12 +98,20 @@ class Sequence:
         """Records a sampled token (and its log-probability, if asked for); True when the sequence is finished. None
         (next_tokens: its scores were not numbers) finishes it with NonFiniteScores."""
         if token is None:
-            self.error = NonFiniteScores(f"the model's next-token scores for this answer were NaN or infinite after "
-                                         f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "
-                                         f"may not overflow")
+            if self.constraint is not None:  # or its grammar had no token left (all suppressed: a grammar of special tokens)
+                self.error = NonFiniteScores(f"after {len(self.tokens)} tokens, no token was left that both the structured "
+                                             "output allows and the model's scores make possible (NaN or infinite scores, "
+                                             "or only tokens never generated)")
+            else:
+                self.error = NonFiniteScores(f"the model's next-token scores for this answer were NaN or infinite after "
+                                             f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "
+                                             f"may not overflow")
             return True
         if token in self.stop_ids and not self.sampling.ignore_eos:  # blocked (see `blocked`) before min_tokens
             self.finish_reason, self.ended_by = "stop", logprob
+            return True
+        if self.constraint is not None and not self.constraint.accept(token):  # its mask allowed it: a bug of ours
+            self.error = RuntimeError(f"the structured output's grammar refused the token {token} it allowed")
             return True
         if logprob is not None:  # before the token: whoever reads the token finds its log-probability
             self.logprobs.append(logprob)
@@ -109,6 +119,9 @@ class Sequence:
             self.penalties.add(token)
         self.tokens.append(token)
         self.out.put(token)
+        if self.constraint is not None and self.constraint.complete:  # an end token it took with ignore_eos: nothing may follow
+            self.finish_reason = "stop"
+            return True
         if len(self.tokens) >= self.sampling.max_new_tokens:
             self.finish_reason = "length"
             return True
@@ -313,7 +326,7 @@ class Scheduler:
         raw = logits[asking].float().log_softmax(dim=-1) if asking else None
         tokens = next_tokens(logits, [sequence.sampling for sequence in sequences], [sequence.generator for sequence in sequences],
                              self.suppress, [sequence.blocked for sequence in sequences],
-                             [sequence.penalties for sequence in sequences])
+                             [sequence.penalties for sequence in sequences], [sequence.constraint for sequence in sequences])
         logprobs = [None] * len(sequences)
         if kept := [index for index, row in enumerate(asking) if tokens[row] is not None]:  # a broken row ends without
             found = token_logprobs(raw[kept], [tokens[asking[index]] for index in kept],

@@ -37,7 +37,7 @@ from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .metrics import render
-from .openai_api import APIError, SamplingRequest, engine_messages, parse_completion_request, parse_request
+from .openai_api import APIError, SamplingRequest, checked_structure, engine_messages, parse_completion_request, parse_request
 from .openai_responses import ChatCompletion, TextCompletion
 from .scheduler import QueueFull
 
@@ -77,6 +77,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     def sampling_of(asked: SamplingRequest, choice: int) -> Sampling:
         """The request's sampling for its choice `choice`; a logit_bias naming a token the model does not have is a
         400 here (on the scheduler's thread its indexing would fail every answer of the batch)."""
+        checked_structure(asked)  # in the answer's worker thread: a large spec's grammar can take a second
         sampling = asked.sampling(MAX_COMPLETION_TOKENS, choice)
         if tokenizer is not None and (outside := [token for token, _ in sampling.logit_bias if not 0 <= token < len(tokenizer)]):
             raise APIError(400, f"logit_bias: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",

@@ -3,6 +3,7 @@ process, alone and in a batch, streamed through the HTTP server; refusals keep t
 cancels its answer there, and a dead engine is reported instead of hanging every client."""
 
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from engine import ChatEngine, ChatError
 from engine.decoding import Sampling
 from engine.engine_process import HEARTBEAT, EngineProcess, EngineStopped, compute_threads
 from engine.server import create_app, running
+from engine.structured_output import Structure
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "checkpoints" / "shapes-llava"
@@ -95,6 +97,16 @@ def test_refusals_keep_their_kind_and_a_closed_answer_is_cancelled(child):
     next(long)
     long.close()  # the child hears of it and stops that answer; the next one is answered as usual
     assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), GREEDY)).text
+
+
+def test_a_structured_output_crosses_to_the_child_and_is_compiled_there(child, local):
+    colors = Sampling(temperature=0, max_new_tokens=40, structure=Structure("choice", json.dumps(["red", "blue", "green"])))
+    expected = last(local.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), colors)).text
+    assert expected in ("red", "blue", "green")
+    assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), colors)).text == expected
+    with pytest.raises(ChatError, match="parenthesis"):  # the child's refusal keeps its kind (the server checks first)
+        next(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(),
+                            Sampling(temperature=0, structure=Structure("regex", "(unclosed"))))
 
 
 def test_an_answer_cancelled_while_it_waits_for_a_place_ends_without_its_prefill():

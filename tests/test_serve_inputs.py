@@ -269,7 +269,7 @@ def ask_alone(engine, text: str, images: list[bytes], **options) -> str:
     return progress[-1].text
 
 
-UNSUPPORTED = {"response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
+UNSUPPORTED = {"tools": [{"type": "function", "function": {"name": "f"}}],
                "tool_choice": "required", "modalities": ["text", "audio"],
                "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"}}
 
@@ -279,7 +279,7 @@ def test_parameters_the_server_does_not_implement_are_refused_by_name(client):
         error = refused(lambda: ask(client, CIRCLES, **{name: value}))
         assert error.status_code == 400 and error.body["param"] == name and error.body["code"] == "unsupported_parameter"
         assert error.body["message"].startswith(f"{name}: not supported"), error.body
-    for extra in ({"functions": [{"name": "f"}]}, {"guided_json": {"type": "object"}}):
+    for extra in ({"functions": [{"name": "f"}]}, {"structural_tag": {"type": "structural_tag"}}):
         assert refused(lambda: ask(client, CIRCLES, extra_body=extra)).body["param"] == next(iter(extra))
     error = refused(lambda: ask(client, CIRCLES, stream_options={"include_usage": True}))  # without stream
     assert error.status_code == 400 and error.body["param"] == "stream_options"

@@ -1,0 +1,221 @@
+"""Structured outputs: an answer held to a JSON schema, to any JSON object, to a regular expression, to one of a list
+of strings, or to an EBNF grammar, as OpenAI's `response_format` and vLLM's `structured_outputs` ask.
+
+At each step, before the draw, every token the grammar cannot take next is ruled out (its score set to -inf, after
+the sequence's own penalties, so a logit_bias cannot bring one back); after the draw, the grammar moves on by the
+token drawn. When the grammar is complete, only the end tokens are left, and the answer ends ("stop"). The grammars,
+their token masks and the matchers are xgrammar's (vLLM's and SGLang's default backend): a grammar is compiled once
+per tokenizer and kept (xgrammar's cache), each answer has a matcher of its own, and the masks of a batch's
+constrained rows are applied in one call.
+
+Where: a spec is checked in the process that reads the request (`check`: a grammar built without the tokenizer, a
+fraction of a millisecond, so that a wrong one is a 400 naming its field); compiled against the tokenizer by the
+engine (`Grammars`, in the request's thread, not the scheduler's); matched on the scheduler's thread (`rule_out`,
+`Constraint`)."""
+
+import functools
+import json
+import threading
+from collections.abc import Collection
+from typing import NamedTuple
+
+import torch
+
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# characters of one spec (a schema as JSON text, a regular expression, an EBNF grammar, the choices as JSON): a
+# grammar's compilation grows with it, and it runs before the request's answer can begin
+MAX_SPEC_CHARS = 64_000
+MAX_CHOICES = 1_024
+# nesting of a schema's objects and arrays: xgrammar's conversion grows faster than the depth (64 levels took 31 ms,
+# 300 levels of a 28 KB schema 4.5 s, and 8.9 s more to compile against a 32k vocabulary); generated schemas
+# (pydantic's, with $defs) are a few levels deep
+MAX_SCHEMA_DEPTH = 32
+CACHE_BYTES = 256 * 2**20  # compiled grammars kept per engine (xgrammar evicts the least recently used past this)
+
+
+class Structure(NamedTuple):
+    """What an answer is held to: `kind` one of KINDS; `spec` the schema as JSON text (json_schema), nothing
+    (json_object: any JSON object), the regular expression (regex), the choices as a JSON list of strings
+    (choice), or the EBNF grammar, whose rule `root` is the answer (grammar). `any_whitespace`: JSON may have any
+    whitespace between its tokens (vLLM's default); without, it is laid out as json.dumps lays it out."""
+    kind: str
+    spec: str = ""
+    any_whitespace: bool = True
+
+
+class StructureError(ValueError):
+    """A spec that gives no grammar; the message says what is wrong with it."""
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as error:  # a platform without its wheel: everything else works
+        raise StructureError(f"structured outputs need the xgrammar package, which is not installed here ({error})") from None
+    return xgrammar
+
+
+def _reason(error: RuntimeError) -> str:
+    """xgrammar's message without the C++ file and time it starts with ("[21:05:40] /project/cpp/x.cc:94: ...")."""
+    text = str(error).strip()
+    head, _, rest = text.partition(": ")
+    return rest.strip() if head.startswith("[") and ".cc:" in head else text
+
+
+def _choice_ebnf(choices: list[str]) -> str:
+    """An EBNF grammar whose answers are exactly the choices (each a string literal: quotes, backslashes and control
+    characters escaped)."""
+    def literal(text: str) -> str:
+        escaped = "".join(f"\\x{ord(char):02x}" if ord(char) < 0x20 or char == "\x7f" else "\\" + char if char in '"\\' else char
+                          for char in text)
+        return f'"{escaped}"'
+    return "root ::= " + " | ".join(literal(choice) for choice in choices)
+
+
+def _schema(structure: Structure):
+    """The JSON schema of a json_schema or json_object structure, and whether it is strict (xgrammar's strict mode:
+    no properties or items beyond those a schema names, as OpenAI's strict schemas; any object takes any)."""
+    if structure.kind == "json_object":
+        return {"type": "object"}, False
+    return structure.spec, True
+
+
+def check_size(structure: Structure):
+    """StructureError if the spec is too large or too deep to compile at a bounded cost (microseconds: in the event
+    loop, as the request is read)."""
+    if structure.kind not in KINDS:
+        raise StructureError(f"unknown structure {structure.kind!r}; one of {', '.join(KINDS)}")
+    if len(structure.spec) > MAX_SPEC_CHARS:
+        raise StructureError(f"the {structure.kind.replace('_', ' ')} is {len(structure.spec):,} characters; at most {MAX_SPEC_CHARS:,}")
+    if structure.kind == "json_schema":
+        try:
+            depth = _depth(json.loads(structure.spec))
+        except ValueError:
+            return  # xgrammar says what is wrong with it (check)
+        except RecursionError:
+            depth = MAX_SCHEMA_DEPTH + 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise StructureError(f"the json schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep")
+
+
+def _depth(value) -> int:
+    """How deep `value`'s objects and arrays nest (a scalar: 0)."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            level += [(inner, depth + 1) for inner in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def check(structure: Structure):
+    """StructureError if the spec gives no grammar (too large, a schema xgrammar cannot follow, a regular expression
+    or a grammar that does not parse, no choices). No tokenizer is involved: usually well under a millisecond, but
+    a few of the largest specs allowed take a second or more, so not on an event loop. A spec that passed is kept
+    (the same spec again costs nothing)."""
+    check_size(structure)
+    _parses(structure)
+
+
+@functools.lru_cache(maxsize=128)
+def _parses(structure: Structure):
+    xgrammar = _xgrammar()
+    try:
+        if structure.kind in ("json_schema", "json_object"):
+            schema, strict = _schema(structure)
+            xgrammar.Grammar.from_json_schema(schema, any_whitespace=structure.any_whitespace, strict_mode=strict)
+        elif structure.kind == "regex":
+            xgrammar.Grammar.from_regex(structure.spec)
+        elif structure.kind == "choice":
+            xgrammar.Grammar.from_ebnf(_choice_ebnf(choices(structure)))
+        else:
+            xgrammar.Grammar.from_ebnf(structure.spec)
+    except RuntimeError as error:
+        raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
+
+
+def choices(structure: Structure) -> list[str]:
+    found = json.loads(structure.spec)
+    if not isinstance(found, list) or not found or not all(isinstance(choice, str) for choice in found):
+        raise StructureError("the choices are a list of at least one string")
+    if len(found) > MAX_CHOICES:
+        raise StructureError(f"{len(found):,} choices; at most {MAX_CHOICES:,}")
+    if "" in found:
+        raise StructureError("a choice is an empty string (an answer of no tokens)")
+    return found
+
+
+class Constraint:
+    """One answer's place in its grammar (an xgrammar GrammarMatcher), used on the scheduler's thread only."""
+
+    def __init__(self, matcher):
+        self._matcher = matcher
+
+    def fill(self, bitmask: torch.Tensor, row: int):
+        """Writes the tokens it may take next into row `row` of a batch's bitmask."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept(self, token: int) -> bool:
+        """Moves on by `token`; False if the grammar cannot take it (its mask ruled it out: never, but for a bug)."""
+        return self._matcher.accept_token(token)
+
+    @property
+    def complete(self) -> bool:
+        """Whether it has taken an end token: nothing may follow."""
+        return self._matcher.is_terminated()
+
+
+def rule_out(logits: torch.Tensor, constraints: list[Constraint | None]) -> list[int]:
+    """Sets to -inf, in each row of `logits` (B, V) that has a Constraint, every token it may not take next; the
+    rows left with no token at all (their grammar's tokens all ruled out before: suppressed, or blocked), which
+    must not be drawn from."""
+    rows = [row for row, constraint in enumerate(constraints) if constraint is not None]
+    if not rows:
+        return []
+    xgrammar = _xgrammar()
+    bitmask = xgrammar.allocate_token_bitmask(logits.shape[0], logits.shape[-1])
+    for row in rows:
+        constraints[row].fill(bitmask, row)
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1], indices=rows)
+    empty = logits[rows].isneginf().all(dim=-1).tolist()
+    return [row for row, nothing in zip(rows, empty) if nothing]
+
+
+class Grammars:
+    """The grammars of one model's tokenizer: `constraint` compiles a Structure (kept: the same spec again costs
+    nothing) and starts a matcher over it. Its tokens are the model's `vocabulary` (the width of its scores, which
+    may be more than the tokenizer's), its end tokens `stop_ids`."""
+
+    def __init__(self, tokenizer, vocabulary: int, stop_ids: Collection[int]):
+        self._tokenizer, self._vocabulary, self._stop_ids = tokenizer, vocabulary, sorted(stop_ids)
+        self._compiler = None
+        self._lock = threading.Lock()  # one compiler, made at the first structured request
+
+    def _compiled(self, structure: Structure):
+        xgrammar = _xgrammar()
+        with self._lock:
+            if self._compiler is None:
+                info = xgrammar.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocabulary,
+                                                               stop_token_ids=self._stop_ids)
+                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
+        compiler = self._compiler
+        if structure.kind in ("json_schema", "json_object"):
+            schema, strict = _schema(structure)
+            return compiler.compile_json_schema(schema, any_whitespace=structure.any_whitespace, strict_mode=strict)
+        if structure.kind == "regex":
+            return compiler.compile_regex(structure.spec)
+        if structure.kind == "choice":
+            return compiler.compile_grammar(_choice_ebnf(choices(structure)))
+        if structure.kind == "grammar":
+            return compiler.compile_grammar(structure.spec)
+        raise StructureError(f"unknown structure {structure.kind!r}; one of {', '.join(KINDS)}")
+
+    def constraint(self, structure: Structure) -> Constraint:
+        """A matcher at the start of the structure's grammar; StructureError if the spec gives none."""
+        check(structure)
+        try:
+            compiled = self._compiled(structure)
+        except RuntimeError as error:
+            raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
+        return Constraint(_xgrammar().GrammarMatcher(compiled))
