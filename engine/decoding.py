@@ -164,10 +164,11 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     for row, ids in enumerate(blocked or []):
         if ids:
             logits[row, list(ids)] = -float("inf")
-    if any(constraints or []):
-        if stuck := rule_out(logits, constraints):
-            broken[stuck] = True
+    if held := any(constraints or []):
+        rule_out(logits, constraints)
     tokens = logits.argmax(dim=-1)
+    if held:  # a row whose grammar had no token left: its best is -inf (a draw from it would fail the batch)
+        broken |= logits.gather(-1, tokens[:, None])[:, 0].isneginf()
     sampled = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)

@@ -263,6 +263,7 @@ NEUTRAL = {
     # and structured outputs are; prompt_logprobs is vLLM's own layout of what echo with logprobs gives in OpenAI's)
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
 }
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
 # /v1/completions' own
 COMPLETION_NEUTRAL = {**NEUTRAL, "suffix": (None, "")}
 # OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
@@ -385,11 +386,13 @@ def refuse_too_many_items(raw):
 
 
 def refuse_unsupported(request: SamplingRequest, neutral: dict):
-    for name, value in (request.model_extra or {}).items():
-        if name in neutral and not any(_same(value, allowed) for allowed in neutral[name]):
-            raise APIError(400, f"{name}: not supported by this server (it answers without tools; its structured outputs "
-                           "are response_format, structured_outputs and guided_json, guided_regex, guided_choice, guided_grammar)",
-                           param=name, code="unsupported_parameter")
+    """A 400 for the first field of `neutral` (in its order: `tools` before `tool_choice`, which clients send first
+    in alphabetical order) the request sets to anything but a neutral value."""
+    extra = request.model_extra or {}
+    for name, allowed in neutral.items():
+        if name in extra and not any(_same(extra[name], value) for value in allowed):
+            why = " (it answers without tools or function calls)" if name in TOOL_FIELDS else ""
+            raise APIError(400, f"{name}: not supported by this server{why}", param=name, code="unsupported_parameter")
 
 
 def _same(value, neutral) -> bool:

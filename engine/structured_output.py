@@ -81,8 +81,8 @@ def _schema(structure: Structure):
 
 
 def check_size(structure: Structure):
-    """StructureError if the spec is too large or too deep to compile at a bounded cost (microseconds: in the event
-    loop, as the request is read)."""
+    """StructureError if the spec is too large or too deep to compile at a bounded cost (a millisecond at most, so
+    on the event loop, as the request is read)."""
     if structure.kind not in KINDS:
         raise StructureError(f"unknown structure {structure.kind!r}; one of {', '.join(KINDS)}")
     if len(structure.spec) > MAX_SPEC_CHARS:
@@ -166,20 +166,18 @@ class Constraint:
         return self._matcher.is_terminated()
 
 
-def rule_out(logits: torch.Tensor, constraints: list[Constraint | None]) -> list[int]:
-    """Sets to -inf, in each row of `logits` (B, V) that has a Constraint, every token it may not take next; the
-    rows left with no token at all (their grammar's tokens all ruled out before: suppressed, or blocked), which
-    must not be drawn from."""
+def rule_out(logits: torch.Tensor, constraints: list[Constraint | None]):
+    """Sets to -inf, in each row of `logits` (B, V) that has a Constraint, every token it may not take next. (A row
+    may be left with no token at all, if its grammar's were ruled out before: suppressed, or blocked; its caller
+    finds that row by its argmax's -inf, which costs less than looking at the whole row.)"""
     rows = [row for row, constraint in enumerate(constraints) if constraint is not None]
     if not rows:
-        return []
+        return
     xgrammar = _xgrammar()
     bitmask = xgrammar.allocate_token_bitmask(logits.shape[0], logits.shape[-1])
     for row in rows:
         constraints[row].fill(bitmask, row)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1], indices=rows)
-    empty = logits[rows].isneginf().all(dim=-1).tolist()
-    return [row for row, nothing in zip(rows, empty) if nothing]
 
 
 class Grammars:
@@ -207,9 +205,7 @@ class Grammars:
             return compiler.compile_regex(structure.spec)
         if structure.kind == "choice":
             return compiler.compile_grammar(_choice_ebnf(choices(structure)))
-        if structure.kind == "grammar":
-            return compiler.compile_grammar(structure.spec)
-        raise StructureError(f"unknown structure {structure.kind!r}; one of {', '.join(KINDS)}")
+        return compiler.compile_grammar(structure.spec)  # a grammar (check has refused any other kind)
 
     def constraint(self, structure: Structure) -> Constraint:
         """A matcher at the start of the structure's grammar; StructureError if the spec gives none."""

@@ -279,6 +279,9 @@ def test_parameters_the_server_does_not_implement_are_refused_by_name(client):
         error = refused(lambda: ask(client, CIRCLES, **{name: value}))
         assert error.status_code == 400 and error.body["param"] == name and error.body["code"] == "unsupported_parameter"
         assert error.body["message"].startswith(f"{name}: not supported"), error.body
+    # LangChain's function_calling and instructor's default send tool_choice before tools (alphabetical): tools is named
+    both = {"tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": UNSUPPORTED["tools"]}
+    assert refused(lambda: ask(client, CIRCLES, extra_body=both)).body["param"] == "tools"
     for extra in ({"functions": [{"name": "f"}]}, {"structural_tag": {"type": "structural_tag"}}):
         assert refused(lambda: ask(client, CIRCLES, extra_body=extra)).body["param"] == next(iter(extra))
     error = refused(lambda: ask(client, CIRCLES, stream_options={"include_usage": True}))  # without stream
