@@ -141,6 +141,13 @@ def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = (), c
                 return
 
 
+def chat_context(sampling) -> list[int] | None:
+    """The `context` of a chat answer's text: none (stripped, as LLaVA's answers are), or, for one held to a
+    structured output, an empty one (the raw text: a choice of " yes" or a regex's trailing newline kept as the
+    grammar made it, as vLLM's are)."""
+    return [] if sampling.structure is not None else None
+
+
 def shown(text: str, stops: tuple[str, ...], strip: bool = True) -> str:
     """`text` less its longest suffix that is a proper prefix of some stop string (so a 200-character stop string
     that never comes holds back nothing of an answer that does not end like its beginning), less half characters

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, DynamicCache
 
 from llava_plugin.convert import convert, detect_format, local_folder
 
-from .answer_text import Progress, Tokens, as_text, continuation
+from .answer_text import Progress, Tokens, as_text, chat_context, continuation
 from .decoding import NonFiniteScores, Sampling  # noqa: F401 (NonFiniteScores: engine's export)
 from .prefix_cache import PrefixCache, common_prefix
 from .prompts import ChatError, ContextTooLong, Prompt, Prompter
@@ -132,7 +132,7 @@ class ChatEngine:
         With `interval`, at most one Progress per that many seconds (the end is never held back). Setting `cancel`
         (from any thread) ends the answer at once, also while it waits for a place in the batch."""
         return as_text(self.generate_tokens(messages, image, sampling, session_id, interval, cancel), self.processor.tokenizer,
-                       stop, min_tokens=sampling.min_tokens)
+                       stop, chat_context(sampling), min_tokens=sampling.min_tokens)
 
     def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (),
                  interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Progress]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 from transformers import AutoProcessor
 
-from .answer_text import AnswerText, Progress, Tokens, as_text, continuation
+from .answer_text import AnswerText, Progress, Tokens, as_text, chat_context, continuation
 from .decoding import NonFiniteScores, Sampling
 from .prompts import ChatError, ContextTooLong, Prompt, Prompter
 from .scheduler import QueueFull
@@ -87,7 +87,7 @@ class EngineProcess:
         if session_id is not None:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
         return as_text(self._answer(lambda: self.prompter.prompt(messages, image), sampling, interval), self.tokenizer, tuple(stop),
-                       min_tokens=sampling.min_tokens)
+                       chat_context(sampling), min_tokens=sampling.min_tokens)
 
     def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
         """ChatEngine.complete's: `prompt` continued as it is."""
@@ -100,7 +100,7 @@ class EngineProcess:
         """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
         it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
         the pipe, which blocks while the pipe is full (a child that stopped reading)."""
-        return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop), min_tokens=sampling.min_tokens),
+        return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop), chat_context(sampling), sampling.min_tokens),
                             sampling, loop, interval)
 
     def answer_completion(self, prompt: str | list[int] | Prompt, sampling: Sampling, loop: asyncio.AbstractEventLoop,

@@ -148,7 +148,7 @@ class SamplingRequest(BaseModel):
             inner = self.response_format.json_schema
             if self.response_format.type == "json_schema" and inner is not None and inner.schema_ is not None:
                 schema("response_format", inner.schema_)
-            else:  # json_object, or a json_schema without a schema
+            else:  # json_object, or a json_schema of no schema (refused by _checked)
                 asked.append(("response_format", Structure("json_object", any_whitespace=not compact)))
         schema("structured_outputs.json", outputs.json_)
         schema("guided_json", self.guided_json)
@@ -323,6 +323,9 @@ def _validated(kind: type[SamplingRequest], raw):
 
 def _checked(request: SamplingRequest, neutral: dict):
     refuse_unsupported(request, neutral)
+    if request.response_format is not None and request.response_format.type == "json_schema" and request.response_format.json_schema is None:
+        raise APIError(400, "response_format: a json_schema response format needs its json_schema ({\"name\", \"schema\"})",
+                       param="response_format.json_schema")
     if len(asked := request.asked_structures()) > 1:
         raise APIError(400, f"{asked[0][0]} and {asked[1][0]} both ask for a structured output; give one", param=asked[1][0])
     if asked:

@@ -15,7 +15,10 @@ engine (`Grammars`, in the request's thread, not the scheduler's); matched on th
 
 import functools
 import json
+import random
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Collection
 from typing import NamedTuple
 
@@ -30,7 +33,19 @@ MAX_CHOICES = 1_024
 # 300 levels of a 28 KB schema 4.5 s, and 8.9 s more to compile against a 32k vocabulary); generated schemas
 # (pydantic's, with $defs) are a few levels deep
 MAX_SCHEMA_DEPTH = 32
-CACHE_BYTES = 256 * 2**20  # compiled grammars kept per engine (xgrammar evicts the least recently used past this)
+# Compiled grammars kept per engine, the least recently used let go past this. Not xgrammar's own cache: its byte
+# limit counted 190 MB where the engine had grown by 1.7 GB, 2 MB per distinct schema a client sent.
+KEPT_GRAMMARS = 32
+# The mask of one token is computed on the scheduler's thread, where the whole batch waits for it: usually tens of
+# microseconds, but nested bounded repetitions (a 21-character regex) took seconds per token and stalled every
+# stream for minutes. A grammar is walked for PROBE_TOKENS tokens in the request's thread first and refused if one
+# mask takes more than PROBE_BUDGET; an answer whose mask takes more than STEP_BUDGET later, or whose masks add up
+# to more than ANSWER_BUDGET (2,000 tokens at 1 ms each, ten times a 150k vocabulary's usual), ends with an error.
+# (the thread's CPU time, not the clock's: a thread that waited for a core on a loaded machine spent nothing)
+PROBE_TOKENS = 32
+PROBE_BUDGET = 0.02
+STEP_BUDGET = 0.05
+ANSWER_BUDGET = 2.0
 
 
 class Structure(NamedTuple):
@@ -59,16 +74,25 @@ def _reason(error: RuntimeError) -> str:
     """xgrammar's message without the C++ file and time it starts with ("[21:05:40] /project/cpp/x.cc:94: ...")."""
     text = str(error).strip()
     head, _, rest = text.partition(": ")
-    return rest.strip() if head.startswith("[") and ".cc:" in head else text
+    text = rest.strip() if head.startswith("[") and ".cc:" in head else text
+    return text if len(text) <= 300 else text[:300] + " ..."  # some end by quoting the whole spec
 
 
 def _choice_ebnf(choices: list[str]) -> str:
-    """An EBNF grammar whose answers are exactly the choices (each a string literal: quotes, backslashes and control
-    characters escaped)."""
+    """An EBNF grammar whose answers are exactly the choices: each a sequence of string literals, quotes and
+    backslashes escaped, a control character a literal of its own (xgrammar's \\x reads every hex digit that follows:
+    "1\\x0a2" was the text "1¢")."""
     def literal(text: str) -> str:
-        escaped = "".join(f"\\x{ord(char):02x}" if ord(char) < 0x20 or char == "\x7f" else "\\" + char if char in '"\\' else char
-                          for char in text)
-        return f'"{escaped}"'
+        parts, run = [], ""
+        for char in text:
+            if ord(char) < 0x20 or char == "\x7f":
+                parts += [f'"{run}"'] if run else []
+                parts.append(f'"\\x{ord(char):02x}"')
+                run = ""
+            else:
+                run += "\\" + char if char in '"\\' else char
+        parts += [f'"{run}"'] if run or not parts else []
+        return "(" + " ".join(parts) + ")"
     return "root ::= " + " | ".join(literal(choice) for choice in choices)
 
 
@@ -149,12 +173,24 @@ def choices(structure: Structure) -> list[str]:
 class Constraint:
     """One answer's place in its grammar (an xgrammar GrammarMatcher), used on the scheduler's thread only."""
 
-    def __init__(self, matcher):
-        self._matcher = matcher
+    def __init__(self, matcher, on_slow=None):
+        self._matcher, self._on_slow = matcher, on_slow  # on_slow(why): its grammars refuse its spec from then on
+        self.spent = 0.0  # seconds in its masks so far
+        self.slow: str | None = None  # why its masks cost too much: the answer ends (Sequence.emit)
 
     def fill(self, bitmask: torch.Tensor, row: int):
         """Writes the tokens it may take next into row `row` of a batch's bitmask."""
+        start = time.thread_time()
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        spent = time.thread_time() - start
+        self.spent += spent
+        if spent > STEP_BUDGET:
+            self.slow = f"took {spent * 1e3:.0f} ms for one token's allowed tokens; at most {STEP_BUDGET * 1e3:.0f} ms"
+        elif self.spent > ANSWER_BUDGET:
+            self.slow = f"took {self.spent:.1f} s for this answer's allowed tokens; at most {ANSWER_BUDGET:g} s"
+        if self.slow is not None and self._on_slow is not None:
+            self._on_slow(self.slow)
+            self._on_slow = None
 
     def accept(self, token: int) -> bool:
         """Moves on by `token`; False if the grammar cannot take it (its mask ruled it out: never, but for a bug)."""
@@ -188,15 +224,27 @@ class Grammars:
     def __init__(self, tokenizer, vocabulary: int, stop_ids: Collection[int]):
         self._tokenizer, self._vocabulary, self._stop_ids = tokenizer, vocabulary, sorted(stop_ids)
         self._compiler = None
-        self._lock = threading.Lock()  # one compiler, made at the first structured request
+        self._kept: OrderedDict[Structure, object] = OrderedDict()  # compiled grammars that passed the probe
+        self._refused: OrderedDict[Structure, str] = OrderedDict()  # specs an answer found too slow, and why
+        self._lock = threading.Lock()  # over the compiler's making and what is kept
+
+    def _token_info(self, xgrammar):
+        """The vocabulary as xgrammar sees it: each token's bytes, and none for the special tokens, which are never
+        text (xgrammar reads a token of no bytes as special). Its own reading of a tokenizer missed them for
+        transformers 5's tokenizers: `<s>` and `</s>` matched the text "<s>" in a grammar, and the reader saw nothing
+        (or the end token ended a string)."""
+        info = xgrammar.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocabulary, stop_token_ids=self._stop_ids)
+        special = set(self._tokenizer.all_special_ids) | {token for token, added in self._tokenizer.added_tokens_decoder.items()
+                                                          if added.special} | set(self._stop_ids)
+        vocabulary = [b"" if token in special else text for token, text in enumerate(info.decoded_vocab)]
+        return xgrammar.TokenizerInfo(vocabulary, xgrammar.VocabType.RAW, vocab_size=self._vocabulary, stop_token_ids=self._stop_ids,
+                                      add_prefix_space=info.add_prefix_space)
 
     def _compiled(self, structure: Structure):
         xgrammar = _xgrammar()
         with self._lock:
             if self._compiler is None:
-                info = xgrammar.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocabulary,
-                                                               stop_token_ids=self._stop_ids)
-                self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
+                self._compiler = xgrammar.GrammarCompiler(self._token_info(xgrammar), max_threads=1, cache_enabled=False)
         compiler = self._compiler
         if structure.kind in ("json_schema", "json_object"):
             schema, strict = _schema(structure)
@@ -208,10 +256,50 @@ class Grammars:
         return compiler.compile_grammar(structure.spec)  # a grammar (check has refused any other kind)
 
     def constraint(self, structure: Structure) -> Constraint:
-        """A matcher at the start of the structure's grammar; StructureError if the spec gives none."""
-        check(structure)
-        try:
-            compiled = self._compiled(structure)
-        except RuntimeError as error:
-            raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
-        return Constraint(_xgrammar().GrammarMatcher(compiled))
+        """A matcher at the start of the structure's grammar; StructureError if the spec gives none, or one that
+        allows no answer or costs too much per token (see PROBE_BUDGET)."""
+        with self._lock:
+            compiled, refused = self._kept.get(structure), self._refused.get(structure)
+            if compiled is not None:
+                self._kept.move_to_end(structure)
+        if refused is not None:  # the same spec again: its grammar is known to stall the batch
+            raise StructureError(f"the {structure.kind.replace('_', ' ')}'s grammar {refused}")
+        if compiled is None:
+            check(structure)
+            try:
+                compiled = self._compiled(structure)
+            except RuntimeError as error:
+                raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
+            self._probe(compiled, structure)
+            with self._lock:
+                self._kept[structure] = compiled
+                while len(self._kept) > KEPT_GRAMMARS:
+                    self._kept.popitem(last=False)
+        return Constraint(_xgrammar().GrammarMatcher(compiled), on_slow=lambda why: self._refuse(structure, why))
+
+    def _refuse(self, structure: Structure, why: str):
+        with self._lock:
+            self._kept.pop(structure, None)
+            self._refused[structure] = why
+            while len(self._refused) > KEPT_GRAMMARS:
+                self._refused.popitem(last=False)
+
+    def _probe(self, compiled, structure: Structure):
+        """Walks the grammar for up to PROBE_TOKENS tokens, each drawn at random (a fixed seed) from those it allows
+        but the end tokens: StructureError if it allows no token at the start, or if a mask takes over PROBE_BUDGET."""
+        xgrammar = _xgrammar()
+        matcher, bitmask = xgrammar.GrammarMatcher(compiled), xgrammar.allocate_token_bitmask(1, self._vocabulary)
+        draw, bits, stops = random.Random(0), torch.arange(32, dtype=torch.int32), set(self._stop_ids)
+        name = structure.kind.replace("_", " ")
+        for step in range(PROBE_TOKENS):
+            start = time.thread_time()
+            matcher.fill_next_token_bitmask(bitmask)
+            if (spent := time.thread_time() - start) > PROBE_BUDGET:
+                raise StructureError(f"the {name}'s grammar took {spent * 1e3:.0f} ms to find the tokens allowed after {step} "
+                                     f"tokens; at most {PROBE_BUDGET * 1e3:.0f} ms per token (nested repetitions cost the most)")
+            allowed = ((bitmask[0][:, None] >> bits) & 1).flatten()[: self._vocabulary].nonzero()[:, 0].tolist()
+            if not allowed and step == 0:
+                raise StructureError(f"the {name} allows no answer (its grammar matches no finite text)")
+            if not (going := [token for token in allowed if token not in stops]):
+                return  # complete (or only the end left)
+            matcher.accept_token(draw.choice(going))

@@ -5,6 +5,7 @@ request's in a batch, and a spec that gives no grammar is a 400 naming its field
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -13,6 +14,7 @@ import pydantic
 import pytest
 import torch
 
+from engine import structured_output
 from engine.decoding import Sampling, next_tokens
 from engine.structured_output import Structure
 from test_serve import CIRCLES, MODEL, ask, client, conversations, engine, refused, streamed  # noqa: F401
@@ -133,6 +135,8 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "give one"),
         ({"guided_choice": COLORS, "min_tokens": 2}, "min_tokens", "structured output"),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "Extra inputs"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs its json_schema"),
+        ({"guided_grammar": "root ::= root"}, "messages", "allows no answer"),  # found by the engine's probe
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
@@ -163,3 +167,27 @@ def test_a_row_with_no_allowed_token_left_ends_alone(engine):
     blocked = [set(digits), set(), set()]
     tokens = next_tokens(logits, samplings, [None] * 3, [], blocked, constraints=[stuck, free, None])
     assert tokens[0] is None and tokens[1] in digits and tokens[2] is not None
+
+
+def test_special_tokens_are_never_text_and_a_chat_answer_keeps_its_grammars_spaces(client):
+    """`<s>` in a grammar is the text, not the special token (which the reader never sees); control characters in
+    choices are themselves (a hex digit after one is not part of its escape); a chat answer held to a grammar is
+    not stripped as plain chat answers are."""
+    assert ask(client, CIRCLES, extra_body={"guided_regex": "x<s>y"}).choices[0].message.content == "x<s>y"
+    assert ask(client, CIRCLES, extra_body={"guided_regex": "[a-z<>/]+", "logit_bias": {"2": 100}}).choices[0].message.content
+    for choice in ["1\n2", "a\tbc", "a\u0000b", "x\x7f9", "   lead", "end\n"]:
+        assert ask(client, CIRCLES, extra_body={"guided_choice": [choice]}).choices[0].message.content == choice, repr(choice)
+
+
+def test_a_grammar_that_stalls_the_batch_ends_its_answer_and_is_refused_after(client, monkeypatch):
+    """Nested bounded repetitions: tens of milliseconds per token's mask here (seconds in a review's runs), on the
+    scheduler's thread. The answer ends with a 400 within its budget (a tenth of the default here, so that a faster
+    machine is over it too), and the same spec again is refused at once."""
+    monkeypatch.setattr(structured_output, "STEP_BUDGET", 0.005)
+    body = {"guided_regex": "((((a|b){0,50}){0,50}){0,50}){0,50}c"}
+    error = refused(lambda: ask(client, CIRCLES, extra_body=body))
+    assert error.status_code == 400 and "ms" in error.body["message"], error.body
+    start = time.perf_counter()
+    again = refused(lambda: ask(client, CIRCLES, extra_body=body))
+    assert again.status_code == 400 and time.perf_counter() - start < 0.5
+    assert ask(client, CIRCLES).choices[0].message.content  # the server goes on
