@@ -120,6 +120,46 @@ def check_size(structure: Structure):
             depth = MAX_SCHEMA_DEPTH + 1
         if depth > MAX_SCHEMA_DEPTH:
             raise StructureError(f"the json schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep")
+        if found := _unheld(json.loads(structure.spec)):
+            raise StructureError(f"the json schema {found}, which its grammar cannot hold (an answer could break it and "
+                                 "still end as complete); leave it out")
+
+
+# What xgrammar's grammar of a schema leaves out, so that an answer breaking it still ends with "stop" (each tried:
+# `uniqueItems` let [0, 0] through, `if`/`then` and `not` were ignored, an allOf of a string and an integer took null).
+# Refused, as vLLM refuses what its xgrammar backend cannot hold.
+UNHELD_KEYWORDS = ("if", "then", "else", "not", "uniqueItems", "contains", "minContains", "maxContains", "dependentRequired",
+                   "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames", "additionalItems")
+
+
+def _unheld(schema, where: str = "") -> str | None:
+    """What in `schema` its grammar would not hold, and where ("uses uniqueItems at properties.tags"), or None.
+    Only schema positions are looked at: a property named "not" is a name, an enum's values are data."""
+    if not isinstance(schema, dict):
+        return None
+    at = f" at {where}" if where else ""
+    for keyword in UNHELD_KEYWORDS:
+        if keyword in schema:
+            return f"uses {keyword}{at}"
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"uses allOf of {len(schema['allOf'])} schemas{at}"
+    if isinstance(ref := schema.get("$ref"), str) and not ref.startswith("#"):
+        return f"refers to another document ({ref[:80]}){at}"
+    named = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    if isinstance(required := schema.get("required"), list) and (missing := [name for name in required if name not in named]):
+        return f"requires {str(missing[0])[:80]!r}, which its properties do not name{at}"
+    inner = [(f"{key}.{name}", value) for key in SUBSCHEMA_MAPS if isinstance(schema.get(key), dict)
+             for name, value in schema[key].items()]
+    inner += [(f"{key}.{index}", value) for key in SUBSCHEMA_LISTS if isinstance(schema.get(key), list)
+              for index, value in enumerate(schema[key])]
+    inner += [(key, schema[key]) for key in SUBSCHEMAS if isinstance(schema.get(key), dict)]
+    for path, value in inner:
+        if found := _unheld(value, f"{where}.{path}" if where else path):
+            return found
+    return None
 
 
 def _depth(value) -> int:

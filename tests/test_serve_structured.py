@@ -132,6 +132,12 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
         ({"guided_choice": ["a", ""]}, "guided_choice", "empty"),
         ({"guided_regex": "a" * 70_000}, "guided_regex", "at most"),
         ({"guided_json": deep(33)}, "guided_json", "more than 32 deep"),
+        # what its grammar would let an answer break while it still ends complete
+        ({"guided_json": {"type": "object", "properties": {"tags": {"type": "array", "uniqueItems": True}}}}, "guided_json",
+         "uses uniqueItems at properties.tags"),
+        ({"guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]}}, "guided_json", "requires 'b'"),
+        ({"guided_json": {"anyOf": [{"not": {"type": "integer"}}]}}, "guided_json", "uses not at anyOf.0"),
+        ({"guided_json": {"$ref": "http://example.com/s.json"}}, "guided_json", "another document"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "give one"),
         ({"guided_choice": COLORS, "min_tokens": 2}, "min_tokens", "structured output"),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "Extra inputs"),
@@ -149,6 +155,9 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
     error = refused(lambda: complete(client, PROMPT, extra_body={"guided_regex": "(unclosed"}))
     assert error.status_code == 400 and error.body["param"] == "guided_regex"
     assert re.fullmatch("[0-9]{2}", complete(client, PROMPT, extra_body={"guided_regex": "[0-9]{2}"}).choices[0].text)
+    # a property named as a keyword is a name, and an allOf of one schema (pydantic 1's for a described field) is held
+    fine = {"type": "object", "properties": {"not": {"allOf": [{"type": "integer", "minimum": 0, "maximum": 9}]}}, "required": ["not"]}
+    assert json.loads(ask(client, CIRCLES, extra_body={"guided_json": fine}).choices[0].message.content)["not"] in range(10)
     # 32 levels pass (each "properties" is one more: 16 objects here)
     nested = ask(client, CIRCLES, extra_body={"guided_json": deep(16)}, max_tokens=200).choices[0]
     assert isinstance(json.loads(nested.message.content), dict) and nested.finish_reason == "stop"
