@@ -17,7 +17,7 @@ from llava_plugin.convert import convert, detect_format, local_folder
 from .answer_text import Progress, Tokens, as_text, chat_context, continuation
 from .decoding import NonFiniteScores, Sampling  # noqa: F401 (NonFiniteScores: engine's export)
 from .prefix_cache import PrefixCache, common_prefix
-from .prompts import ChatError, ContextTooLong, Prompt, Prompter
+from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused
 from .scheduler import SCORED_LOGITS, Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
@@ -203,7 +203,7 @@ class ChatEngine:
         try:  # compiled here, in the request's thread: the scheduler's only matches
             constraint = self.grammars.constraint(sampling.structure) if sampling.structure is not None else None
         except StructureError as error:
-            raise ChatError(str(error)) from None
+            raise StructureRefused(str(error)) from None
         # a prompt to score is fed in parts (Scheduler._score_ahead), but an image's span whole
         if sampling.prompt_logprobs is not None and prompt.sources and ids.shape[1] * self.scheduler.vocabulary > SCORED_LOGITS:
             most = SCORED_LOGITS // self.scheduler.vocabulary

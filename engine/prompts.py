@@ -29,6 +29,11 @@ class ContextTooLong(ChatError):
     """The prompt does not fit the model's context (the API's `context_length_exceeded`)."""
 
 
+class StructureRefused(ChatError):
+    """The answer's structured output cannot be held: its spec gives no grammar, or one that allows no answer or
+    costs too much per token (the API names the field it came in)."""
+
+
 def fingerprint(image) -> str:
     return hashlib.sha1(image.tobytes()).hexdigest() + f":{image.size}"
 

@@ -27,7 +27,7 @@ from .padded_batch import PaddedBatch
 from .penalties import Penalties
 from .row_batch import RowBatch
 from .static_slots import StaticSlot
-from .prompts import ChatError
+from .prompts import StructureRefused
 from .structured_output import Constraint
 
 END = object()  # the last item of a sequence's output queue
@@ -99,7 +99,7 @@ class Sequence:
         """Records a sampled token (and its log-probability, if asked for); True when the sequence is finished. None
         (next_tokens: its scores were not numbers) finishes it with NonFiniteScores."""
         if self.constraint is not None and self.constraint.slow is not None:  # every answer of the batch waited for it
-            self.error = ChatError(f"after {len(self.tokens)} tokens, the structured output's grammar {self.constraint.slow} "
+            self.error = StructureRefused(f"after {len(self.tokens)} tokens, the structured output's grammar {self.constraint.slow} "
                                    "(every answer decoding waits for it)")
             return True
         if token is None:

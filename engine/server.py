@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
-from .prompts import ContextTooLong
+from .prompts import ContextTooLong, StructureRefused
 from .answer_text import Progress
 from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
@@ -212,6 +212,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         state["active"] += len(begins)
         releases = [Release(state) for _ in begins]
         loop = asyncio.get_running_loop()
+        structure = asked.structure[0] if asked.structure else None  # the field a refusal of its grammar names
         interval = stream_interval if asked.stream else 0.5  # a whole answer: its reader need not wake per token
 
         def started(release: Release, begin: Callable, read: bool):
@@ -219,7 +220,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             `read`, its first Progress is read in the same thread (an in-process answer's: one hop less)."""
             # the answer is the release's as soon as it exists: a request cancelled meanwhile (the await of this
             # thread is) still lets go of it, and one whose client left has it cancelled at once
-            with api_errors(param):
+            with api_errors(param, structure):
                 release.answer = begin(loop, interval)
                 if release.gone:
                     release.cancel()
@@ -228,11 +229,11 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
         async def first(release: Release, begin: Callable) -> Progress:
             await run_in_threadpool(started, release, begin, True)
-            return await next_progress(release.answer, param)  # the engine's refusals come here
+            return await next_progress(release.answer, param, structure)  # the engine's refusals come here
 
         async def answered(release: Release, begin: Callable) -> Progress:
             progress = await first(release, begin)
-            return progress if progress.finish_reason else await rest(release.answer)
+            return progress if progress.finish_reason else await rest(release.answer, param, structure)
 
         async def release_all():
             for release in releases:
@@ -258,24 +259,27 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             if len(begins) > 1:
                 starts = [functools.partial(run_in_threadpool, started, release, begin, False) for release, begin in zip(releases, begins)]
                 await unless_gone(request, lambda: together(starts), gone)
-                opening = await unless_gone(request, lambda: next_progress(releases[0].answer, param), gone)
+                opening = await unless_gone(request, lambda: next_progress(releases[0].answer, param, structure), gone)
             else:
                 opening = await unless_gone(request, lambda: first(releases[0], begins[0]), gone)
         except BaseException:
             await release_all()
             raise
         # the release also as a background task: a client gone before the stream's first byte never starts `events`
-        return StreamingResponse(events(releases, opening, completion, param), media_type="text/event-stream",
+        return StreamingResponse(events(releases, opening, completion, param, structure), media_type="text/event-stream",
                                  background=BackgroundTask(release_all))
 
     return app
 
 
 @contextlib.contextmanager
-def api_errors(param: str = "messages"):
-    """The engine's refusals as API errors; `param`: the request's field a refused input came in."""
+def api_errors(param: str = "messages", structure: str | None = None):
+    """The engine's refusals as API errors; `param`: the request's field a refused input came in, `structure` the
+    one its structured output came in (which a refusal of the output's grammar names)."""
     try:
         yield
+    except StructureRefused as error:
+        raise APIError(400, str(error), param=structure or param) from None
     except ChatError as error:
         raise APIError(400, str(error), param=param,
                        code="context_length_exceeded" if isinstance(error, ContextTooLong) else None) from None
@@ -287,8 +291,8 @@ def api_errors(param: str = "messages"):
         raise APIError(500, str(error), code="model_output_not_finite", kind="server_error") from None
 
 
-async def next_progress(answer, param: str = "messages") -> Progress:
-    with api_errors(param):
+async def next_progress(answer, param: str = "messages", structure: str | None = None) -> Progress:
+    with api_errors(param, structure):
         return await answer.next()
 
 
@@ -361,9 +365,9 @@ async def together(makers: list[Callable[[], Awaitable[T]]]) -> list[T]:
     return results
 
 
-async def rest(answer) -> Progress:
+async def rest(answer, param: str = "messages", structure: str | None = None) -> Progress:
     """The answer's final Progress."""
-    while (progress := await next_progress(answer)).finish_reason is None:
+    while (progress := await next_progress(answer, param, structure)).finish_reason is None:
         pass
     return progress
 
@@ -431,7 +435,8 @@ class Release:
             self.answer.close()  # an answer that ended: nothing to wait for
 
 
-async def events(releases: list[Release], first: Progress, completion: ChatCompletion, param: str = "messages"):
+async def events(releases: list[Release], first: Progress, completion: ChatCompletion, param: str = "messages",
+                 structure: str | None = None):
     """Server-sent events of each answer: its opening (a chat stream's role), its text as it grows, its finish
     reason; then the usage if asked, then [DONE]. `first`: the first answer's first Progress (the others' is read
     here). Several answers' chunks interleave as they come, each naming its choice; one that
@@ -466,7 +471,7 @@ async def events(releases: list[Release], first: Progress, completion: ChatCompl
         return True
 
     def read(index: int) -> asyncio.Future:
-        return asyncio.ensure_future(next_progress(releases[index].answer, param))
+        return asyncio.ensure_future(next_progress(releases[index].answer, param, structure))
 
     failed = None  # the choice whose read failed
     try:
@@ -475,7 +480,7 @@ async def events(releases: list[Release], first: Progress, completion: ChatCompl
             if ready:
                 yield ready
                 ready = ""
-            if await take(0, await next_progress(releases[0].answer, param)):
+            if await take(0, await next_progress(releases[0].answer, param, structure)):
                 going = []
         reading.update({read(index): index for index in going})
         while reading:

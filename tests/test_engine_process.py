@@ -21,6 +21,7 @@ from engine import ChatEngine, ChatError
 from engine.decoding import Sampling
 from engine.engine_process import HEARTBEAT, EngineProcess, EngineStopped, compute_threads
 from engine.server import create_app, running
+from engine.prompts import StructureRefused
 from engine.structured_output import Structure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def test_a_structured_output_crosses_to_the_child_and_is_compiled_there(child, l
     expected = last(local.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), colors)).text
     assert expected in ("red", "blue", "green")
     assert last(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(), colors)).text == expected
-    with pytest.raises(ChatError, match="parenthesis"):  # the child's refusal keeps its kind (the server checks first)
+    with pytest.raises(StructureRefused, match="parenthesis"):  # the child's refusal keeps its kind (the server checks first)
         next(child.generate(conversation(QUESTIONS[0]), IMAGES[0].read_bytes(),
                             Sampling(temperature=0, structure=Structure("regex", "(unclosed"))))
 

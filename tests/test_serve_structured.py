@@ -142,7 +142,7 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
         ({"guided_choice": COLORS, "min_tokens": 2}, "min_tokens", "structured output"),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "Extra inputs"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs its json_schema"),
-        ({"guided_grammar": "root ::= root"}, "messages", "allows no answer"),  # found by the engine's probe
+        ({"guided_grammar": "root ::= root"}, "guided_grammar", "allows no answer"),  # found by the engine's walk
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
@@ -195,8 +195,15 @@ def test_a_grammar_that_stalls_the_batch_ends_its_answer_and_is_refused_after(cl
     monkeypatch.setattr(structured_output, "STEP_BUDGET", 0.005)
     body = {"guided_regex": "((((a|b){0,50}){0,50}){0,50}){0,50}c"}
     error = refused(lambda: ask(client, CIRCLES, extra_body=body))
-    assert error.status_code == 400 and "ms" in error.body["message"], error.body
+    assert error.status_code == 400 and "ms" in error.body["message"] and error.body["param"] == "guided_regex", error.body
     start = time.perf_counter()
     again = refused(lambda: ask(client, CIRCLES, extra_body=body))
     assert again.status_code == 400 and time.perf_counter() - start < 0.5
+    # streamed, the stream has begun when the grammar turns slow (here: the walk may also find it first, a 400): it
+    # ends with an error event naming the field
+    with pytest.raises(openai.APIError) as caught:
+        for _ in client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=40, stream=True,
+                                                extra_body={"guided_regex": "((((a|b){0,40}){0,40}){0,40}){0,40}c"}):
+            pass
+    assert "ms" in str(caught.value.message) and caught.value.body["param"] == "guided_regex", caught.value.body
     assert ask(client, CIRCLES).choices[0].message.content  # the server goes on
