@@ -325,21 +325,27 @@ class Grammars:
                 self._refused.popitem(last=False)
 
     def _probe(self, compiled, structure: Structure):
-        """Walks the grammar for up to PROBE_TOKENS tokens, each drawn at random (a fixed seed) from those it allows
-        but the end tokens: StructureError if it allows no token at the start, or if a mask takes over PROBE_BUDGET."""
+        """Walks the grammar twice for up to PROBE_TOKENS tokens, each of those it allows but the end tokens: the
+        lowest id (a byte tokenizer's single characters: the walk that found nested repetitions' slow states, whose
+        masks grew to 7-48 s by the 31st token, which a random walk never reached), then one drawn at random (a
+        fixed seed). StructureError if it allows no token at the start, or if a mask takes over PROBE_BUDGET (the
+        growth is gradual: the walk stops at the first mask over it)."""
         xgrammar = _xgrammar()
-        matcher, bitmask = xgrammar.GrammarMatcher(compiled), xgrammar.allocate_token_bitmask(1, self._vocabulary)
-        draw, bits, stops = random.Random(0), torch.arange(32, dtype=torch.int32), set(self._stop_ids)
+        bitmask = xgrammar.allocate_token_bitmask(1, self._vocabulary)
+        bits, stops = torch.arange(32, dtype=torch.int32), set(self._stop_ids)
         name = structure.kind.replace("_", " ")
-        for step in range(PROBE_TOKENS):
-            start = time.thread_time()
-            matcher.fill_next_token_bitmask(bitmask)
-            if (spent := time.thread_time() - start) > PROBE_BUDGET:
-                raise StructureError(f"the {name}'s grammar took {spent * 1e3:.0f} ms to find the tokens allowed after {step} "
-                                     f"tokens; at most {PROBE_BUDGET * 1e3:.0f} ms per token (nested repetitions cost the most)")
-            allowed = ((bitmask[0][:, None] >> bits) & 1).flatten()[: self._vocabulary].nonzero()[:, 0].tolist()
-            if not allowed and step == 0:
-                raise StructureError(f"the {name} allows no answer (its grammar matches no finite text)")
-            if not (going := [token for token in allowed if token not in stops]):
-                return  # complete (or only the end left)
-            matcher.accept_token(draw.choice(going))
+        grammar = "grammar" if structure.kind == "grammar" else f"{name}'s grammar"
+        for pick in (min, random.Random(0).choice):
+            matcher = xgrammar.GrammarMatcher(compiled)
+            for step in range(PROBE_TOKENS):
+                start = time.thread_time()
+                matcher.fill_next_token_bitmask(bitmask)
+                if (spent := time.thread_time() - start) > PROBE_BUDGET:
+                    raise StructureError(f"the {grammar} took {spent * 1e3:.0f} ms to find the tokens allowed after {step} "
+                                         f"tokens; at most {PROBE_BUDGET * 1e3:.0f} ms per token (nested repetitions cost the most)")
+                allowed = ((bitmask[0][:, None] >> bits) & 1).flatten()[: self._vocabulary].nonzero()[:, 0].tolist()
+                if not allowed and step == 0:
+                    raise StructureError(f"the {name} allows no answer (its grammar matches no finite text)")
+                if not (going := [token for token in allowed if token not in stops]):
+                    break  # complete (or only the end left)
+                matcher.accept_token(pick(going))

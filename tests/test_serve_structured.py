@@ -188,10 +188,20 @@ def test_special_tokens_are_never_text_and_a_chat_answer_keeps_its_grammars_spac
         assert ask(client, CIRCLES, extra_body={"guided_choice": [choice]}).choices[0].message.content == choice, repr(choice)
 
 
+def test_the_engines_walk_refuses_a_grammar_whose_masks_grow_slow(client):
+    """Nested bounded repetitions: the mask of one token grew to 48 s by the 31st token of a walk through the
+    lowest token ids. The walk, in the request's thread, finds the first mask over its budget: a 400 at once."""
+    start = time.perf_counter()
+    error = refused(lambda: ask(client, CIRCLES, extra_body={"structured_outputs": {"regex": "((((a|b){0,30}){0,30}){0,30}){0,30}c"}}))
+    assert error.status_code == 400 and error.body["param"] == "structured_outputs.regex" and "per token" in error.body["message"]
+    assert time.perf_counter() - start < 2
+
+
 def test_a_grammar_that_stalls_the_batch_ends_its_answer_and_is_refused_after(client, monkeypatch):
-    """Nested bounded repetitions: tens of milliseconds per token's mask here (seconds in a review's runs), on the
-    scheduler's thread. The answer ends with a 400 within its budget (a tenth of the default here, so that a faster
-    machine is over it too), and the same spec again is refused at once."""
+    """The guard behind the walk (none here): tens of milliseconds per token's mask, on the scheduler's thread. The
+    answer ends with a 400 within its budget (a tenth of the default here, so that a faster machine is over it
+    too), and the same spec again is refused at once."""
+    monkeypatch.setattr(structured_output, "PROBE_TOKENS", 0)
     monkeypatch.setattr(structured_output, "STEP_BUDGET", 0.005)
     body = {"guided_regex": "((((a|b){0,50}){0,50}){0,50}){0,50}c"}
     error = refused(lambda: ask(client, CIRCLES, extra_body=body))
