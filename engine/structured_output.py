@@ -40,7 +40,9 @@ KEPT_GRAMMARS = 32
 # microseconds, but nested bounded repetitions (a 21-character regex) took seconds per token and stalled every
 # stream for minutes. A grammar is walked for PROBE_TOKENS tokens in the request's thread first and refused if one
 # mask takes more than PROBE_BUDGET; an answer whose mask takes more than STEP_BUDGET later, or whose masks add up
-# to more than ANSWER_BUDGET (2,000 tokens at 1 ms each, ten times a 150k vocabulary's usual), ends with an error.
+# to more than ANSWER_BUDGET (2,000 tokens at 1 ms each, ten times a 150k vocabulary's usual), ends with an error;
+# when a step's masks take more than STEP_BUDGET together (n choices of one spec, each under its own budget), the
+# costliest answers end.
 # (the thread's CPU time, not the clock's: a thread that waited for a core on a loaded machine spent nothing)
 PROBE_TOKENS = 32
 PROBE_BUDGET = 0.02
@@ -129,7 +131,7 @@ def check_size(structure: Structure):
 # `uniqueItems` let [0, 0] through, `if`/`then` and `not` were ignored, an allOf of a string and an integer took null).
 # Refused, as vLLM refuses what its xgrammar backend cannot hold.
 UNHELD_KEYWORDS = ("if", "then", "else", "not", "uniqueItems", "contains", "minContains", "maxContains", "dependentRequired",
-                   "dependentSchemas", "unevaluatedProperties", "unevaluatedItems")
+                   "dependentSchemas", "dependencies", "unevaluatedProperties", "unevaluatedItems")
 SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames", "additionalItems")
@@ -218,19 +220,25 @@ class Constraint:
         self.spent = 0.0  # seconds in its masks so far
         self.slow: str | None = None  # why its masks cost too much: the answer ends (Sequence.emit)
 
-    def fill(self, bitmask: torch.Tensor, row: int):
-        """Writes the tokens it may take next into row `row` of a batch's bitmask."""
+    def fill(self, bitmask: torch.Tensor, row: int) -> float:
+        """Writes the tokens it may take next into row `row` of a batch's bitmask; the CPU seconds that took."""
         start = time.thread_time()
         self._matcher.fill_next_token_bitmask(bitmask, row)
         spent = time.thread_time() - start
         self.spent += spent
         if spent > STEP_BUDGET:
-            self.slow = f"took {spent * 1e3:.0f} ms for one token's allowed tokens; at most {STEP_BUDGET * 1e3:.0f} ms"
+            self.stop(f"took {spent * 1e3:.0f} ms for one token's allowed tokens; at most {STEP_BUDGET * 1e3:.0f} ms")
         elif self.spent > ANSWER_BUDGET:
-            self.slow = f"took {self.spent:.1f} s for this answer's allowed tokens; at most {ANSWER_BUDGET:g} s"
-        if self.slow is not None and self._on_slow is not None:
-            self._on_slow(self.slow)
-            self._on_slow = None
+            self.stop(f"took {self.spent:.1f} s for this answer's allowed tokens; at most {ANSWER_BUDGET:g} s")
+        return spent
+
+    def stop(self, why: str):
+        """Ends its answer (at its next draw) for `why`; its spec is refused from then on."""
+        if self.slow is None:
+            self.slow = why
+            if self._on_slow is not None:
+                self._on_slow(why)
+                self._on_slow = None
 
     def accept(self, token: int) -> bool:
         """Moves on by `token`; False if the grammar cannot take it (its mask ruled it out: never, but for a bug)."""
@@ -251,8 +259,14 @@ def rule_out(logits: torch.Tensor, constraints: list[Constraint | None]):
         return
     xgrammar = _xgrammar()
     bitmask = xgrammar.allocate_token_bitmask(logits.shape[0], logits.shape[-1])
-    for row in rows:
-        constraints[row].fill(bitmask, row)
+    spent = {row: constraints[row].fill(bitmask, row) for row in rows}
+    # the step's masks together: n choices of one spec under each answer's budget still made the batch wait for all
+    if (total := sum(spent.values())) > STEP_BUDGET:
+        for row in sorted(rows, key=spent.get, reverse=True):  # the costliest end, until the rest are well within it
+            constraints[row].stop(f"took {spent[row] * 1e3:.1f} ms of a step whose masks took {total * 1e3:.0f} ms together; "
+                                  f"at most {STEP_BUDGET * 1e3:.0f} ms a step")
+            if (total := total - spent[row]) <= STEP_BUDGET / 2:
+                break
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[-1], indices=rows)
 
 

@@ -138,6 +138,8 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
         ({"guided_json": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["b"]}}, "guided_json", "requires 'b'"),
         ({"guided_json": {"anyOf": [{"not": {"type": "integer"}}]}}, "guided_json", "uses not at anyOf.0"),
         ({"guided_json": {"$ref": "http://example.com/s.json"}}, "guided_json", "another document"),
+        ({"guided_json": {"type": "object", "properties": {"a": {}, "b": {}}, "dependencies": {"a": ["b"]}}}, "guided_json",
+         "uses dependencies"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "give one"),
         ({"guided_choice": COLORS, "min_tokens": 2}, "min_tokens", "structured output"),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "Extra inputs"),
@@ -217,3 +219,25 @@ def test_a_grammar_that_stalls_the_batch_ends_its_answer_and_is_refused_after(cl
             pass
     assert "ms" in str(caught.value.message) and caught.value.body["param"] == "guided_regex", caught.value.body
     assert ask(client, CIRCLES).choices[0].message.content  # the server goes on
+
+
+def test_a_step_whose_masks_cost_too_much_together_ends_the_costliest_answers():
+    """n choices of one spec, each under its own budget, still made every step wait for all of their masks."""
+    class Costing(structured_output.Constraint):
+        def __init__(self, seconds: float):
+            super().__init__(None)
+            self.seconds = seconds
+
+        def fill(self, bitmask, row):  # allows every token, as if it had spent `seconds`
+            bitmask[row] = -1
+            return self.seconds
+
+    budget = structured_output.STEP_BUDGET
+    costly, also, cheap = Costing(budget * 0.6), Costing(budget * 0.6), Costing(budget * 0.01)
+    logits = torch.zeros(4, 64)
+    structured_output.rule_out(logits, [costly, None, also, cheap])
+    assert costly.slow and also.slow and "a step" in costly.slow and cheap.slow is None
+    assert not logits.isneginf().any()  # their masks (every token) were applied all the same
+    alone = Costing(budget * 0.6)
+    structured_output.rule_out(torch.zeros(1, 64), [alone])
+    assert alone.slow is None  # under the budget alone
