@@ -26,8 +26,8 @@ from .decoding import NonFiniteScores, Sampling, TokenLogprob, next_tokens, prom
 from .padded_batch import PaddedBatch
 from .penalties import Penalties
 from .row_batch import RowBatch
-from .static_slots import StaticSlot
 from .prompts import StructureRefused
+from .static_slots import StaticSlot
 from .structured_output import Constraint
 
 END = object()  # the last item of a sequence's output queue
@@ -99,8 +99,8 @@ class Sequence:
         """Records a sampled token (and its log-probability, if asked for); True when the sequence is finished. None
         (next_tokens: its scores were not numbers) finishes it with NonFiniteScores."""
         if self.constraint is not None and self.constraint.slow is not None:  # every answer of the batch waited for it
-            self.error = StructureRefused(f"after {len(self.tokens)} tokens, the structured output's grammar {self.constraint.slow} "
-                                   "(every answer decoding waits for it)")
+            self.error = StructureRefused(f"after {len(self.tokens)} tokens, the structured output's grammar "
+                                          f"{self.constraint.slow} (every answer decoding waits for it)")
             return True
         if token is None:
             if self.constraint is not None:  # or its grammar had no token left (all suppressed: a grammar of special tokens)

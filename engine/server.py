@@ -77,7 +77,6 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     def sampling_of(asked: SamplingRequest, choice: int) -> Sampling:
         """The request's sampling for its choice `choice`; a logit_bias naming a token the model does not have is a
         400 here (on the scheduler's thread its indexing would fail every answer of the batch)."""
-        checked_structure(asked)  # in the answer's worker thread: a large spec's grammar can take a second
         sampling = asked.sampling(MAX_COMPLETION_TOKENS, choice)
         if tokenizer is not None and (outside := [token for token, _ in sampling.logit_bias if not 0 <= token < len(tokenizer)]):
             raise APIError(400, f"logit_bias: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
@@ -203,6 +202,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         if getattr(engine, "alive", False) and not engine.responsive():  # alive but frozen, or stopped by a signal: it may never answer
             raise APIError(503, "the engine is not responding (no heartbeat); retry shortly", code="engine_not_responding",
                            kind="server_error", headers=RETRY_SOON)
+        if asked.structure is not None:  # once per request, in a worker thread: a large spec's grammar can take a second
+            await run_in_threadpool(checked_structure, asked)
         if len(begins) > max_concurrent:
             raise APIError(400, f"{counted}: {len(begins)} answers in one request; this server answers at most {max_concurrent} at once",
                            param=counted)

@@ -5,13 +5,13 @@ At each step, before the draw, every token the grammar cannot take next is ruled
 the sequence's own penalties, so a logit_bias cannot bring one back); after the draw, the grammar moves on by the
 token drawn. When the grammar is complete, only the end tokens are left, and the answer ends ("stop"). The grammars,
 their token masks and the matchers are xgrammar's (vLLM's and SGLang's default backend): a grammar is compiled once
-per tokenizer and kept (xgrammar's cache), each answer has a matcher of its own, and the masks of a batch's
-constrained rows are applied in one call.
+per spec against the tokenizer and kept (KEPT_GRAMMARS), each answer has a matcher of its own, and the masks of a
+batch's constrained rows are applied in one call.
 
-Where: a spec is checked in the process that reads the request (`check`: a grammar built without the tokenizer, a
-fraction of a millisecond, so that a wrong one is a 400 naming its field); compiled against the tokenizer by the
-engine (`Grammars`, in the request's thread, not the scheduler's); matched on the scheduler's thread (`rule_out`,
-`Constraint`)."""
+Where: a spec is checked in the process that reads the request (`check_size` as it is read; `check`, a grammar
+built without the tokenizer, in a worker thread), so that a wrong one is a 400 naming its field; compiled against
+the tokenizer and walked by the engine (`Grammars`, in the request's thread, not the scheduler's); matched on the
+scheduler's thread (`rule_out`, `Constraint`)."""
 
 import functools
 import json
@@ -115,14 +115,14 @@ def check_size(structure: Structure):
         raise StructureError(f"the {structure.kind.replace('_', ' ')} is {len(structure.spec):,} characters; at most {MAX_SPEC_CHARS:,}")
     if structure.kind == "json_schema":
         try:
-            depth = _depth(json.loads(structure.spec))
+            schema = json.loads(structure.spec)
         except ValueError:
             return  # xgrammar says what is wrong with it (check)
         except RecursionError:
-            depth = MAX_SCHEMA_DEPTH + 1
-        if depth > MAX_SCHEMA_DEPTH:
+            schema = None  # deeper than Python's parser goes
+        if schema is None or _depth(schema) > MAX_SCHEMA_DEPTH:
             raise StructureError(f"the json schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep")
-        if found := _unheld(json.loads(structure.spec)):
+        if found := _unheld(schema):
             raise StructureError(f"the json schema {found}, which its grammar cannot hold (an answer could break it and "
                                  "still end as complete); leave it out")
 
@@ -186,17 +186,20 @@ def check(structure: Structure):
 
 @functools.lru_cache(maxsize=128)
 def _parses(structure: Structure):
-    xgrammar = _xgrammar()
+    grammar = _xgrammar().Grammar
+    _built(structure, grammar.from_json_schema, grammar.from_regex, grammar.from_ebnf)
+
+
+def _built(structure: Structure, from_schema, from_regex, from_ebnf):
+    """The structure's grammar, made by the makers of its kind (xgrammar's Grammar without a tokenizer, or a
+    compiler's against one); StructureError if the spec gives none."""
     try:
         if structure.kind in ("json_schema", "json_object"):
             schema, strict = _schema(structure)
-            xgrammar.Grammar.from_json_schema(schema, any_whitespace=structure.any_whitespace, strict_mode=strict)
-        elif structure.kind == "regex":
-            xgrammar.Grammar.from_regex(structure.spec)
-        elif structure.kind == "choice":
-            xgrammar.Grammar.from_ebnf(_choice_ebnf(choices(structure)))
-        else:
-            xgrammar.Grammar.from_ebnf(structure.spec)
+            return from_schema(schema, any_whitespace=structure.any_whitespace, strict_mode=strict)
+        if structure.kind == "regex":
+            return from_regex(structure.spec)
+        return from_ebnf(_choice_ebnf(choices(structure)) if structure.kind == "choice" else structure.spec)
     except RuntimeError as error:
         raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
 
@@ -300,14 +303,7 @@ class Grammars:
             if self._compiler is None:
                 self._compiler = xgrammar.GrammarCompiler(self._token_info(xgrammar), max_threads=1, cache_enabled=False)
         compiler = self._compiler
-        if structure.kind in ("json_schema", "json_object"):
-            schema, strict = _schema(structure)
-            return compiler.compile_json_schema(schema, any_whitespace=structure.any_whitespace, strict_mode=strict)
-        if structure.kind == "regex":
-            return compiler.compile_regex(structure.spec)
-        if structure.kind == "choice":
-            return compiler.compile_grammar(_choice_ebnf(choices(structure)))
-        return compiler.compile_grammar(structure.spec)  # a grammar (check has refused any other kind)
+        return _built(structure, compiler.compile_json_schema, compiler.compile_regex, compiler.compile_grammar)
 
     def constraint(self, structure: Structure) -> Constraint:
         """A matcher at the start of the structure's grammar; StructureError if the spec gives none, or one that
@@ -319,11 +315,8 @@ class Grammars:
         if refused is not None:  # the same spec again: its grammar is known to stall the batch
             raise StructureError(f"the {structure.kind.replace('_', ' ')}'s grammar {refused}")
         if compiled is None:
-            check(structure)
-            try:
-                compiled = self._compiled(structure)
-            except RuntimeError as error:
-                raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
+            check_size(structure)  # the compiler's parse is `check`'s, against the tokenizer: no parse of its own first
+            compiled = self._compiled(structure)
             self._probe(compiled, structure)
             with self._lock:
                 self._kept[structure] = compiled
