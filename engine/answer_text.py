@@ -17,7 +17,9 @@ class Progress:
     """The answer so far and what it cost: `prompt_tokens` in all, `cached_tokens` of them reused from earlier
     requests, `completion_tokens` generated; `finish_reason` ("stop" or "length") on the last one only. When they
     were asked for: `tokens` (the answer's ids) and their `logprobs` (the first `completion_tokens` of each count),
-    every prompt token's `prompt_logprobs` (None for the first), and `ended_by`, the end token that finished it."""
+    every prompt token's `prompt_logprobs` (None for the first), and `ended_by`, the end token that finished it.
+    `generated_tokens`: what usage counts, the end token included when one was drawn (as vLLM's, whose max_tokens
+    counts it too: the answer's tokens and its end token are at most max_tokens)."""
     text: str
     prompt_tokens: int
     cached_tokens: int
@@ -27,13 +29,19 @@ class Progress:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     ended_by: TokenLogprob | None = None
+    end_drawn: bool = False
+
+    @property
+    def generated_tokens(self) -> int:
+        return self.completion_tokens + self.end_drawn
 
 
 @dataclass
 class Tokens:
     """What arrived of an answer since the last: `new` token ids; on the last one, the scheduler's `finish_reason`
     ("stop" at an end token, "length" at the limit). With log-probabilities asked for: `logprobs` (one per new
-    token), `prompt_logprobs` (on the first), `ended_by` (on the last, if an end token finished it)."""
+    token), `prompt_logprobs` (on the first), `ended_by` (on the last, if an end token finished it), `end_drawn`
+    (on the last: an end token finished it, which `new` leaves out)."""
     new: list[int]
     prompt_tokens: int
     cached_tokens: int
@@ -41,6 +49,7 @@ class Tokens:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     ended_by: TokenLogprob | None = None
+    end_drawn: bool = False
 
 
 class AnswerText:
@@ -99,7 +108,7 @@ class AnswerText:
         if arrived.finish_reason is not None:
             self.finished = True
             return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason,
-                            ended_by=arrived.ended_by, **counts)
+                            ended_by=arrived.ended_by, end_drawn=arrived.end_drawn, **counts)
         return Progress(shown(text, self.stop, strip=self._context is None), completion_tokens=len(self.tokens), **counts)
 
     def _until_stop(self, known: int) -> tuple[list[int], str]:

@@ -264,13 +264,14 @@ class ChatEngine:
                     if last:
                         yield tokens(last)  # what the answer had before it failed
                     raise
-            yield tokens(last, finish_reason=sequence.finish_reason or "stop", ended_by=sequence.ended_by)
+            yield tokens(last, finish_reason=sequence.finish_reason or "stop", ended_by=sequence.ended_by,
+                         end_drawn=sequence.end_drawn)
         finally:
             with self._counts_lock:
                 self._counts["requests_failed" if sequence.error is not None else "requests_finished"] += 1
                 self._counts["prompt_tokens"] += counts["prompt_tokens"]
                 self._counts["cached_prompt_tokens"] += keep
-                self._counts["generation_tokens"] += len(sequence.tokens)
+                self._counts["generation_tokens"] += len(sequence.tokens) + sequence.end_drawn  # as usage counts them
             # once `stream` is closed the scheduler has let go: the cache holds the prompt and the tokens fed back
             session.cache = sequence.cache
             if session.cache is None:

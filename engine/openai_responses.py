@@ -13,7 +13,7 @@ def usage(*progresses: Progress, choices: int = 1) -> dict:
     """The usage of a request's answers (prompt-major: prompt i's choice j is answer i * choices + j), each prompt's
     tokens counted once however many choices it has, as OpenAI's and vLLM's."""
     prompts = progresses[::choices]
-    prompt, completion = sum(each.prompt_tokens for each in prompts), sum(each.completion_tokens for each in progresses)
+    prompt, completion = sum(each.prompt_tokens for each in prompts), sum(each.generated_tokens for each in progresses)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(each.cached_tokens for each in prompts)}}
 

@@ -62,6 +62,7 @@ class Sequence:
         # with sampling.logprobs: tokens[i]'s in logprobs[i], and the end token's that finished it in `ended_by`
         self.logprobs: list[TokenLogprob] = []
         self.ended_by: TokenLogprob | None = None
+        self.end_drawn = False  # it ended at an end token it drew: one token more than `tokens` (usage counts it)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # with sampling.prompt_logprobs, before any token
         self.finish_reason: str | None = None  # "stop" (an end token) or "length"
         self.error: BaseException | None = None
@@ -113,7 +114,7 @@ class Sequence:
                                              f"may not overflow")
             return True
         if token in self.stop_ids and not self.sampling.ignore_eos:  # blocked (see `blocked`) before min_tokens
-            self.finish_reason, self.ended_by = "stop", logprob
+            self.finish_reason, self.ended_by, self.end_drawn = "stop", logprob, True
             return True
         if self.constraint is not None and not self.constraint.accept(token):  # its mask allowed it: a bug of ours
             self.error = RuntimeError(f"the structured output's grammar refused the token {token} it allowed")

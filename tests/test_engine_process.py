@@ -260,7 +260,7 @@ def test_the_engines_counts_reach_metrics_with_its_heartbeat(child):
         after = next_beat()
     assert after["requests_finished"] - before["requests_finished"] == 1 and after["running"] == 0
     assert after["prompt_tokens"] - before["prompt_tokens"] == answer.prompt_tokens
-    assert after["generation_tokens"] - before["generation_tokens"] == answer.completion_tokens
+    assert after["generation_tokens"] - before["generation_tokens"] == answer.generated_tokens
     assert after["stats_age_seconds"] < 2 * HEARTBEAT
     with running(create_app(child, "shapes")) as base_url:
         text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text

@@ -128,13 +128,13 @@ def test_a_completions_tokens_come_with_their_log_probabilities_and_offsets_into
 
 def test_an_answer_ended_by_its_end_token_lists_that_token_last(client, engine):
     """As vLLM's: lm-eval drops a response's last log-probability (the generated token's), so an end token left out
-    would cost it the prompt's last token."""
+    would cost it the prompt's last token. Usage counts that token too, as vLLM's does."""
     tokenizer = engine.processor.tokenizer
     ids = tokenizer(PROMPT)["input_ids"]
     answer = complete(client, PROMPT, max_tokens=300, logprobs=0)
     assert answer.choices[0].finish_reason == "stop"  # the shapes model ends its descriptions
     logprobs = answer.choices[0].logprobs
-    assert len(logprobs.tokens) == answer.usage.completion_tokens + 1
+    assert len(logprobs.tokens) == answer.usage.completion_tokens
     assert logprobs.tokens[-1] == tokenizer.eos_token and logprobs.text_offset[-1] == len(answer.choices[0].text)
     whole = tokenizer(PROMPT + answer.choices[0].text)["input_ids"]
     assert math.isclose(logprobs.token_logprobs[-1], float(model_logprobs(engine, whole)[-1, tokenizer.eos_token_id]), abs_tol=1e-4)
@@ -143,7 +143,7 @@ def test_an_answer_ended_by_its_end_token_lists_that_token_last(client, engine):
                                             stream=True))
     streamed = [chunk.choices[0].logprobs for chunk in chunks if chunk.choices and chunk.choices[0].logprobs]
     tokens = sum((part.tokens for part in streamed), [])
-    assert len(tokens) == len(ids) + answer.usage.completion_tokens + 1 and tokens[-1] == tokenizer.eos_token
+    assert len(tokens) == len(ids) + answer.usage.completion_tokens and tokens[-1] == tokenizer.eos_token
     assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == PROMPT + answer.choices[0].text
 
 
@@ -153,7 +153,8 @@ def test_a_chat_answers_tokens_come_with_their_most_likely_alternatives(client, 
     choice = answer.choices[0]
     assert choice.message.content == plain.choices[0].message.content
     content = choice.logprobs.content
-    assert len(content) == answer.usage.completion_tokens
+    # the chat's content lists the answer's tokens, as OpenAI's, not the end token that usage counts too
+    assert len(content) == answer.usage.completion_tokens - (choice.finish_reason == "stop")
     assert "".join(entry.token for entry in content).strip() == choice.message.content
     for entry in content:
         values = [top.logprob for top in entry.top_logprobs]
