@@ -11,6 +11,7 @@ from pydantic_core import from_json, to_json
 from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, Sampling
 from .media import MediaPolicy, image_bytes
 from .structured_output import Structure, StructureError, check, check_size
+from .tool_calls import MAX_TOOLS, Tool, ToolCall, ToolChoice, ToolError, ToolPlan, calls_text, result_text
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
 
 DEFAULT_MAX_TOKENS = 512
@@ -46,8 +47,10 @@ class ImagePart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's: the call whose result it is
 
 
 class StreamOptions(BaseModel):
@@ -214,6 +217,21 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool | None = None  # strict, as the next two: 1, "true" or a count here is a client's mistake
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    _tool_plan: ToolPlan | None = PrivateAttr(None)
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        """How the answer calls tools (engine.tool_calls), set by `_checked`; None: it answers in text."""
+        return self._tool_plan
+
+    def asked_structures(self) -> list[tuple[str, Structure]]:
+        asked = super().asked_structures()
+        if self.tool_plan is not None and (structure := self.tool_plan.structure()) is not None:
+            asked.append(("tools", structure))
+        return asked
 
     @property
     def wanted_tokens(self) -> int | None:
@@ -256,16 +274,18 @@ class CompletionRequest(SamplingRequest):
 # Anything else is refused by name rather than ignored: a client that asked for JSON or tools must not take a plain
 # answer for what it asked.
 NEUTRAL = {
-    "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,),
     # the extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos, repetition_penalty
     # and structured outputs are; prompt_logprobs is vLLM's own layout of what echo with logprobs gives in OpenAI's)
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
 }
-TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
-# /v1/completions' own
-COMPLETION_NEUTRAL = {**NEUTRAL, "suffix": (None, "")}
+# why each of these is refused
+REFUSED_BECAUSE = {"functions": "OpenAI's former function calling: send tools and tool_choice",
+                   "function_call": "OpenAI's former function calling: send tools and tool_choice",
+                   "tools": "tools are called on /v1/chat/completions", "tool_choice": "tools are called on /v1/chat/completions"}
+# /v1/completions' own (tools, tool_choice: fields of a chat request only)
+COMPLETION_NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"), **NEUTRAL, "suffix": (None, "")}
 # OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
 # the end-of-text string (5 and more for some tasks). Each costs a search of the answer's tail per arrival.
 MAX_STOPS, MAX_STOP_CHARS = 16, 1_000
@@ -323,6 +343,11 @@ def _validated(kind: type[SamplingRequest], raw):
 
 def _checked(request: SamplingRequest, neutral: dict):
     refuse_unsupported(request, neutral)
+    if isinstance(request, ChatRequest):
+        try:
+            request._tool_plan = ToolPlan.of(request.tools, request.tool_choice, request.parallel_tool_calls)
+        except ToolError as error:
+            raise APIError(400, str(error), param=error.param) from None
     if request.response_format is not None and request.response_format.type == "json_schema" and request.response_format.json_schema is None:
         raise APIError(400, "response_format: a json_schema response format needs its json_schema ({\"name\", \"schema\"})",
                        param="response_format.json_schema")
@@ -338,6 +363,8 @@ def _checked(request: SamplingRequest, neutral: dict):
             raise APIError(400, f"min_tokens: cannot be combined with a structured output ({param}), which ends where its "
                            "grammar does", param="min_tokens")
         request._structure = asked[0]
+        if isinstance(request, ChatRequest) and request.tool_plan is not None and request.tool_plan.mode == "auto":
+            request._tool_plan = None  # its answer is held to the structure asked: its text, no call
     if len(request.stops) > MAX_STOPS:
         raise APIError(400, f"stop: at most {MAX_STOPS} stop strings", param="stop")
     if any(len(stop) > MAX_STOP_CHARS for stop in request.stops):
@@ -394,7 +421,7 @@ def refuse_unsupported(request: SamplingRequest, neutral: dict):
     extra = request.model_extra or {}
     for name, allowed in neutral.items():
         if name in extra and not any(_same(extra[name], value) for value in allowed):
-            why = " (it answers without tools or function calls)" if name in TOOL_FIELDS else ""
+            why = f" ({REFUSED_BECAUSE[name]})" if name in REFUSED_BECAUSE else ""
             raise APIError(400, f"{name}: not supported by this server{why}", param=name, code="unsupported_parameter")
 
 
@@ -411,10 +438,13 @@ def engine_messages(request: ChatRequest, policy: MediaPolicy) -> tuple[list[dic
     if count > policy.max_images:  # before a single one is fetched or decoded
         raise APIError(400, f"the request has {count} images; this server takes at most {policy.max_images} per request",
                        param="messages", code="too_many_images")
-    messages, images = [], []
+    messages, images, called = [], [], {}  # called: the history's tool calls, id -> the function's name
     for index, message in enumerate(request.messages):
         content = message.content or ""
-        role = "system" if message.role == "developer" else message.role
+        role = {"developer": "system", "tool": "user"}.get(message.role, message.role)  # a tool's result: see tool_calls
+        if message.role == "assistant" and message.tool_calls or message.role == "tool":
+            messages.append({"role": role, "content": _tool_turn(message, index, called)})
+            continue
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
             continue
@@ -435,6 +465,25 @@ def engine_messages(request: ChatRequest, policy: MediaPolicy) -> tuple[list[dic
         # a system or assistant message's text parts joined as the template joins a user's: a line each
         messages.append({"role": role, "content": parts if role == "user" else "\n".join(part["text"] for part in parts)})
     return _merged(messages), images
+
+
+def _tool_turn(message: Message, index: int, called: dict[str, str]) -> str:
+    """The text of an assistant message that called tools (its text, then its calls), or of a tool's result;
+    `called` gathers the calls' ids, which a result names."""
+    where = f"messages.{index}"
+    if isinstance(message.content, list) and any(isinstance(part, ImagePart) for part in message.content):
+        raise APIError(400, "images go in user messages", param=f"{where}.content")
+    text = message.content if isinstance(message.content, str) else "\n".join(part.text for part in message.content or [])
+    try:
+        if message.role == "tool":
+            if message.tool_call_id not in called:
+                raise ToolError("a tool's message answers a call an assistant message made before it: no call has the id "
+                                f"{str(message.tool_call_id)[:80]!r}", f"{where}.tool_call_id")
+            return result_text(called[message.tool_call_id], text)
+        called.update((call.id, call.function.name) for call in message.tool_calls)
+        return "\n".join(filter(None, [text, calls_text(message.tool_calls, where)]))
+    except ToolError as error:
+        raise APIError(400, str(error), param=error.param) from None
 
 
 def _merged(messages: list[dict]) -> list[dict]:

@@ -40,6 +40,7 @@ from .metrics import render
 from .openai_api import APIError, SamplingRequest, checked_structure, engine_messages, parse_completion_request, parse_request
 from .openai_responses import ChatCompletion, TextCompletion
 from .scheduler import QueueFull
+from .tool_calls import ToolCallCompletion
 
 from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL
 
@@ -159,8 +160,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval, cancel=cancel), cancel)
             return begin
 
-        response = ChatCompletion(model_name, with_usage(chat), tokenizer, logprobs=bool(chat.logprobs),
-                                  as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat))
+        layout = dict(with_usage=with_usage(chat), tokenizer=tokenizer, logprobs=bool(chat.logprobs),
+                      as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat))
+        response = (ChatCompletion(model_name, **layout) if chat.tool_plan is None
+                    else ToolCallCompletion(chat.tool_plan, model_name, **layout))
         return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
 
     @app.post("/v1/completions")
@@ -444,7 +447,10 @@ async def events(releases: list[Release], first: Progress, completion: ChatCompl
     fails ends the stream with an error that names it. Events ready at once go out in one write (an opening with
     the first text; the end's three): each write is a send here and a read for the client, whose CPU a loaded
     machine shares."""
-    def sse(payload) -> str:
+    def sse(payload: dict | list[dict] | None) -> str:
+        """A chunk's event; several chunks' (a tool call's ending), or none (text a completion holds back)."""
+        if payload is None or isinstance(payload, list):
+            return "".join(sse(each) for each in payload or [])
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     count = len(releases)
@@ -459,8 +465,7 @@ async def events(releases: list[Release], first: Progress, completion: ChatCompl
             # an echo's opening names the whole prompt's tokens when log-probabilities are asked: not on the event loop
             opening = (await run_in_threadpool(completion.opening, progress, index) if completion.logprobs
                        else completion.opening(progress, index))
-            if opening:
-                ready += sse(opening)
+            ready += sse(opening)
         finals[index] = progress
         if progress.text.startswith(sent[index]) and len(progress.text) > len(sent[index]):
             ready += sse(completion.delta(progress.text[len(sent[index]):], progress, index))

@@ -269,8 +269,7 @@ def ask_alone(engine, text: str, images: list[bytes], **options) -> str:
     return progress[-1].text
 
 
-UNSUPPORTED = {"tools": [{"type": "function", "function": {"name": "f"}}],
-               "tool_choice": "required", "modalities": ["text", "audio"],
+UNSUPPORTED = {"modalities": ["text", "audio"],
                "audio": {"voice": "alloy", "format": "wav"}, "prediction": {"type": "content", "content": "x"}}
 
 
@@ -279,11 +278,9 @@ def test_parameters_the_server_does_not_implement_are_refused_by_name(client):
         error = refused(lambda: ask(client, CIRCLES, **{name: value}))
         assert error.status_code == 400 and error.body["param"] == name and error.body["code"] == "unsupported_parameter"
         assert error.body["message"].startswith(f"{name}: not supported"), error.body
-    # LangChain's function_calling and instructor's default send tool_choice before tools (alphabetical): tools is named
-    both = {"tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": UNSUPPORTED["tools"]}
-    assert refused(lambda: ask(client, CIRCLES, extra_body=both)).body["param"] == "tools"
-    for extra in ({"functions": [{"name": "f"}]}, {"structural_tag": {"type": "structural_tag"}}):
+    for extra in ({"functions": [{"name": "f"}]}, {"function_call": "auto"}, {"structural_tag": {"type": "structural_tag"}}):
         assert refused(lambda: ask(client, CIRCLES, extra_body=extra)).body["param"] == next(iter(extra))
+    assert "send tools and tool_choice" in refused(lambda: ask(client, CIRCLES, extra_body={"functions": [{"name": "f"}]})).message
     error = refused(lambda: ask(client, CIRCLES, stream_options={"include_usage": True}))  # without stream
     assert error.status_code == 400 and error.body["param"] == "stream_options"
     error = refused(lambda: ask(client, CIRCLES, stop=["x" * 1001]))

@@ -147,7 +147,8 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
         ({"guided_grammar": "root ::= root"}, "guided_grammar", "allows no answer"),  # found by the engine's walk
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
         ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern", "not supported"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "guided_regex": "a"}, "tools",
+         "give one"),
     ]
     for body, param, words in cases:
         error = refused(lambda: ask(client, CIRCLES, extra_body=body))
