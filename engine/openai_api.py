@@ -229,7 +229,7 @@ class ChatRequest(SamplingRequest):
 
     def asked_structures(self) -> list[tuple[str, Structure]]:
         asked = super().asked_structures()
-        if self.tool_plan is not None and (structure := self.tool_plan.structure()) is not None:
+        if self.tool_plan is not None and (structure := self.tool_plan.structure) is not None:
             asked.append(("tools", structure))
         return asked
 
@@ -401,18 +401,19 @@ def checked_structure(request: SamplingRequest):
 def _union_branch(loc) -> bool:
     """pydantic's name of a union's branch in an error's location ("str", "list[...]"): no field of the request.
     (A tagged union's branch is its tag, which the location then repeats: `image_url.image_url.url`, dropped too.)"""
-    return isinstance(loc, str) and (loc in ("str", "int", "float", "bool", "none") or "[" in loc)
+    # (a model's branch goes by its class's name: ChosenTool, never a field's)
+    return isinstance(loc, str) and (loc in ("str", "int", "float", "bool", "none") or "[" in loc or loc[:1].isupper())
 
 
 def refuse_too_many_items(raw):
     messages = raw.get("messages") if isinstance(raw, dict) else None
     if not isinstance(messages, list):
         return  # validation says what is wrong
-    parts = sum(len(message["content"]) for message in messages
-                if isinstance(message, dict) and isinstance(message.get("content"), list))
+    parts = sum(len(message[key]) for message in messages if isinstance(message, dict)
+                for key in ("content", "tool_calls") if isinstance(message.get(key), list))
     if len(messages) + parts > MAX_ITEMS:
-        raise APIError(400, f"messages: the conversation has {len(messages):,} messages and {parts:,} content parts; "
-                       f"at most {MAX_ITEMS:,} in all", param="messages")
+        raise APIError(400, f"messages: the conversation has {len(messages):,} messages and {parts:,} content parts and "
+                       f"tool calls; at most {MAX_ITEMS:,} in all", param="messages")
 
 
 def refuse_unsupported(request: SamplingRequest, neutral: dict):
@@ -474,16 +475,19 @@ def _tool_turn(message: Message, index: int, called: dict[str, str]) -> str:
     if isinstance(message.content, list) and any(isinstance(part, ImagePart) for part in message.content):
         raise APIError(400, "images go in user messages", param=f"{where}.content")
     text = message.content if isinstance(message.content, str) else "\n".join(part.text for part in message.content or [])
-    try:
-        if message.role == "tool":
-            if message.tool_call_id not in called:
-                raise ToolError("a tool's message answers a call an assistant message made before it: no call has the id "
-                                f"{str(message.tool_call_id)[:80]!r}", f"{where}.tool_call_id")
-            return result_text(called[message.tool_call_id], text)
-        called.update((call.id, call.function.name) for call in message.tool_calls)
-        return "\n".join(filter(None, [text, calls_text(message.tool_calls, where)]))
-    except ToolError as error:
-        raise APIError(400, str(error), param=error.param) from None
+    if message.role == "tool":
+        if message.tool_call_id is None:
+            raise APIError(400, f"{where}.tool_call_id: a tool's message names the call it answers", param=f"{where}.tool_call_id")
+        if message.tool_call_id not in called:
+            raise APIError(400, f"{where}.tool_call_id: a tool's message answers a call an assistant message made before "
+                           f"it; no call has the id {message.tool_call_id[:80]!r}", param=f"{where}.tool_call_id")
+        return result_text(called[message.tool_call_id], text)
+    if (size := sum(len(call.function.arguments) for call in message.tool_calls)) > MAX_CONVERSATION_CHARS:
+        # before they are parsed: no conversation that holds them fits
+        raise APIError(400, f"{where}.tool_calls: their arguments are {size:,} characters; a conversation holds at most "
+                       f"{MAX_CONVERSATION_CHARS:,}", param=f"{where}.tool_calls")
+    called.update((call.id, call.function.name) for call in message.tool_calls)
+    return "\n".join(filter(None, [text, calls_text(message.tool_calls)]))
 
 
 def _merged(messages: list[dict]) -> list[dict]:

@@ -13,16 +13,18 @@ assistant turn, and a tool's result as `{"name": ..., "content": ...}` in a user
 those layouts reads and writes."""
 
 import copy
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_json
 
 from .answer_text import Progress
 from .openai_responses import ChatCompletion
-from .structured_output import Structure
+from .structured_output import MAX_SPEC_CHARS, Structure
 
 MAX_TOOLS = 128  # in one request, as OpenAI's
 NO_PARAMETERS = {"type": "object", "properties": {}}  # a function without `parameters` takes none: its arguments are {}
@@ -119,20 +121,30 @@ class ToolPlan:
             return cls("named", schemas, parallel, choice.function.name)
         plan = cls(choice, schemas, parallel)
         if choice == "required":
-            plan.structure()  # a $defs of two tools that differ: refused here, with the tool's field
+            plan.structure  # noqa: B018 (a $defs of two tools that differ: refused here, with the tool's field)
         return plan
 
+    @functools.cached_property
     def structure(self) -> Structure | None:
-        """What the answer is held to (none for "auto"): the named function's parameters, or a list of calls."""
+        """What the answer is held to (none for "auto"): the named function's parameters, or a list of calls.
+        Built once per request (checked, then compiled)."""
         if self.mode == "named":
             return Structure("json_schema", _dumps(self.tools[self.named]), any_whitespace=False)
         if self.mode != "required":
             return None
+        # before a copy of each: the list's schema is at least their sum, and check_size refuses it past the limit
+        # (13 MB of tools took 1.5 s of the event loop to copy and write out before that refusal)
+        if (size := sum(len(to_json(parameters)) for parameters in self.tools.values())) > MAX_SPEC_CHARS:
+            raise ToolError(f"the tools' parameters are {size:,} characters together; a list of calls of them is held by "
+                            f"one grammar of at most {MAX_SPEC_CHARS:,}", "tools")
         defs, cases = {}, []
         for index, (name, parameters) in enumerate(self.tools.items()):
             parameters = copy.deepcopy(parameters)
             for key in ("$defs", "definitions"):  # a tool's own definitions, moved to the list's root its $refs name
-                for term, schema in (parameters.pop(key, None) or {}).items():
+                found = parameters.pop(key, None) or {}
+                if not isinstance(found, dict):
+                    raise ToolError(f"its {key} is an object of schemas by name", f"tools.{index}.function.parameters")
+                for term, schema in found.items():
                     if defs.setdefault(key, {}).setdefault(term, schema) != schema:
                         raise ToolError(f"its {key} {term!r} differs from another tool's of that name, which one list of "
                                         "calls cannot hold both of", f"tools.{index}.function.parameters")
@@ -153,8 +165,12 @@ class ToolPlan:
             return [new_call(self.named, text)], finish_reason
         if self.mode == "auto":
             made = calls_made(text, self.tools) if finish_reason == "stop" else None
+            if made and not self.parallel:  # the first only, as OpenAI's and vLLM's
+                made = made[:1]
             return ([new_call(name, arguments) for name, arguments in made], "tool_calls") if made else None
-        items, closed = list_so_far(text)
+        reader = ListReader()
+        items = reader.read(text)
+        closed = reader.closed
         if not items:
             return None
         calls = [new_call(item["name"], _dumps(item["parameters"])) for item in items]
@@ -172,28 +188,40 @@ def _root_ref(schema) -> str | None:
     return None
 
 
-def list_so_far(text: str) -> tuple[list, bool]:
-    """The items complete so far of a JSON list's text (`[{...}, {"na` has one), and whether the list is closed."""
-    decoder, items = json.JSONDecoder(), []
-    at = _blank(text, 0)
-    if text[at: at + 1] != "[":
-        return [], False
-    at += 1
-    while True:
-        at = _blank(text, at)
-        if text[at: at + 1] == "]":
-            return items, True
-        if items:
-            if text[at: at + 1] != ",":
-                return items, False
-            at = _blank(text, at + 1)
-        try:
-            item, at = decoder.raw_decode(text, at)
-        except ValueError:  # not complete yet
-            return items, False
-        if not isinstance(item, dict):
-            return items, False
-        items.append(item)
+class ListReader:
+    """Reads the objects of a JSON list as its text grows (`[{...}, {"na` has one complete), each once: a stream's
+    text is read from after the last object found, not from its start at every chunk."""
+
+    def __init__(self):
+        self._decoder, self._at, self.found, self.closed = json.JSONDecoder(), None, 0, False
+
+    def read(self, text: str) -> list[dict]:
+        """The objects complete in `text` (the whole text so far) since the last read."""
+        new = []
+        if self._at is None:  # its opening bracket not read yet
+            at = _blank(text, 0)
+            if text[at: at + 1] != "[":
+                return new
+            self._at = at + 1
+        while not self.closed:
+            at = _blank(text, self._at)
+            if text[at: at + 1] == "]":
+                self.closed = True
+                break
+            if self.found + len(new):
+                if text[at: at + 1] != ",":
+                    break
+                at = _blank(text, at + 1)
+            try:
+                item, at = self._decoder.raw_decode(text, at)
+            except (ValueError, RecursionError):  # not complete yet (or nested past what Python parses)
+                break
+            if not isinstance(item, dict):
+                break
+            new.append(item)
+            self._at = at
+        self.found += len(new)
+        return new
 
 
 def _blank(text: str, at: int) -> int:
@@ -207,12 +235,13 @@ def calls_made(text: str, tools: dict) -> list[tuple[str, str]] | None:
     the tools given, {"name": ..., "parameters": {...}} ("arguments" too); else None."""
     try:
         found = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # the model's text: "[" five thousand times is no call either
         return None
     items = found if isinstance(found, list) else [found]
     calls = []
     for item in items:
-        if not isinstance(item, dict) or item.get("name") not in tools or not set(item) <= {"name", "parameters", "arguments"}:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or item["name"] not in tools \
+                or not set(item) <= {"name", "parameters", "arguments"}:
             return None
         arguments = item.get("parameters", item.get("arguments", {}))
         if not isinstance(arguments, dict):
@@ -221,17 +250,19 @@ def calls_made(text: str, tools: dict) -> list[tuple[str, str]] | None:
     return calls or None
 
 
-def calls_text(calls: list[ToolCall], where: str) -> str:
-    """An assistant turn's calls as the model writes them; ToolError if a call's arguments are not a JSON object."""
+def calls_text(calls: list[ToolCall]) -> str:
+    """An assistant turn's calls as the model writes them. Arguments that are no JSON object (a call cut off by its
+    token limit, which LangChain sends back as it came) are kept as their text, under "arguments": OpenAI's API
+    takes any, and an agent's next request must not fail for its last answer."""
     made = []
-    for index, call in enumerate(calls):
+    for call in calls:
+        text = call.function.arguments
         try:
-            arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
-        except ValueError as error:
-            raise ToolError(f"not JSON ({error})", f"{where}.tool_calls.{index}.function.arguments") from None
-        if not isinstance(arguments, dict):
-            raise ToolError("a call's arguments are a JSON object", f"{where}.tool_calls.{index}.function.arguments")
-        made.append({"name": call.function.name, "parameters": arguments})
+            arguments = json.loads(text) if text.strip() else {}
+        except (ValueError, RecursionError):
+            arguments = None
+        made.append({"name": call.function.name, "parameters": arguments} if isinstance(arguments, dict)
+                    else {"name": call.function.name, "arguments": text})
     return _dumps(made)
 
 
@@ -242,9 +273,11 @@ def result_text(name: str, content: str) -> str:
 
 @dataclass
 class _Streamed:
-    """What a stream has sent of one choice's calls: how many, and whether its text goes out as text (auto)."""
+    """What a stream has sent of one choice's calls: how many, the reader of a list's, and whether its text goes
+    out as text (auto)."""
     calls: int = 0
     as_text: bool = False
+    reader: ListReader = field(default_factory=ListReader)
 
 
 class ToolCallCompletion(ChatCompletion):
@@ -289,10 +322,9 @@ class ToolCallCompletion(ChatCompletion):
                     return None  # it could be a call: held back (its tokens' log-probabilities go with what follows)
                 streamed.as_text, text = True, progress.text  # what was held back goes out with it
             return super().delta(text, progress, index)
-        items, _ = list_so_far(progress.text)
-        if len(items) == streamed.calls:
+        if not (items := streamed.reader.read(progress.text)):
             return None
-        return self._calls_chunk(items[streamed.calls:], progress, index)
+        return self._calls_chunk(items, progress, index)
 
     def ending(self, progress: Progress, index: int = 0) -> list[dict]:
         streamed = self._streamed[index]

@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletionChunk
 from engine.answer_text import Progress
 from engine.openai_api import ChatRequest, engine_messages, parse_request
 from engine.media import MediaPolicy
-from engine.tool_calls import ToolCallCompletion, ToolPlan
+from engine.tool_calls import ListReader, ToolCallCompletion, ToolPlan
 from test_serve import CIRCLES, MODEL, ask, client, engine, refused  # noqa: F401
 from test_serve_completions import PROMPT, complete
 from test_serve_structured import COLORS, SCHEMA, follows_schema
@@ -128,7 +128,11 @@ def test_n_choices_each_make_their_own_call_and_usage_counts_them_all(client):
     assert [choice.index for choice in answer.choices] == [0, 1, 2]
     for choice in answer.choices:
         follows_schema(choice.message.tool_calls[0].function.arguments)
-    assert answer.usage.completion_tokens >= 3 * len("{}")
+    alone = [ask(client, CIRCLES, tools=TOOLS, tool_choice=NAMED, temperature=1.0, seed=5 + index, max_tokens=60)
+             for index in range(3)]  # choice j draws with the seed + j
+    assert [choice.message.tool_calls[0].function.arguments for choice in answer.choices] == \
+        [each.choices[0].message.tool_calls[0].function.arguments for each in alone]
+    assert answer.usage.completion_tokens == sum(each.usage.completion_tokens for each in alone)
 
 
 def test_a_conversation_carries_its_calls_and_their_results(client, engine):
@@ -150,6 +154,15 @@ def test_a_conversation_carries_its_calls_and_their_results(client, engine):
     spoken = [{**history[1], "content": "Let me report it."}] + history[2:]
     messages, _ = engine_messages(parse_request(json.dumps({"model": MODEL, "messages": CIRCLES + spoken}).encode()), MediaPolicy())
     assert messages[1]["content"].split("\n")[0] == "Let me report it."
+    # arguments that are no JSON object (a call cut off at its limit, which LangChain sends back) are kept as text:
+    # an agent's next request does not fail for its last answer
+    cut = ask(client, CIRCLES, tools=TOOLS, tool_choice=NAMED, max_tokens=4).choices[0].message
+    for arguments in (cut.tool_calls[0].function.arguments, "[1]", '{"a": ' + "[" * 5_000 + "]" * 5_000 + "}"):
+        broken = {**history[1], "tool_calls": [{**history[1]["tool_calls"][0], "function": {"name": "report_shape", "arguments": arguments}}]}
+        request = parse_request(json.dumps({"model": MODEL, "messages": CIRCLES + [broken] + history[2:]}).encode())
+        assert json.loads(engine_messages(request, MediaPolicy())[0][1]["content"]) == [{"name": "report_shape", "arguments": arguments}]
+    assert ask(client, CIRCLES + [{**history[1], "tool_calls": [{**history[1]["tool_calls"][0], "function": {
+        "name": "report_shape", "arguments": cut.tool_calls[0].function.arguments}}]}] + history[2:], tools=TOOLS).choices[0].message.content
 
 
 def test_what_cannot_be_answered_is_a_400_naming_its_field(client):
@@ -174,10 +187,18 @@ def test_what_cannot_be_answered_is_a_400_naming_its_field(client):
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
             "a": {"$ref": "#/properties/b"}, "b": {"type": "integer"}}}}}], "tool_choice": "required"},
          "tools.0.function.parameters", "points into its own schema"),
-        ({"messages": CIRCLES + [call]}, "messages.1.tool_calls.0.function.arguments", "not JSON"),
-        ({"messages": CIRCLES + [{**call, "tool_calls": [{**call["tool_calls"][0], "function": {"name": "f", "arguments": "[1]"}}]}]},
-         "messages.1.tool_calls.0.function.arguments", "JSON object"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "$defs": [1]}}}],
+          "tool_choice": "required"}, "tools.0.function.parameters", "$defs is an object"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{index}", "parameters": {"type": "object", "properties": {
+            "a": {"type": "string", "description": "x" * 1000}}}}} for index in range(100)], "tool_choice": "required"},
+         "tools", "characters together"),  # refused before a copy of each is made
+        ({"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
+         "tool_choice.type", "function"),  # no class name of ours in the field
         ({"messages": CIRCLES + [{"role": "tool", "tool_call_id": "call_9", "content": "x"}]}, "messages.1.tool_call_id", "call_9"),
+        ({"messages": CIRCLES + [call, {"role": "tool", "content": "x"}]}, "messages.2.tool_call_id", "names the call"),
+        ({"messages": CIRCLES + [{**call, "tool_calls": [{**call["tool_calls"][0], "function": {"name": "f", "arguments": "1" * 70_000}}]}]},
+         "messages.1.tool_calls", "70,000 characters"),
+        ({"messages": CIRCLES + [{**call, "tool_calls": [call["tool_calls"][0]] * 5_000}]}, "messages", "tool calls"),
         ({"messages": CIRCLES + [{"role": "tool", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}],
                                   "tool_call_id": "x"}]}, "messages.1.content", "user messages"),
     ]
@@ -232,10 +253,26 @@ def test_an_auto_answer_that_calls_tools_is_held_back_and_sent_as_calls(answer):
 
 
 @pytest.mark.parametrize("answer", ['{"color": "red"}', '[1, 2]', '[{"name": "paint", "parameters": {}}]', 'The circle is red.',
-                                    '[{"name": "look_again", "parameters": {}}'])
+                                    '[{"name": "look_again", "parameters": {}}', "[" * 3_000, '[{"name": ["look_again"]}]'])
 def test_an_auto_answer_that_is_no_call_goes_out_as_its_text(answer):
+    """Also what no JSON parser takes (nested past its limit) and names that are no name."""
     plan = ToolPlan.of(ChatRequest.model_validate({"model": MODEL, "messages": CIRCLES, "tools": TOOLS}).tools, "auto", None)
     chunks, whole = layout(plan, [answer[:end] for end in range(3, len(answer), 4)] + [answer])
     choice = accumulated(chunks)
     assert choice.message.content == answer and not choice.message.tool_calls and choice.finish_reason == "stop"
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": answer}
+
+
+def test_auto_without_parallel_calls_takes_the_first_and_a_lists_reader_finds_each_call_once():
+    tools = ChatRequest.model_validate({"model": MODEL, "messages": CIRCLES, "tools": TOOLS}).tools
+    two = '[{"name": "look_again", "parameters": {}}, {"name": "report_shape", "parameters": {"color": "red", "count": 1}}]'
+    calls, finish = ToolPlan.of(tools, "auto", False).answer(two, "stop")
+    assert [call["function"]["name"] for call in calls] == ["look_again"] and finish == "tool_calls"
+    assert len(ToolPlan.of(tools, "auto", None).answer(two, "stop")[0]) == 2
+    # read as it grows, a character at a time: each object once, when its closing brace arrives, and the list closed
+    reader, found = ListReader(), []
+    for end in range(1, len(two) + 1):
+        new = reader.read(two[:end])
+        assert all(two[:end].endswith("}") for _ in new)
+        found += new
+    assert found == json.loads(two) and reader.closed
