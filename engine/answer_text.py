@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 
-from .decoding import TokenLogprob
+from .decoding import Sampling, TokenLogprob
 
 
 @dataclass
@@ -18,6 +18,8 @@ class Progress:
     requests, `completion_tokens` generated; `finish_reason` ("stop" or "length") on the last one only. When they
     were asked for: `tokens` (the answer's ids) and their `logprobs` (the first `completion_tokens` of each count),
     every prompt token's `prompt_logprobs` (None for the first), and `ended_by`, the end token that finished it.
+    `stop_reason` (vLLM's): the stop string or the request's own stop token id that ended it; None for the model's
+    end token or the limit.
     `generated_tokens`: what usage counts, the end token included when one was drawn (as vLLM's, whose max_tokens
     counts it too: the answer's tokens and its end token are at most max_tokens)."""
     text: str
@@ -30,6 +32,7 @@ class Progress:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     ended_by: TokenLogprob | None = None
     end_drawn: bool = False
+    stop_reason: int | str | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -41,7 +44,8 @@ class Tokens:
     """What arrived of an answer since the last: `new` token ids; on the last one, the scheduler's `finish_reason`
     ("stop" at an end token, "length" at the limit). With log-probabilities asked for: `logprobs` (one per new
     token), `prompt_logprobs` (on the first), `ended_by` (on the last, if an end token finished it), `end_drawn`
-    (on the last: an end token finished it, which `new` leaves out)."""
+    (on the last: an end token finished it, which `new` leaves out), `stop_reason` (on the last: the request's own
+    stop token id that finished it, see Sequence.stop_reason)."""
     new: list[int]
     prompt_tokens: int
     cached_tokens: int
@@ -50,6 +54,7 @@ class Tokens:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     ended_by: TokenLogprob | None = None
     end_drawn: bool = False
+    stop_reason: int | None = None
 
 
 class AnswerText:
@@ -63,12 +68,17 @@ class AnswerText:
     prompt, its leading space included, which a tokenizer that drops the first token's space on decoding would lose
     if the answer's tokens were decoded alone.
 
-    With `min_tokens` (the sampling's), a stop string ends the answer only where it ends past the text of its first
-    `min_tokens` tokens, as vLLM checks stop strings only once an answer has that many."""
+    From `sampling`, as vLLM's detokenizer reads its SamplingParams: with `min_tokens`, a stop string ends the answer
+    only where it ends past the text of its first `min_tokens` tokens, as vLLM checks stop strings only once an
+    answer has that many; `include_stop_str_in_output` keeps the stop string that ended the answer in its text;
+    `skip_special_tokens` false keeps special tokens' text."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None, min_tokens: int = 0):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None, sampling: Sampling | None = None):
+        sampling = sampling or Sampling()
         self.tokenizer = tokenizer
         self.stop = tuple(word for word in stop if word)  # an empty one is in every text, before a single token
+        self.keep_stop, self.skip_special = sampling.include_stop_str_in_output, sampling.skip_special_tokens
+        min_tokens = sampling.min_tokens
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None  # with the tokens, if they came with theirs
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -85,7 +95,7 @@ class AnswerText:
         return whole[len(self._before):] if whole.startswith(self._before) else self._decode(tokens)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
     def add(self, arrived: Tokens) -> Progress:
         known = len(self.tokens)
@@ -98,37 +108,41 @@ class AnswerText:
         text = self.text_of(self.tokens)
         counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens, "tokens": self.tokens,
                   "logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
-        if self._stop_in(text, len(self.tokens)) >= 0:
-            self.tokens, text = self._until_stop(known)
+        if self._stop_in(text, len(self.tokens)) is not None:
+            self.tokens, text, word = self._until_stop(known)
             if self.logprobs is not None:
                 self.logprobs = self.logprobs[: len(self.tokens)]
             self.finished = True
-            return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop",
+            return Progress(text, completion_tokens=len(self.tokens), finish_reason="stop", stop_reason=word,
                             **{**counts, "tokens": self.tokens, "logprobs": self.logprobs})
         if arrived.finish_reason is not None:
             self.finished = True
             return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason,
-                            ended_by=arrived.ended_by, end_drawn=arrived.end_drawn, **counts)
+                            ended_by=arrived.ended_by, end_drawn=arrived.end_drawn, stop_reason=arrived.stop_reason, **counts)
         return Progress(shown(text, self.stop, strip=self._context is None), completion_tokens=len(self.tokens), **counts)
 
-    def _until_stop(self, known: int) -> tuple[list[int], str]:
-        """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, and
-        that text cut before it."""
+    def _until_stop(self, known: int) -> tuple[list[int], str, str]:
+        """The fewest tokens (more than `known`, whose text held no stop string) whose text holds a stop string, that
+        text cut before it (after it, with `keep_stop`), and the stop string."""
         for count in range(max(known, self.min_tokens) + 1, len(self.tokens) + 1):
             text = self.text_of(self.tokens[:count])
-            if (cut := self._stop_in(text, count)) >= 0:
-                text = text[:cut]
-                return self.tokens[:count], text.rstrip() if self._context is None else text
+            if (found := self._stop_in(text, count)) is not None:
+                at, word = found
+                if self.keep_stop:
+                    return self.tokens[:count], text[: at + len(word)], word
+                text = text[:at]
+                return self.tokens[:count], text.rstrip() if self._context is None else text, word
         raise AssertionError("the stop string was in the whole text")
 
-    def _stop_in(self, text: str, count: int) -> int:
-        """Where the first stop string that counts starts in `text` (the text of the first `count` tokens), or -1."""
+    def _stop_in(self, text: str, count: int) -> tuple[int, str] | None:
+        """Where the first stop string that counts starts in `text` (the text of the first `count` tokens), and which
+        it is; None if none is there."""
         if not self.stop or count <= self.min_tokens:
-            return -1
+            return None
         if self._floor is None:
             self._floor = len(self.text_of(self.tokens[: self.min_tokens]))
-        cuts = [at for word in self.stop if (at := text.find(word, max(0, self._floor - len(word) + 1))) >= 0]
-        return min(cuts, default=-1)
+        found = [(at, word) for word in self.stop if (at := text.find(word, max(0, self._floor - len(word) + 1))) >= 0]
+        return min(found, key=lambda each: each[0], default=None)
 
 
 def continuation(prompt_ids: list[int]) -> list[int]:
@@ -138,11 +152,11 @@ def continuation(prompt_ids: list[int]) -> list[int]:
 
 
 def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = (), context: list[int] | None = None,
-            min_tokens: int = 0) -> Iterator[Progress]:
+            sampling: Sampling | None = None) -> Iterator[Progress]:
     """The growing answer of `arrivals`; a stop string ends it (cut from the text, `arrivals` closed: that cancels
     the rest). Each Progress holds back what could still become a stop string or half a character. `context` and
-    `min_tokens`: see AnswerText."""
-    text = AnswerText(tokenizer, stop, context, min_tokens)
+    `sampling`: see AnswerText."""
+    text = AnswerText(tokenizer, stop, context, sampling)
     with closing(arrivals):
         for arrived in arrivals:
             yield text.add(arrived)
@@ -150,10 +164,13 @@ def as_text(arrivals: Iterator[Tokens], tokenizer, stop: tuple[str, ...] = (), c
                 return
 
 
-def chat_context(sampling) -> list[int] | None:
+def chat_context(sampling, prompt=None) -> list[int] | None:
     """The `context` of a chat answer's text: none (stripped, as LLaVA's answers are), or, for one held to a
     structured output, an empty one (the raw text: a choice of " yes" or a regex's trailing newline kept as the
-    grammar made it, as vLLM's are)."""
+    grammar made it, as vLLM's are); for a `prompt` (engine.prompts.Prompt) that continues its last message, that
+    message's last tokens (the text that follows them, raw, its leading space kept: as a completion's)."""
+    if prompt is not None and prompt.continued is not None:
+        return prompt.continued
     return [] if sampling.structure is not None else None
 
 

@@ -127,12 +127,15 @@ class ChatEngine:
             yield progress.text
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
-                 stop: tuple[str, ...] = (), interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Progress]:
+                 stop: tuple[str, ...] = (), interval: float = 0.0, cancel: threading.Event | None = None,
+                 rendering: dict | None = None) -> Iterator[Progress]:
         """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
         With `interval`, at most one Progress per that many seconds (the end is never held back). Setting `cancel`
-        (from any thread) ends the answer at once, also while it waits for a place in the batch."""
-        return as_text(self.generate_tokens(messages, image, sampling, session_id, interval, cancel), self.processor.tokenizer,
-                       stop, chat_context(sampling), min_tokens=sampling.min_tokens)
+        (from any thread) ends the answer at once, also while it waits for a place in the batch. `rendering`: the
+        chat template's arguments (Prompter.template_arguments). ChatError at the first read for input we refuse."""
+        prompt = self.prompter.prompt(messages, image, rendering)
+        yield from as_text(self.answer_prompt(prompt, sampling, session_id, interval, cancel), self.processor.tokenizer,
+                           stop, chat_context(sampling, prompt), sampling)
 
     def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (),
                  interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Progress]:
@@ -142,7 +145,7 @@ class ChatEngine:
         a prompt we refuse. `cancel`: as generate's."""
         made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
         return as_text(self.answer_prompt(made, sampling, interval=interval, cancel=cancel), self.processor.tokenizer, stop,
-                       continuation(made.ids[0].tolist()), sampling.min_tokens)
+                       continuation(made.ids[0].tolist()), sampling)
 
     def generate_tokens(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
                         interval: float = 0.0, cancel: threading.Event | None = None) -> Iterator[Tokens]:
@@ -265,7 +268,7 @@ class ChatEngine:
                         yield tokens(last)  # what the answer had before it failed
                     raise
             yield tokens(last, finish_reason=sequence.finish_reason or "stop", ended_by=sequence.ended_by,
-                         end_drawn=sequence.end_drawn)
+                         end_drawn=sequence.end_drawn, stop_reason=sequence.stop_reason)
         finally:
             with self._counts_lock:
                 self._counts["requests_failed" if sequence.error is not None else "requests_finished"] += 1

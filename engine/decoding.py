@@ -54,6 +54,11 @@ class Sampling:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
     structure: Structure | None = None  # what the answer is held to (engine.structured_output)
+    # vLLM's: tokens that end the answer as its end token does (also with ignore_eos; blocked too before min_tokens),
+    # their text left out unless `include_stop_str_in_output`, which keeps a stop string's text in the answer too
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # vLLM's: an answer's special tokens (its own stop tokens too) left out of its text
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -79,6 +84,8 @@ class Sampling:
         for name in ("logprobs", "prompt_logprobs"):
             if (count := getattr(self, name)) is not None and not 0 <= count <= MAX_LOGPROBS:
                 raise ValueError(f"{name} is {count}; it must be between 0 and {MAX_LOGPROBS}")
+        if any(token < 0 for token in self.stop_token_ids):
+            raise ValueError("a stop token id is at least 0")
         if self.structure is not None and self.min_tokens:  # an answer its grammar ends would have no token left to draw
             raise ValueError("min_tokens cannot be combined with a structured output, which ends where its grammar does")
         if self.temperature < MIN_TEMPERATURE:  # whoever asks (the API, the app, a caller of the engine)

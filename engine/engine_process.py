@@ -84,31 +84,34 @@ class EngineProcess:
         threading.Thread(target=self._read, name="llava-engine-reader", daemon=True).start()
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
-                 stop: tuple[str, ...] = (), interval: float = 0.0):
+                 stop: tuple[str, ...] = (), interval: float = 0.0, rendering: dict | None = None):
         if session_id is not None:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
-        return as_text(self._answer(lambda: self.prompter.prompt(messages, image), sampling, interval), self.tokenizer, tuple(stop),
-                       chat_context(sampling), min_tokens=sampling.min_tokens)
+        return self._generate(messages, image, sampling, tuple(stop), interval, rendering)
+
+    def _generate(self, messages, image, sampling: Sampling, stop: tuple[str, ...], interval: float, rendering: dict | None):
+        prompt = self.prompter.prompt(messages, image, rendering)  # ChatError at the first read, before the child hears of it
+        yield from as_text(self._answer(lambda: prompt, sampling, interval), self.tokenizer, stop, chat_context(sampling, prompt), sampling)
 
     def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
         """ChatEngine.complete's: `prompt` continued as it is."""
         made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
         return as_text(self._answer(lambda: made, sampling, interval), self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()),
-                       sampling.min_tokens)
+                       sampling)
 
     def answer(self, messages: list[dict], image, sampling: Sampling, loop: asyncio.AbstractEventLoop, stop: tuple[str, ...] = (),
-               interval: float = 0.0) -> "StreamedAnswer":
+               interval: float = 0.0, rendering: dict | None = None) -> "StreamedAnswer":
         """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
         it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
         the pipe, which blocks while the pipe is full (a child that stopped reading)."""
-        return self._stream(self.prompter.prompt(messages, image), AnswerText(self.tokenizer, tuple(stop), chat_context(sampling), sampling.min_tokens),
-                            sampling, loop, interval)
+        prompt = self.prompter.prompt(messages, image, rendering)
+        return self._stream(prompt, AnswerText(self.tokenizer, tuple(stop), chat_context(sampling, prompt), sampling), sampling, loop, interval)
 
     def answer_completion(self, prompt: str | list[int] | Prompt, sampling: Sampling, loop: asyncio.AbstractEventLoop,
                           stop: tuple[str, ...] = (), interval: float = 0.0) -> "StreamedAnswer":
         """As complete, for a reader on the event loop `loop` (see answer)."""
         made = prompt if isinstance(prompt, Prompt) else self.prompter.text_prompt(prompt)
-        return self._stream(made, AnswerText(self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()), sampling.min_tokens),
+        return self._stream(made, AnswerText(self.tokenizer, tuple(stop), continuation(made.ids[0].tolist()), sampling),
                             sampling, loop, interval)
 
     def _stream(self, prompt: Prompt, text: AnswerText, sampling: Sampling, loop: asyncio.AbstractEventLoop,

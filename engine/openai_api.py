@@ -91,6 +91,8 @@ class StructuredOutputs(BaseModel):
 MAX_TOP_K = 2**31 - 1
 MAX_CHOICES = 64  # in one request (n per prompt, times the prompts): each takes a place in the batch
 MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias (OpenAI takes 300)
+MAX_TEMPLATE_KWARGS = 64  # keys of one chat_template_kwargs
+MAX_STOP_TOKEN_IDS = 1024  # in one stop_token_ids: a set each decode step looks a token up in
 
 
 class SamplingRequest(BaseModel):
@@ -112,6 +114,11 @@ class SamplingRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
+    # vLLM's: token ids that end the answer as the end token does (also with ignore_eos), and whether the stop
+    # string or token that ended it stays in its text; whether special tokens' text is left out of it
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: StrictBool | None = None
+    skip_special_tokens: StrictBool | None = None
     n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -209,7 +216,10 @@ class SamplingRequest(BaseModel):
                         prompt_logprobs=self.prompt_logprob_alternatives, frequency_penalty=self.frequency_penalty or 0.0,
                         presence_penalty=self.presence_penalty or 0.0,
                         repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty, logit_bias=bias,
-                        structure=self.structure[1] if self.structure else None)
+                        structure=self.structure[1] if self.structure else None,
+                        stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids or [])),
+                        include_stop_str_in_output=bool(self.include_stop_str_in_output),
+                        skip_special_tokens=self.skip_special_tokens is not False)
 
 
 class ChatRequest(SamplingRequest):
@@ -220,7 +230,33 @@ class ChatRequest(SamplingRequest):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # vLLM's rendering of the conversation: the assistant's turn opened after it (add_generation_prompt, true by
+    # default) or its last message continued as it is (continue_final_message); `echo`: a last message of the
+    # assistant's begins the answer's text. chat_template_kwargs' add_generation_prompt and continue_final_message
+    # count over those fields, as in vLLM; its other keys reach the template where the template names them.
+    add_generation_prompt: StrictBool | None = None
+    continue_final_message: StrictBool | None = None
+    echo: StrictBool | None = None
+    chat_template_kwargs: dict | None = Field(None, max_length=MAX_TEMPLATE_KWARGS)
     _tool_plan: ToolPlan | None = PrivateAttr(None)
+
+    @property
+    def rendering(self) -> dict:
+        """The chat template's arguments: add_generation_prompt and continue_final_message (both bools, checked by
+        `_checked`), and the client's other chat_template_kwargs."""
+        given = dict(self.chat_template_kwargs or {})
+        return {**given, "add_generation_prompt": given.get("add_generation_prompt", self.add_generation_prompt is not False),
+                "continue_final_message": given.get("continue_final_message", bool(self.continue_final_message))}
+
+    @property
+    def echoed(self) -> str:
+        """What an answer's text begins with: with `echo`, the last message's text if it is the assistant's (as
+        vLLM's), else nothing."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant":
+            return ""
+        content = last.content or ""
+        return content if isinstance(content, str) else "\n".join(part.text for part in content if isinstance(part, TextPart))
 
     @property
     def tool_plan(self) -> ToolPlan | None:
@@ -254,6 +290,7 @@ class CompletionRequest(SamplingRequest):
     # loglikelihood and multiple-choice tasks send logprobs 1, echo true, max_tokens 1)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # false or true here is a chat client's habit
     echo: StrictBool | None = None
+    add_special_tokens: StrictBool | None = None  # vLLM's: false tokenizes a text prompt without the start token
 
     @property
     def logprob_alternatives(self) -> int | None:
@@ -271,19 +308,32 @@ class CompletionRequest(SamplingRequest):
 
 
 # Parameters this server does not implement -> the values that ask for nothing (what a client may send by habit).
-# Anything else is refused by name rather than ignored: a client that asked for JSON or tools must not take a plain
-# answer for what it asked.
+# Anything else is refused by name rather than ignored: a client that asked for beam search or a token whitelist
+# must not take a plain answer for what it asked.
 NEUTRAL = {
     "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,),
-    # the extras of vLLM and SGLang that are not implemented (top_k, min_p, min_tokens, ignore_eos, repetition_penalty
-    # and structured outputs are; prompt_logprobs is vLLM's own layout of what echo with logprobs gives in OpenAI's)
+    # the extras of vLLM and SGLang that are not implemented (prompt_logprobs is vLLM's own layout of what echo
+    # with logprobs gives in OpenAI's)
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "bad_words": (None, []), "allowed_token_ids": (None,),
+    "truncate_prompt_tokens": (None,), "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
+    "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}), "cache_salt": (None,), "return_token_ids": (None, False),
+    "kv_transfer_params": (None,), "vllm_xargs": (None, {}), "priority": (None, 0),
 }
 # why each of these is refused
 REFUSED_BECAUSE = {"functions": "OpenAI's former function calling: send tools and tool_choice",
                    "function_call": "OpenAI's former function calling: send tools and tool_choice",
-                   "tools": "tools are called on /v1/chat/completions", "tool_choice": "tools are called on /v1/chat/completions"}
+                   "tools": "tools are called on /v1/chat/completions", "tool_choice": "tools are called on /v1/chat/completions",
+                   "use_beam_search": "each answer is sampled on its own; there is no beam search",
+                   "chat_template": "a template sent with a request would run the client's code on the server; the model's "
+                                    "own template renders every conversation",
+                   "add_special_tokens": "this model's chat template leaves the start token to the tokenizer, so a prompt "
+                                         "without it is not one the model knows",
+                   "cache_salt": "the prefix cache is shared by every request here; serve each tenant from a server of its own",
+                   "priority": "requests are served in the order they come"}
+# /v1/chat/completions' own: vLLM's fields of a conversation's rendering that are not implemented
+CHAT_NEUTRAL = {**NEUTRAL, "chat_template": (None,), "documents": (None, []), "add_special_tokens": (None, True)}
 # /v1/completions' own (tools, tool_choice: fields of a chat request only)
 COMPLETION_NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"), **NEUTRAL, "suffix": (None, "")}
 # OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
@@ -301,7 +351,7 @@ def parse_request(body: bytes) -> ChatRequest:
     """A /v1/chat/completions body, checked; APIError (400) that names what is wrong."""
     raw = _json(body)
     refuse_too_many_items(raw)
-    return _checked(_validated(ChatRequest, raw), NEUTRAL)
+    return _checked(_validated(ChatRequest, raw), CHAT_NEUTRAL)
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
@@ -384,7 +434,23 @@ def _checked(request: SamplingRequest, neutral: dict):
                        "choose the best of more answers", param="best_of", code="unsupported_parameter")
     if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
         raise APIError(400, "max_tokens: 0 asks for nothing but the prompt's echo; give echo true, or at least 1", param="max_tokens")
+    if isinstance(request, ChatRequest):
+        _check_rendering(request)
     return request
+
+
+def _check_rendering(request: ChatRequest):
+    for key in ("add_generation_prompt", "continue_final_message"):
+        if not isinstance(value := (request.chat_template_kwargs or {}).get(key, False), bool):
+            raise APIError(400, f"chat_template_kwargs.{key}: {value!r:.40} is not a boolean", param=f"chat_template_kwargs.{key}")
+    rendering = request.rendering
+    if rendering["continue_final_message"] and rendering["add_generation_prompt"]:
+        raise APIError(400, "continue_final_message: the last message is continued, or the assistant's next one begins "
+                       "after it (add_generation_prompt, true by default): not both; send add_generation_prompt false",
+                       param="continue_final_message")
+    if rendering["continue_final_message"] and request.tool_plan is not None:
+        raise APIError(400, "continue_final_message: a message continued is text, not a tool's call; send tool_choice none",
+                       param="continue_final_message")
 
 
 def checked_structure(request: SamplingRequest):

@@ -33,12 +33,16 @@ class ChatCompletion:
     usage was asked for: only the last one a value. With `logprobs` (the request asked for them, so its Progress
     carries them) each choice, and each chunk of a stream, has its tokens' log-probabilities, their texts by
     `tokenizer` (or `token_id:N` names, `as_ids`). `choices`: per prompt (n). With `continuous` (vLLM's
-    continuous_usage_stats) each chunk's usage is its choice's so far."""
+    continuous_usage_stats) each chunk's usage is its choice's so far. `echo`: the text each choice's content begins
+    with (vLLM's echo of a last assistant message that the answer continues), sent with a stream's opening. Each
+    choice, and a stream's last chunk of one, has vLLM's `stop_reason`: the stop string or the request's stop token
+    id that ended it (None otherwise)."""
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, continuous: bool = False):
+                 choices: int = 1, continuous: bool = False, echo: str = ""):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
+        self.echo_text = echo
         self.with_usage, self.choices, self.continuous = with_usage, choices, continuous
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
         self._told: dict[int, _Told] = {}  # a stream's, per choice
@@ -46,13 +50,14 @@ class ChatCompletion:
     def whole(self, *progresses: Progress) -> dict:
         """The whole response: a choice per answer, their usage summed."""
         choices = [self._choice(self._text(index, progress), progress.finish_reason, whole=True, index=index,
-                                logprobs=self._whole_logprobs(index, progress) if self.logprobs else None)
+                                logprobs=self._whole_logprobs(index, progress) if self.logprobs else None,
+                                stop_reason=progress.stop_reason)
                    for index, progress in enumerate(progresses)]
         return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses, choices=self.choices)}
 
     def opening(self, progress: Progress, index: int = 0) -> dict | None:
         """Choice `index`'s first chunk, before its text (`progress`: its first)."""
-        return self._chunk({"role": "assistant", "content": ""}, index=index, progress=progress)
+        return self._chunk({"role": "assistant", "content": self.echo_text}, index=index, progress=progress)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
         return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index), progress=progress)
@@ -65,7 +70,7 @@ class ChatCompletion:
         return {**self._head(self.chunk_kind), "choices": [], "usage": usage(*progresses, choices=self.choices)}
 
     def _text(self, index: int, progress: Progress) -> str:
-        return progress.text
+        return self.echo_text + progress.text
 
     def _whole_logprobs(self, index: int, progress: Progress) -> dict:
         count = progress.completion_tokens
@@ -86,15 +91,19 @@ class ChatCompletion:
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
+    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None,
+                stop_reason: int | str | None = None) -> dict:
         """`text`: the message's content when whole, else the chunk's delta."""
         if whole:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": logprobs}
-        return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                    "logprobs": logprobs, "stop_reason": stop_reason}
+        return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs, "stop_reason": stop_reason}
 
     def _chunk(self, delta, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None,
                progress: Progress | None = None) -> dict:
-        chunk = {**self._head(self.chunk_kind), "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs)]}
+        stop_reason = progress.stop_reason if finish_reason is not None and progress is not None else None
+        chunk = {**self._head(self.chunk_kind),
+                 "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs, stop_reason=stop_reason)]}
         if self.with_usage:
             chunk["usage"] = usage(progress) if self.continuous and progress is not None else None
         return chunk
@@ -163,5 +172,6 @@ class TextCompletion(ChatCompletion):
                                                   progress.logprobs[start: told.tokens], told.offset)
         return joined(layout, *self._end(told.texts, progress, told.offset)) if last else layout
 
-    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None) -> dict:
-        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    def _choice(self, text, finish_reason: str | None, whole: bool = False, index: int = 0, logprobs: dict | None = None,
+                stop_reason: int | str | None = None) -> dict:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs, "stop_reason": stop_reason}

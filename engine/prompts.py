@@ -7,14 +7,17 @@ about 1 ms of Python per request, which the interpreter's lock serialized with t
 core the model has."""
 
 import dataclasses
+import functools
 import hashlib
 import os
 
 import torch
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError, TemplateSyntaxError, meta, nodes
+from jinja2.ext import Extension
 
 from llava_plugin import ImageLoadError, load_image
 
+from .answer_text import continuation
 from .decoded_images import DecodedImages
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD, UntrustedInputError, conversation_size, open_image, plain_messages
 
@@ -51,6 +54,9 @@ class Prompt:
     sources: list
     ids: torch.Tensor | None = None
     images: list | None = None
+    # the prompt's last token ids when it continues its last message (continue_final_message): the answer's text
+    # is then what follows them, raw (answer_text.chat_context), not a new message's stripped text
+    continued: list[int] | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__, images=None)
@@ -64,6 +70,38 @@ class Prompt:
         self.__dict__.update(state)
 
 
+# the names apply_chat_template gives the template, or takes as its own parameters: never a client's
+RENDERER_NAMES = frozenset({"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
+                            "raise_exception", "strftime_now", "tokenize", "return_dict", "return_tensors", "processor_kwargs",
+                            "return_assistant_tokens_mask", "sanitize_control_tokens", "load_audio_from_video"})
+
+
+class _GenerationBlock(Extension):
+    """transformers' `{% generation %}` block (its assistant-mask marker), read as its body: enough to list the
+    variables a template reads, which is all this parses for."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+@functools.lru_cache(maxsize=8)
+def template_variables(template: str | None) -> frozenset[str]:
+    """The variables a chat template reads that it sets nowhere (jinja's own list counts a name set in one branch
+    only, or a macro's argument); none for a template this cannot parse (a tag of some other renderer's): then no
+    client argument reaches it."""
+    if not template:
+        return frozenset()
+    try:
+        parsed = Environment(extensions=["jinja2.ext.loopcontrols", _GenerationBlock]).parse(template)
+    except TemplateSyntaxError:
+        return frozenset()
+    stored = {name.name for name in parsed.find_all(nodes.Name) if name.ctx in ("store", "param")}
+    stored |= {argument.name for macro in parsed.find_all(nodes.Macro) for argument in macro.args}
+    return frozenset(meta.find_undeclared_variables(parsed) - stored)
+
+
 class Prompter:
     """Prompts for one processor; keeps the images it decoded (see DecodedImages)."""
 
@@ -71,9 +109,10 @@ class Prompter:
         self.processor = processor
         self._images = DecodedImages()
 
-    def prompt(self, messages: list[dict], image) -> Prompt:
+    def prompt(self, messages: list[dict], image, rendering: dict | None = None) -> Prompt:
         """The Prompt of `messages` (chat-template format) and `image` (one, a list for a conversation with several, or
-        None for a conversation without images); ChatError for input we refuse."""
+        None for a conversation without images); ChatError for input we refuse. `rendering`: the chat template's
+        arguments (see template_arguments); by default the assistant's next message is opened after the last."""
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         later = next((index for index, message in enumerate(messages) if index and message.get("role") == "system"), None)
         if later is not None:  # LLaVA's prompt has one system text, first: a template would render it as anything else
@@ -85,7 +124,8 @@ class Prompter:
                 raise UntrustedInputError(f"the conversation ({len(messages):,} messages) is over the limit of "
                                           f"{MAX_CONVERSATION_CHARS:,} characters (each message counts {MESSAGE_OVERHEAD} more)")
             messages = plain_messages(messages, self.processor.tokenizer.all_special_tokens)
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            arguments = self.template_arguments(rendering)
+            text = self.processor.apply_chat_template(messages, **arguments)
         except (ImageLoadError, UntrustedInputError, ValueError, TemplateError) as error:  # unreadable or huge image
             raise ChatError(str(error)) from error
         images = [image for image, _ in decoded]
@@ -97,18 +137,35 @@ class Prompter:
             raise
         except ValueError as error:  # markers and images that do not match
             raise ChatError(str(error)) from error
+        if arguments["continue_final_message"]:
+            tail = prompt.ids[0] if prompt.ids is not None else self.processor.tokenizer(text)["input_ids"]
+            prompt.continued = continuation(list(map(int, tail)))
         return prompt
 
-    def text_prompt(self, prompt: str | list[int], room: int = 0) -> Prompt:
+    def template_arguments(self, rendering: dict | None) -> dict:
+        """apply_chat_template's arguments for a client's `rendering`: add_generation_prompt (true unless it says
+        false) and continue_final_message (false unless it says true), and of its other keys (chat_template_kwargs)
+        those the template reads, as vLLM passes them. Keys the template does not read are dropped, and so are the
+        names the renderer gives the template itself (messages, the special tokens: a client must not redefine the
+        eos_token the template writes after each answer)."""
+        rendering = rendering or {}
+        reserved = RENDERER_NAMES | set(self.processor.tokenizer.special_tokens_map)
+        extra = {key: value for key, value in rendering.items()
+                 if key in template_variables(self.processor.chat_template) and key not in reserved}
+        return {**extra, "add_generation_prompt": rendering.get("add_generation_prompt", True) is not False,
+                "continue_final_message": rendering.get("continue_final_message", False) is True}
+
+    def text_prompt(self, prompt: str | list[int], room: int = 0, add_special_tokens: bool = True) -> Prompt:
         """The Prompt of a text-completion request: `prompt` is raw text, tokenized as it is (the tokenizer's own
         start token added, no chat template), or token ids; no images (their markers are refused: the model would
         look for features nobody sent). ChatError for input we refuse, ContextTooLong for a prompt that leaves the
-        answer less than `room` tokens of the context."""
+        answer less than `room` tokens of the context. `add_special_tokens` false: a text's tokens without the
+        tokenizer's start token (a client that wrote its own)."""
         tokenizer = self.processor.tokenizer
         if isinstance(prompt, str):
             if len(prompt) > MAX_CONVERSATION_CHARS:
                 raise ChatError(f"the prompt ({len(prompt):,} characters) is over the limit of {MAX_CONVERSATION_CHARS:,}")
-            ids, text = tokenizer(prompt)["input_ids"], prompt
+            ids, text = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"], prompt
         else:
             ids, text = list(prompt), ""
             outside = next((token for token in ids if not 0 <= token < len(tokenizer)), None)

@@ -52,6 +52,7 @@ class Sequence:
         self.cache, self.pending, self.image_inputs = cache, pending, image_inputs
         self.constraint = constraint  # its structured output's place in its grammar (sampling.structure), if it has one
         self.sampling, self.stop_ids = sampling, stop_ids
+        self.stop_token_ids = frozenset(sampling.stop_token_ids)  # the request's own (stop_ids: the model's end tokens)
         # its own score adjustments, if it asked for any; `prompt`: all of its prompt's ids, which the repetition
         # penalty counts (without it, the pending ones)
         if sampling.repetition_penalty != 1 and prompt is None:
@@ -65,6 +66,7 @@ class Sequence:
         self.end_drawn = False  # it ended at an end token it drew: one token more than `tokens` (usage counts it)
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # with sampling.prompt_logprobs, before any token
         self.finish_reason: str | None = None  # "stop" (an end token) or "length"
+        self.stop_reason: int | None = None  # the stop token id of the request's own that ended it (vLLM's stop_reason)
         self.error: BaseException | None = None
         # set by its reader leaving, or by whoever holds the Event (engine_process: a client gone while it waited)
         self._cancel = cancel or threading.Event()
@@ -86,9 +88,11 @@ class Sequence:
 
     @property
     def blocked(self) -> set[int]:
-        """The tokens its next one may not be: its end tokens while it is short of its min_tokens."""
-        short = len(self.tokens) < self.sampling.min_tokens and not self.sampling.ignore_eos
-        return self.stop_ids if short else set()
+        """The tokens its next one may not be: its end tokens and stop tokens while it is short of its min_tokens (its
+        end tokens not with ignore_eos, where they are tokens as any other)."""
+        if len(self.tokens) >= self.sampling.min_tokens:
+            return set()
+        return self.stop_token_ids if self.sampling.ignore_eos else self.stop_ids | self.stop_token_ids
 
     @property
     def scores_prompt(self) -> bool:
@@ -113,7 +117,10 @@ class Sequence:
                                              f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "
                                              f"may not overflow")
             return True
-        if token in self.stop_ids and not self.sampling.ignore_eos:  # blocked (see `blocked`) before min_tokens
+        stops = token in self.stop_ids and not self.sampling.ignore_eos  # blocked (see `blocked`) before min_tokens
+        if asked := token in self.stop_token_ids and not stops:  # a stop token of the request's own, as vLLM's
+            self.stop_reason = token
+        if stops or asked and not self.sampling.include_stop_str_in_output:
             self.finish_reason, self.ended_by, self.end_drawn = "stop", logprob, True
             return True
         if self.constraint is not None and not self.constraint.accept(token):  # its mask allowed it: a bug of ours
@@ -125,6 +132,9 @@ class Sequence:
             self.penalties.add(token)
         self.tokens.append(token)
         self.out.put(token)
+        if asked:  # kept in the answer (include_stop_str_in_output), and its last token
+            self.finish_reason = "stop"
+            return True
         if self.constraint is not None and self.constraint.complete:  # an end token it took with ignore_eos: nothing may follow
             self.finish_reason = "stop"
             return True

@@ -76,12 +76,15 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     tokenizer = prompter.processor.tokenizer if prompter is not None else None
 
     def sampling_of(asked: SamplingRequest, choice: int) -> Sampling:
-        """The request's sampling for its choice `choice`; a logit_bias naming a token the model does not have is a
-        400 here (on the scheduler's thread its indexing would fail every answer of the batch)."""
+        """The request's sampling for its choice `choice`; a logit_bias or stop_token_ids naming a token the model does
+        not have is a 400 here (on the scheduler's thread its indexing would fail every answer of the batch)."""
         sampling = asked.sampling(MAX_COMPLETION_TOKENS, choice)
-        if tokenizer is not None and (outside := [token for token, _ in sampling.logit_bias if not 0 <= token < len(tokenizer)]):
-            raise APIError(400, f"logit_bias: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
-                           param="logit_bias")
+        if tokenizer is None:
+            return sampling
+        for param, tokens in (("logit_bias", [token for token, _ in sampling.logit_bias]), ("stop_token_ids", sampling.stop_token_ids)):
+            if outside := [token for token in tokens if not 0 <= token < len(tokenizer)]:
+                raise APIError(400, f"{param}: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
+                               param=param)
         return sampling
 
     def with_usage(asked: SamplingRequest) -> bool:
@@ -155,13 +158,15 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 messages, images = engine_messages(chat, policy)
                 sampling = sampling_of(chat, choice)
                 if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
-                    return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop)
+                    return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop,
+                                         rendering=chat.rendering)
                 cancel = threading.Event()
-                return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval, cancel=cancel), cancel)
+                return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval, cancel=cancel,
+                                                      rendering=chat.rendering), cancel)
             return begin
 
         layout = dict(with_usage=with_usage(chat), tokenizer=tokenizer, logprobs=bool(chat.logprobs),
-                      as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat))
+                      as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat), echo=chat.echoed)
         response = (ChatCompletion(model_name, **layout) if chat.tool_plan is None
                     else ToolCallCompletion(chat.tool_plan, model_name, **layout))
         return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
@@ -181,8 +186,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 sampling = sampling_of(completion, index % choices)
                 # the prompt's tokens (ChatError here, not at the engine's first read: a stream of several prompts has
                 # begun by then): the response echoes them, and names their log-probabilities
-                made = response.prompts[index] = engine.prompter.text_prompt(prompts[index // choices],
-                                                                             room=min(1, sampling.max_new_tokens))
+                made = response.prompts[index] = engine.prompter.text_prompt(
+                    prompts[index // choices], room=min(1, sampling.max_new_tokens), add_special_tokens=completion.add_special_tokens is not False)
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 cancel = threading.Event()

@@ -71,6 +71,24 @@ def test_answers_equal_the_engine_in_process_alone_and_at_once(child, local):
     assert last(child.generate(text_only, None, GREEDY)).text == last(local.generate(text_only, None, GREEDY)).text
 
 
+def test_a_continued_message_and_stop_token_ids_answer_as_in_process(child, local):
+    """The Prompt crosses with what it continues (its text raw, as in process), and the sampling with its stop
+    token ids and what it keeps of them."""
+    image = IMAGES[0].read_bytes()
+    messages = conversation("What color is the circle?") + [{"role": "assistant", "content": "The circle"}]
+    rendering = {"add_generation_prompt": False, "continue_final_message": True}
+    mine = last(local.generate(messages, image, GREEDY, rendering=rendering))
+    theirs = last(child.generate(messages, image, GREEDY, rendering=rendering))
+    assert theirs.text == mine.text and theirs.text.startswith(" ")
+    tokens = last(local.generate(conversation("Describe the image."), image, Sampling(temperature=0, max_new_tokens=40, logprobs=0))).tokens
+    for keep in (False, True):
+        sampling = Sampling(temperature=0, max_new_tokens=40, stop_token_ids=(tokens[3],), include_stop_str_in_output=keep)
+        mine = last(local.generate(conversation("Describe the image."), image, sampling))
+        theirs = last(child.generate(conversation("Describe the image."), image, sampling))
+        assert (theirs.text, theirs.stop_reason, theirs.generated_tokens) == (mine.text, tokens[3], mine.generated_tokens)
+        assert mine.generated_tokens == tokens.index(tokens[3]) + 1
+
+
 def test_stop_strings_are_cut_in_the_parent_as_the_engine_cuts_them(child, local):
     image = IMAGES[0].read_bytes()
     whole = last(local.generate(conversation("Describe the image."), image, GREEDY))

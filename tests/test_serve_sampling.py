@@ -90,7 +90,7 @@ def test_a_stop_string_ending_past_the_floor_cuts_the_text():
             return "".join(map(chr, ids))
 
     def fed(text, stop, min_tokens):
-        answer = AnswerText(Letters(), stop, context=[], min_tokens=min_tokens)
+        answer = AnswerText(Letters(), stop, context=[], sampling=Sampling(max_new_tokens=16, min_tokens=min_tokens))
         progress = answer.add(Tokens([ord(c) for c in text], 1, 0))
         return progress.text, progress.finish_reason
 

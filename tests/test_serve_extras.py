@@ -1,0 +1,188 @@
+"""vLLM's request extras through llava-serve, each implemented or refused by name, never silently ignored:
+stop_token_ids, include_stop_str_in_output, skip_special_tokens and stop_reason; a conversation's rendering
+(add_generation_prompt, continue_final_message, echo, chat_template_kwargs); a completion's add_special_tokens.
+Over loopback with the official openai client."""
+
+import pytest
+
+from engine.prompts import template_variables
+from test_serve import CIRCLES, MODEL, ask, client, engine, refused  # noqa: F401
+from test_serve_completions import PROMPT, complete
+
+
+def greedy_tokens(engine, client, **options) -> list[int]:
+    """The token ids of the greedy answer to CIRCLES (its text re-tokenized would not always give them back)."""
+    answer = ask(client, CIRCLES, logprobs=True, extra_body={"return_tokens_as_token_ids": True}, **options)
+    return [int(entry.token.removeprefix("token_id:")) for entry in answer.choices[0].logprobs.content]
+
+
+def test_a_stop_token_id_ends_the_answer_where_the_model_draws_it(client, engine):
+    tokenizer = engine.processor.tokenizer
+    whole = ask(client, CIRCLES)
+    tokens = greedy_tokens(engine, client)
+    assert tokenizer.decode(tokens, skip_special_tokens=True).strip() == whole.choices[0].message.content
+    at = 2  # the third token of the answer, which the greedy answer first draws there
+    stop_token = tokens[at]
+    assert stop_token not in tokens[:at]
+    cut = ask(client, CIRCLES, extra_body={"stop_token_ids": [stop_token, 0]})
+    choice = cut.choices[0]
+    assert choice.finish_reason == "stop" and choice.model_extra["stop_reason"] == stop_token
+    assert choice.message.content == tokenizer.decode(tokens[:at], skip_special_tokens=True).strip()
+    assert cut.usage.completion_tokens == at + 1  # the stop token counts, as the end token does (vLLM's)
+    kept = ask(client, CIRCLES, extra_body={"stop_token_ids": [stop_token], "include_stop_str_in_output": True}).choices[0]
+    assert kept.message.content == tokenizer.decode(tokens[: at + 1], skip_special_tokens=True).strip()
+    assert kept.model_extra["stop_reason"] == stop_token
+    # streamed: the same text, and the last chunk says why
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=40, stream=True,
+                                                 extra_body={"stop_token_ids": [stop_token]}))
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == choice.message.content
+    assert chunks[-1].choices[0].model_extra["stop_reason"] == stop_token
+    assert all(chunk.choices[0].model_extra["stop_reason"] is None for chunk in chunks[:-1])
+    # an answer the model ends itself has no stop_reason
+    assert whole.choices[0].model_extra["stop_reason"] is None
+
+
+def test_stop_token_ids_wait_for_min_tokens_and_stop_also_with_ignore_eos(client, engine):
+    tokens = greedy_tokens(engine, client)
+    first = tokens[0]
+    later = ask(client, CIRCLES, extra_body={"stop_token_ids": [first], "min_tokens": 3})
+    assert later.usage.completion_tokens >= 3  # blocked as the first token, so the answer went another way
+    ignoring = ask(client, CIRCLES, max_tokens=30, extra_body={"stop_token_ids": [tokens[2]], "ignore_eos": True})
+    assert ignoring.choices[0].finish_reason == "stop" and ignoring.usage.completion_tokens == 3
+    assert ignoring.choices[0].model_extra["stop_reason"] == tokens[2]
+
+
+def test_a_stop_string_kept_in_the_text_with_include_stop_str_in_output(client):
+    full = ask(client, CIRCLES).choices[0].message.content  # "The circle is red."
+    cut = ask(client, CIRCLES, stop=[" is", "zzz"]).choices[0]
+    assert cut.message.content == full.split(" is")[0] and cut.model_extra["stop_reason"] == " is"
+    kept = ask(client, CIRCLES, stop=[" is"], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert kept.message.content == full.split(" is")[0] + " is" and kept.model_extra["stop_reason"] == " is"
+    completion = complete(client, PROMPT, max_tokens=24)
+    text = completion.choices[0].text
+    word = text.split()[1]
+    stopped = complete(client, PROMPT, max_tokens=24, stop=[word], extra_body={"include_stop_str_in_output": True}).choices[0]
+    assert stopped.text == text[: text.index(word) + len(word)] and stopped.model_extra["stop_reason"] == word
+
+
+def test_skip_special_tokens_false_keeps_their_text(client, engine):
+    tokenizer = engine.processor.tokenizer
+    eos = tokenizer.eos_token_id
+    tokens = greedy_tokens(engine, client)
+    # with ignore_eos the end token is a token of the answer; its text shows only without skip_special_tokens
+    answers = {skip: ask(client, CIRCLES, max_tokens=len(tokens) + 2,
+                         extra_body={"ignore_eos": True, "skip_special_tokens": skip}).choices[0].message.content
+               for skip in (True, False)}
+    assert tokenizer.eos_token not in answers[True] and tokenizer.eos_token in answers[False]
+    assert eos is not None
+
+
+def continued(messages: list[dict], text: str) -> list[dict]:
+    return messages + [{"role": "assistant", "content": text}]
+
+
+def test_continue_final_message_continues_the_assistants_text_as_a_completion_would(client, engine):
+    prefix = "The circle"
+    messages = continued(CIRCLES, prefix)
+    answer = ask(client, messages, extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    rendered = engine.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "What color is the circle?"}, {"type": "image"}]},
+         {"role": "assistant", "content": prefix}], add_generation_prompt=False, continue_final_message=True)
+    assert rendered.endswith("ASSISTANT: The circle")
+    continuation = answer.choices[0].message.content
+    assert continuation.startswith(" ") and "red" in continuation  # raw: what follows "The circle", its space kept
+    whole = ask(client, CIRCLES).choices[0].message.content
+    assert prefix + continuation.rstrip() == whole  # the greedy answer, continued where it was cut
+    echoed = ask(client, messages, extra_body={"continue_final_message": True, "add_generation_prompt": False, "echo": True})
+    assert echoed.choices[0].message.content == prefix + continuation
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=40, stream=True,
+                                            extra_body={"continue_final_message": True, "add_generation_prompt": False, "echo": True})
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == prefix + continuation
+    # the same through chat_template_kwargs, as vLLM also takes them
+    kwargs = ask(client, messages, extra_body={"chat_template_kwargs": {"continue_final_message": True, "add_generation_prompt": False}})
+    assert kwargs.choices[0].message.content == continuation
+
+
+def test_add_generation_prompt_false_renders_no_opened_turn(client):
+    # without an assistant turn opened, the model goes on after the question: another answer than the usual one
+    opened = ask(client, CIRCLES, max_tokens=8)
+    closed = ask(client, CIRCLES, max_tokens=8, extra_body={"add_generation_prompt": False})
+    assert closed.usage.prompt_tokens < opened.usage.prompt_tokens  # " ASSISTANT:" left out
+    assert closed.choices[0].message.content != opened.choices[0].message.content
+    # echo echoes a last message of the assistant's only: after the user's, the answer is as without it
+    assert ask(client, CIRCLES, max_tokens=8, extra_body={"echo": True}).choices[0].message.content == opened.choices[0].message.content
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"continue_final_message": True}, "continue_final_message"),  # add_generation_prompt true by default
+    ({"chat_template_kwargs": {"continue_final_message": True}}, "continue_final_message"),
+    ({"chat_template_kwargs": {"continue_final_message": "yes", "add_generation_prompt": False}},
+     "chat_template_kwargs.continue_final_message"),
+    ({"echo": "yes"}, "echo"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids.0"),
+    ({"stop_token_ids": [10**9]}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(2000))}, "stop_token_ids"),
+    ({"include_stop_str_in_output": "true"}, "include_stop_str_in_output"),
+])
+def test_bad_rendering_and_stop_fields_are_refused_by_name(client, extra, param):
+    error = refused(lambda: ask(client, continued(CIRCLES, "The"), extra_body=extra))
+    assert error.status_code == 400 and error.body["param"] == param, error.body
+
+
+def test_continue_final_message_with_a_tool_call_is_refused(client):
+    tool = {"type": "function", "function": {"name": "color", "parameters": {"type": "object", "properties": {}}}}
+    error = refused(lambda: ask(client, continued(CIRCLES, "The"), tools=[tool], tool_choice="required",
+                                extra_body={"continue_final_message": True, "add_generation_prompt": False}))
+    assert error.status_code == 400 and error.body["param"] == "continue_final_message"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+    ({"bad_words": ["red"]}, "bad_words"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"add_special_tokens": False}, "add_special_tokens"),
+    ({"cache_salt": "tenant-1"}, "cache_salt"),
+    ({"priority": 5}, "priority"),
+    ({"logits_processors": ["my.module:Processor"]}, "logits_processors"),
+    ({"truncate_prompt_tokens": 10}, "truncate_prompt_tokens"),
+])
+def test_extras_not_implemented_are_refused_by_name(client, extra, param):
+    error = refused(lambda: ask(client, CIRCLES, extra_body=extra))
+    assert error.status_code == 400 and error.body["param"] == param and error.body["code"] == "unsupported_parameter", error.body
+
+
+def test_extras_at_their_neutral_values_are_accepted(client):
+    neutral = {"use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "spaces_between_special_tokens": True,
+               "logits_processors": [], "mm_processor_kwargs": {}, "return_token_ids": False, "vllm_xargs": {}, "priority": 0,
+               "chat_template": None, "documents": None, "add_special_tokens": True, "skip_special_tokens": True,
+               "include_stop_str_in_output": False, "stop_token_ids": [], "echo": False, "add_generation_prompt": True,
+               "chat_template_kwargs": {"enable_thinking": False}}
+    assert ask(client, CIRCLES, extra_body=neutral).choices[0].message.content == ask(client, CIRCLES).choices[0].message.content
+
+
+def test_template_kwargs_reach_only_the_variables_a_template_reads(engine):
+    """A key the template reads reaches it; one it does not read, or one the renderer sets itself (an eos_token a
+    client would redefine), does not."""
+    prompter = engine.prompter
+    template = prompter.processor.chat_template
+    assert template_variables(template) >= {"messages", "add_generation_prompt", "eos_token"}
+    assert not template_variables(template) & {"parts", "turns"}  # set by the template itself
+    arguments = prompter.template_arguments({"eos_token": "!", "messages": [], "enable_thinking": True, "continue_final_message": True,
+                                             "add_generation_prompt": False})
+    assert arguments == {"add_generation_prompt": False, "continue_final_message": True}
+    reading = "{% for m in messages %}{{ m.content }}{% endfor %}{% if enable_thinking %}<think>{% endif %}"
+    assert template_variables(reading) == {"messages", "enable_thinking"}
+    assert template_variables("{% unknown_tag %}") == frozenset()
+
+
+def test_a_completion_without_special_tokens_has_no_start_token(client, engine):
+    tokenizer = engine.processor.tokenizer
+    with_start = complete(client, PROMPT, max_tokens=4)
+    without = complete(client, PROMPT, max_tokens=4, extra_body={"add_special_tokens": False})
+    expected = len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    assert without.usage.prompt_tokens == expected
+    assert with_start.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    if tokenizer.bos_token_id is not None and tokenizer(PROMPT)["input_ids"][0] == tokenizer.bos_token_id:
+        assert with_start.usage.prompt_tokens == expected + 1
+    assert refused(lambda: complete(client, PROMPT, extra_body={"add_special_tokens": "no"})).body["param"] == "add_special_tokens"
