@@ -222,7 +222,25 @@ class SamplingRequest(BaseModel):
                         skip_special_tokens=self.skip_special_tokens is not False)
 
 
-class ChatRequest(SamplingRequest):
+class Rendering(BaseModel):
+    """vLLM's fields of a conversation's rendering: the assistant's turn opened after it (add_generation_prompt, true
+    by default) or its last message continued as it is (continue_final_message). chat_template_kwargs'
+    add_generation_prompt and continue_final_message count over those fields, as in vLLM; its other keys reach the
+    template where the template reads them (engine.prompts.Prompter.template_arguments)."""
+    add_generation_prompt: StrictBool | None = None
+    continue_final_message: StrictBool | None = None
+    chat_template_kwargs: dict | None = Field(None, max_length=MAX_TEMPLATE_KWARGS)
+
+    @property
+    def rendering(self) -> dict:
+        """The chat template's arguments: add_generation_prompt and continue_final_message (both bools, checked by
+        `_check_rendering`), and the client's other chat_template_kwargs."""
+        given = dict(self.chat_template_kwargs or {})
+        return {**given, "add_generation_prompt": given.get("add_generation_prompt", self.add_generation_prompt is not False),
+                "continue_final_message": given.get("continue_final_message", bool(self.continue_final_message))}
+
+
+class ChatRequest(SamplingRequest, Rendering):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool | None = None  # strict, as the next two: 1, "true" or a count here is a client's mistake
@@ -230,23 +248,8 @@ class ChatRequest(SamplingRequest):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
-    # vLLM's rendering of the conversation: the assistant's turn opened after it (add_generation_prompt, true by
-    # default) or its last message continued as it is (continue_final_message); `echo`: a last message of the
-    # assistant's begins the answer's text. chat_template_kwargs' add_generation_prompt and continue_final_message
-    # count over those fields, as in vLLM; its other keys reach the template where the template names them.
-    add_generation_prompt: StrictBool | None = None
-    continue_final_message: StrictBool | None = None
-    echo: StrictBool | None = None
-    chat_template_kwargs: dict | None = Field(None, max_length=MAX_TEMPLATE_KWARGS)
+    echo: StrictBool | None = None  # vLLM's: a last message of the assistant's begins the answer's text
     _tool_plan: ToolPlan | None = PrivateAttr(None)
-
-    @property
-    def rendering(self) -> dict:
-        """The chat template's arguments: add_generation_prompt and continue_final_message (both bools, checked by
-        `_checked`), and the client's other chat_template_kwargs."""
-        given = dict(self.chat_template_kwargs or {})
-        return {**given, "add_generation_prompt": given.get("add_generation_prompt", self.add_generation_prompt is not False),
-                "continue_final_message": given.get("continue_final_message", bool(self.continue_final_message))}
 
     @property
     def echoed(self) -> str:
@@ -439,7 +442,45 @@ def _checked(request: SamplingRequest, neutral: dict):
     return request
 
 
-def _check_rendering(request: ChatRequest):
+class TokenizeRequest(Rendering):
+    """vLLM's /tokenize: a text `prompt` (with the tokenizer's start token unless add_special_tokens is false), or a
+    conversation's `messages` rendered as /v1/chat/completions renders them (its images' tokens laid out)."""
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_CONVERSATION_CHARS)
+    messages: list[Message] | None = Field(None, min_length=1)
+    add_special_tokens: StrictBool | None = None
+    return_token_strs: StrictBool | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[StrictInt] = Field(max_length=MAX_PROMPT_TOKENS)
+
+
+TOKENIZE_NEUTRAL = {"chat_template": (None,), "tools": (None, []), "documents": (None, []), "mm_processor_kwargs": (None, {})}
+
+
+def parse_tokenize_request(body: bytes) -> TokenizeRequest:
+    """A /tokenize body, checked; APIError (400) that names what is wrong."""
+    raw = _json(body)
+    refuse_too_many_items(raw)
+    request = _validated(TokenizeRequest, raw)
+    refuse_unsupported(request, TOKENIZE_NEUTRAL)
+    if (request.prompt is None) == (request.messages is None):
+        raise APIError(400, "prompt: give a text prompt or a conversation's messages, one of them", param="prompt")
+    if request.messages is not None and request.add_special_tokens:
+        raise APIError(400, "add_special_tokens: a conversation is tokenized as /v1/chat/completions tokenizes it, its "
+                       "start token the tokenizer's already", param="add_special_tokens")
+    _check_rendering(request)
+    return request
+
+
+def parse_detokenize_request(body: bytes) -> DetokenizeRequest:
+    return _validated(DetokenizeRequest, _json(body))
+
+
+def _check_rendering(request: Rendering):
     for key in ("add_generation_prompt", "continue_final_message"):
         if not isinstance(value := (request.chat_template_kwargs or {}).get(key, False), bool):
             raise APIError(400, f"chat_template_kwargs.{key}: {value!r:.40} is not a boolean", param=f"chat_template_kwargs.{key}")
@@ -448,7 +489,7 @@ def _check_rendering(request: ChatRequest):
         raise APIError(400, "continue_final_message: the last message is continued, or the assistant's next one begins "
                        "after it (add_generation_prompt, true by default): not both; send add_generation_prompt false",
                        param="continue_final_message")
-    if rendering["continue_final_message"] and request.tool_plan is not None:
+    if rendering["continue_final_message"] and getattr(request, "tool_plan", None) is not None:
         raise APIError(400, "continue_final_message: a message continued is text, not a tool's call; send tool_choice none",
                        param="continue_final_message")
 

@@ -1,5 +1,5 @@
 """llava-serve: an OpenAI-compatible HTTP API on the chat engine (chat completions and text completions, streamed or
-not; models; health; metrics).
+not; models; health; metrics; vLLM's tokenize, detokenize and version).
 
 llava-serve --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] [--allowed-local-media-path DIR] [--allow-image-urls]
 
@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import importlib.metadata
 import json
 import logging
 import socket
@@ -37,7 +38,8 @@ from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
 from .media import MediaPolicy
 from .metrics import render
-from .openai_api import APIError, SamplingRequest, checked_structure, engine_messages, parse_completion_request, parse_request
+from .openai_api import (APIError, SamplingRequest, TokenizeRequest, checked_structure, engine_messages, parse_completion_request,
+                         parse_detokenize_request, parse_request, parse_tokenize_request)
 from .openai_responses import ChatCompletion, TextCompletion
 from .scheduler import QueueFull
 from .tool_calls import ToolCallCompletion
@@ -45,6 +47,7 @@ from .tool_calls import ToolCallCompletion
 from .serve_cli import MAX_BODY_BYTES, STREAM_INTERVAL
 
 log = logging.getLogger("llava-serve")
+VERSION = importlib.metadata.version("llava-plugin")
 T = TypeVar("T")
 MAX_COMPLETION_TOKENS = 4096
 RETRY_SOON = {"Retry-After": "1"}  # a 503's: the openai client waits that long before its retry
@@ -143,10 +146,48 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
     @app.get("/v1/models/{model:path}")  # a hub id has a slash in it
     async def model(request: Request, model: str):
         authorize(request)
-        if model != model_name:
-            raise APIError(404, f"the model {model!r} does not exist here; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        check_model(model)
         return served
+
+    @app.get("/version")
+    async def version():  # vLLM's, without the key as /health
+        return {"version": VERSION}
+
+    if tokenizer is not None:
+        @app.post("/tokenize")
+        async def tokenize(request: Request):
+            """vLLM's: a prompt's token ids as the model reads them (a conversation's as /v1/chat/completions lays
+            it out, each image's tokens included: its count is that request's prompt_tokens)."""
+            authorize(request)
+            asked = parse_tokenize_request(await read_body(request, max_body_bytes))
+            check_model(asked.model)
+            ids = await run_in_threadpool(tokens_of, asked)
+            return {"count": len(ids), "max_model_len": tokenizer.model_max_length, "tokens": ids,
+                    "token_strs": tokenizer.convert_ids_to_tokens(ids) if asked.return_token_strs else None}
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request):
+            authorize(request)
+            asked = parse_detokenize_request(await read_body(request, max_body_bytes))
+            check_model(asked.model)
+            if (outside := next((token for token in asked.tokens if not 0 <= token < len(tokenizer)), None)) is not None:
+                raise APIError(400, f"tokens: the token id {outside} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
+                               param="tokens")
+            return {"prompt": await run_in_threadpool(tokenizer.decode, asked.tokens)}
+
+    def tokens_of(asked: TokenizeRequest) -> list[int]:
+        if asked.messages is None:
+            return tokenizer(asked.prompt, add_special_tokens=asked.add_special_tokens is not False)["input_ids"]
+        messages, images = engine_messages(asked, policy)
+        with api_errors():
+            prompt = prompter.prompt(messages, images, asked.rendering)
+            ids = prompt.ids if prompt.ids is not None else prompter.inputs(prompt)[0]
+        return ids[0].tolist()
+
+    def check_model(name: str | None):
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model {name!r} does not exist here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -204,9 +245,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         there and back: each costs a busy CPU a fraction of a ms) and returns the engine's answer to read; the input
         it refuses came in `param`. Each answer takes a place of `max_concurrent` (too many is the fault of
         `counted`, the field that asked for them)."""
-        if asked.model != model_name:
-            raise APIError(404, f"the model {asked.model!r} does not exist here; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+        check_model(asked.model)
         if getattr(engine, "alive", False) and not engine.responsive():  # alive but frozen, or stopped by a signal: it may never answer
             raise APIError(503, "the engine is not responding (no heartbeat); retry shortly", code="engine_not_responding",
                            kind="server_error", headers=RETRY_SOON)

@@ -321,6 +321,11 @@ def test_an_api_key_is_required_and_never_echoed(engine):
         assert [model.id for model in right.models.list()] == [MODEL]
         assert refused(lambda: wrong.models.retrieve(MODEL)).status_code == 401
         assert httpx.get(base_url.removesuffix("/v1") + "/health").json() == {"status": "ok"}  # health needs no key
+        assert httpx.get(base_url.removesuffix("/v1") + "/version").status_code == 200  # nor the version
+        for path, body in (("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [1]})):  # vLLM's, outside /v1: a key too
+            assert httpx.post(base_url.removesuffix("/v1") + path, json=body).status_code == 401
+            assert httpx.post(base_url.removesuffix("/v1") + path, json=body,
+                              headers={"authorization": "Bearer s3cret-key"}).status_code == 200
         lower = httpx.get(base_url + "/models", headers={"authorization": "bearer s3cret-key"})  # the scheme's case is free
         assert lower.status_code == 200
         assert httpx.get(base_url + "/models", headers={"authorization": "Basic s3cret-key"}).status_code == 401

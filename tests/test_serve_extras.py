@@ -1,12 +1,13 @@
 """vLLM's request extras through llava-serve, each implemented or refused by name, never silently ignored:
 stop_token_ids, include_stop_str_in_output, skip_special_tokens and stop_reason; a conversation's rendering
-(add_generation_prompt, continue_final_message, echo, chat_template_kwargs); a completion's add_special_tokens.
-Over loopback with the official openai client."""
+(add_generation_prompt, continue_final_message, echo, chat_template_kwargs); a completion's add_special_tokens;
+the /tokenize, /detokenize and /version routes. Over loopback with the official openai client."""
 
+import httpx
 import pytest
 
 from engine.prompts import template_variables
-from test_serve import CIRCLES, MODEL, ask, client, engine, refused  # noqa: F401
+from test_serve import CIRCLES, MODEL, ask, client, engine, question, refused  # noqa: F401
 from test_serve_completions import PROMPT, complete
 
 
@@ -186,3 +187,46 @@ def test_a_completion_without_special_tokens_has_no_start_token(client, engine):
     if tokenizer.bos_token_id is not None and tokenizer(PROMPT)["input_ids"][0] == tokenizer.bos_token_id:
         assert with_start.usage.prompt_tokens == expected + 1
     assert refused(lambda: complete(client, PROMPT, extra_body={"add_special_tokens": "no"})).body["param"] == "add_special_tokens"
+
+
+def test_tokenize_counts_a_conversation_as_its_chat_request_does(client, engine):
+    """vLLM's /tokenize: a conversation's tokens, images' included, are its chat request's prompt_tokens, rendered
+    with the same fields; a text prompt's are the tokenizer's; /detokenize gives the text back."""
+    base = str(client.base_url).removesuffix("/v1/")
+    tokenizer = engine.processor.tokenizer
+    counted = httpx.post(base + "/tokenize", json={"model": MODEL, "messages": CIRCLES}).json()
+    assert counted["count"] == ask(client, CIRCLES, max_tokens=1).usage.prompt_tokens == len(counted["tokens"])
+    assert counted["max_model_len"] == 1024 and counted["token_strs"] is None
+    assert counted["tokens"].count(engine.processor.image_token_id) == engine.processor.image_seq_length
+    messages = continued(CIRCLES, "The circle")
+    rendering = {"add_generation_prompt": False, "continue_final_message": True}
+    continuing = httpx.post(base + "/tokenize", json={"messages": messages, **rendering}).json()
+    assert continuing["count"] == ask(client, messages, max_tokens=1, extra_body=rendering).usage.prompt_tokens
+    text = httpx.post(base + "/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+    assert text["tokens"] == tokenizer(PROMPT)["input_ids"] and text["count"] == complete(client, PROMPT, max_tokens=1).usage.prompt_tokens
+    assert text["token_strs"] == tokenizer.convert_ids_to_tokens(text["tokens"])
+    bare = httpx.post(base + "/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    back = httpx.post(base + "/detokenize", json={"model": MODEL, "tokens": bare["tokens"]}).json()
+    assert back == {"prompt": tokenizer.decode(bare["tokens"])}
+    assert httpx.get(base + "/version").json()["version"]
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"prompt": "a", "messages": CIRCLES}, 400, "prompt"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-4o"}, 404, "model"),
+    ("/tokenize", {"messages": CIRCLES, "add_special_tokens": True}, 400, "add_special_tokens"),
+    ("/tokenize", {"messages": CIRCLES, "continue_final_message": True}, 400, "continue_final_message"),
+    ("/tokenize", {"messages": CIRCLES, "chat_template": "{{ 1 }}"}, 400, "chat_template"),
+    ("/tokenize", {"messages": question("Hi", "data:image/png;base64,AAAA")}, 400, "messages"),  # as a chat request says it
+    ("/tokenize", {"messages": question("Hi", "http://127.0.0.1/a.png")}, 400, "messages.0.content"),  # no URLs allowed
+    ("/tokenize", {"prompt": 7}, 400, "prompt"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
+])
+def test_tokenize_and_detokenize_refuse_bad_input_by_name(client, path, body, status, param):
+    base = str(client.base_url).removesuffix("/v1/")
+    response = httpx.post(base + path, json=body)
+    assert response.status_code == status and response.json()["error"]["param"] == param, response.text
