@@ -128,12 +128,13 @@ class ChatEngine:
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
                  stop: tuple[str, ...] = (), interval: float = 0.0, cancel: threading.Event | None = None,
-                 rendering: dict | None = None) -> Iterator[Progress]:
+                 rendering: dict | None = None, cache_salt: str | None = None) -> Iterator[Progress]:
         """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
         With `interval`, at most one Progress per that many seconds (the end is never held back). Setting `cancel`
         (from any thread) ends the answer at once, also while it waits for a place in the batch. `rendering`: the
-        chat template's arguments (Prompter.template_arguments). ChatError at the first read for input we refuse."""
-        prompt = self.prompter.prompt(messages, image, rendering)
+        chat template's arguments (Prompter.template_arguments); `cache_salt`: the prompt's (see prefix_cache).
+        ChatError at the first read for input we refuse."""
+        prompt = self.prompter.prompt(messages, image, rendering, cache_salt)
         yield from as_text(self.answer_prompt(prompt, sampling, session_id, interval, cancel), self.processor.tokenizer,
                            stop, chat_context(sampling, prompt), sampling)
 
@@ -195,7 +196,7 @@ class ChatEngine:
         elif session is not None:
             have_features = session.vision_features is not None
         else:
-            have_features = self.prefixes is not None and self.prefixes.has_features(key)
+            have_features = self.prefixes is not None and self.prefixes.has_features(key, prompt.salt)
         ids, pixel_values = (prompt.ids, None) if have_features and prompt.ids is not None else self._inputs(prompt)
         ids = ids.to(self.device)
         room = self.processor.tokenizer.model_max_length - ids.shape[1]  # the answer ends where the context does
@@ -222,7 +223,7 @@ class ChatEngine:
         if one_off:
             # a prompt to score is fed whole (a cached prefix's positions would have no log-probabilities)
             reuse = self.prefixes is not None and sampling.prompt_logprobs is None
-            session = self.prefixes.session(key, ids[0]) if reuse else Session(image_key=key)
+            session = self.prefixes.session(key, ids[0], prompt.salt) if reuse else Session(image_key=key)
             if prompt.sources and session.vision_features is None and pixel_values is None:  # forgotten meanwhile
                 ids, pixel_values = self._inputs(prompt)
                 ids = ids.to(self.device)

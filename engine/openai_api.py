@@ -93,6 +93,7 @@ MAX_CHOICES = 64  # in one request (n per prompt, times the prompts): each takes
 MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias (OpenAI takes 300)
 MAX_TEMPLATE_KWARGS = 64  # keys of one chat_template_kwargs
 MAX_STOP_TOKEN_IDS = 1024  # in one stop_token_ids: a set each decode step looks a token up in
+MAX_CACHE_SALT = 256  # characters of one cache_salt
 
 
 class SamplingRequest(BaseModel):
@@ -119,6 +120,8 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: StrictBool | None = None
     skip_special_tokens: StrictBool | None = None
+    # vLLM's: requests share cached prefixes only with requests of the same salt (engine.prefix_cache); never logged
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
     n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -321,7 +324,7 @@ NEUTRAL = {
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
     "use_beam_search": (None, False), "length_penalty": (None, 1.0), "bad_words": (None, []), "allowed_token_ids": (None,),
     "truncate_prompt_tokens": (None,), "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
-    "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}), "cache_salt": (None,), "return_token_ids": (None, False),
+    "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}), "return_token_ids": (None, False),
     "kv_transfer_params": (None,), "vllm_xargs": (None, {}), "priority": (None, 0),
 }
 # why each of these is refused
@@ -333,7 +336,6 @@ REFUSED_BECAUSE = {"functions": "OpenAI's former function calling: send tools an
                                     "own template renders every conversation",
                    "add_special_tokens": "this model's chat template leaves the start token to the tokenizer, so a prompt "
                                          "without it is not one the model knows",
-                   "cache_salt": "the prefix cache is shared by every request here; serve each tenant from a server of its own",
                    "priority": "requests are served in the order they come"}
 # /v1/chat/completions' own: vLLM's fields of a conversation's rendering that are not implemented
 CHAT_NEUTRAL = {**NEUTRAL, "chat_template": (None,), "documents": (None, []), "add_special_tokens": (None, True)}

@@ -11,6 +11,10 @@ request with each took milliseconds under the lock, per request). Every entry is
 each of its prefixes (a prefix's hash covers its tokens and, from the first image token on, the image's key), as
 vLLM indexes blocks: a request follows its own prefixes' hashes until one is missing, so the work grows with the
 length it shares, not with the number of entries.
+
+A request's cache salt (vLLM's `cache_salt`) begins its chain of hashes and names its images' features, so it
+shares nothing, not even the system prompt, with requests of another salt or none: a tenant cannot learn from
+another's timing what that one sent.
 """
 
 import threading
@@ -41,14 +45,18 @@ def common_prefix(cached: torch.Tensor | None, ids: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else length
 
 
-def prefix_hashes(ids: torch.Tensor, image_key: str | None, image_token_id: int) -> Iterator[int]:
+def prefix_hashes(ids: torch.Tensor, image_key: str | None, image_token_id: int, salt: str | None = None) -> Iterator[int]:
     """The chained hash of each prefix of `ids`, shortest first: two sequences share the i-th when (collisions
-    aside) their first i + 1 tokens are equal and, if those reach an image token, so is their image."""
-    chained, seen_image = 0, False
+    aside) their salts and first i + 1 tokens are equal and, if those reach an image token, so is their image."""
+    chained, seen_image = 0 if salt is None else hash(("salt", salt)), False
     for token in ids.tolist():
         seen_image = seen_image or token == image_token_id
         chained = hash((chained, token, image_key if seen_image else None))
         yield chained
+
+
+def _features_key(image_key: str | None, salt: str | None):
+    return image_key if salt is None else (salt, image_key)
 
 
 class PrefixCache:
@@ -64,19 +72,20 @@ class PrefixCache:
         self._tokens = 0  # cached in all
         self._lock = threading.Lock()
 
-    def session(self, image_key: str, ids: torch.Tensor) -> Session:
+    def session(self, image_key: str, ids: torch.Tensor, salt: str | None = None) -> Session:
         """A one-off Session for a request of `ids` (T,) about `image_key`: holding a cache of the longest reusable
         prefix (sharing the entry's tensors: DynamicCache only ever replaces them, never writes into them) and the
-        image's features when known."""
-        session = Session(image_key=image_key)
+        image's features when known; of entries stored with the same `salt` only."""
+        session = Session(image_key=image_key, salt=salt)
         images = (ids == self.image_token_id).nonzero()
         first_image = int(images[0]) if len(images) else len(ids)
+        features = _features_key(image_key, salt)
         with self._lock:
-            session.vision_features = self._features.get(image_key)
+            session.vision_features = self._features.get(features)
             if session.vision_features is not None:
-                self._features.move_to_end(image_key)
+                self._features.move_to_end(features)
             holders = None
-            for chained in prefix_hashes(ids, image_key, self.image_token_id):
+            for chained in prefix_hashes(ids, image_key, self.image_token_id, salt):
                 if chained not in self._by_prefix:
                     break
                 holders = self._by_prefix[chained]
@@ -94,9 +103,9 @@ class PrefixCache:
         session.tokens = best.tokens[:keep]
         return session
 
-    def has_features(self, image_key: str) -> bool:
+    def has_features(self, image_key: str, salt: str | None = None) -> bool:
         with self._lock:
-            return image_key in self._features
+            return _features_key(image_key, salt) in self._features
 
     def store(self, session: Session):
         """Keeps what `session` (a finished one-off answer over a DynamicCache) computed."""
@@ -105,11 +114,12 @@ class PrefixCache:
             return
         entry = _Entry(session.image_key, session.tokens,
                        [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in session.cache.layers],
-                       list(prefix_hashes(session.tokens, session.image_key, self.image_token_id)))
+                       list(prefix_hashes(session.tokens, session.image_key, self.image_token_id, session.salt)))
+        features = _features_key(session.image_key, session.salt)
         with self._lock:
             if session.vision_features is not None:
-                self._features[session.image_key] = session.vision_features
-                self._features.move_to_end(session.image_key)
+                self._features[features] = session.vision_features
+                self._features.move_to_end(features)
                 while len(self._features) > self.max_images:
                     self._features.popitem(last=False)
             # an entry the new one extends is of no more use: every request it serves, the new one serves as well

@@ -57,6 +57,7 @@ class Prompt:
     # the prompt's last token ids when it continues its last message (continue_final_message): the answer's text
     # is then what follows them, raw (answer_text.chat_context), not a new message's stripped text
     continued: list[int] | None = None
+    salt: str | None = None  # its cache salt: it shares cached prefixes with prompts of the same salt only (prefix_cache)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__, images=None)
@@ -109,10 +110,11 @@ class Prompter:
         self.processor = processor
         self._images = DecodedImages()
 
-    def prompt(self, messages: list[dict], image, rendering: dict | None = None) -> Prompt:
+    def prompt(self, messages: list[dict], image, rendering: dict | None = None, salt: str | None = None) -> Prompt:
         """The Prompt of `messages` (chat-template format) and `image` (one, a list for a conversation with several, or
         None for a conversation without images); ChatError for input we refuse. `rendering`: the chat template's
-        arguments (see template_arguments); by default the assistant's next message is opened after the last."""
+        arguments (see template_arguments); by default the assistant's next message is opened after the last.
+        `salt`: the Prompt's cache salt."""
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         later = next((index for index, message in enumerate(messages) if index and message.get("role") == "system"), None)
         if later is not None:  # LLaVA's prompt has one system text, first: a template would render it as anything else
@@ -130,7 +132,7 @@ class Prompter:
             raise ChatError(str(error)) from error
         images = [image for image, _ in decoded]
         prompt = Prompt(text, "+".join(key for _, key in decoded), [(image.height, image.width) for image in images], sources,
-                        images=images)
+                        images=images, salt=salt)
         try:
             prompt.ids = self._laid_out(text, images)
         except ChatError:  # too long for the model
@@ -155,12 +157,12 @@ class Prompter:
         return {**extra, "add_generation_prompt": rendering.get("add_generation_prompt", True) is not False,
                 "continue_final_message": rendering.get("continue_final_message", False) is True}
 
-    def text_prompt(self, prompt: str | list[int], room: int = 0, add_special_tokens: bool = True) -> Prompt:
+    def text_prompt(self, prompt: str | list[int], room: int = 0, add_special_tokens: bool = True, salt: str | None = None) -> Prompt:
         """The Prompt of a text-completion request: `prompt` is raw text, tokenized as it is (the tokenizer's own
         start token added, no chat template), or token ids; no images (their markers are refused: the model would
         look for features nobody sent). ChatError for input we refuse, ContextTooLong for a prompt that leaves the
         answer less than `room` tokens of the context. `add_special_tokens` false: a text's tokens without the
-        tokenizer's start token (a client that wrote its own)."""
+        tokenizer's start token (a client that wrote its own). `salt`: the Prompt's cache salt."""
         tokenizer = self.processor.tokenizer
         if isinstance(prompt, str):
             if len(prompt) > MAX_CONVERSATION_CHARS:
@@ -180,7 +182,7 @@ class Prompter:
         if len(ids) + room > context:
             raise ContextTooLong(f"the prompt is {len(ids)} tokens but the model's context is {context}"
                                  + (" (no room for a token of the answer)" if len(ids) <= context else ""))
-        return Prompt(text, "", [], [], ids=torch.tensor([ids], dtype=torch.long))
+        return Prompt(text, "", [], [], ids=torch.tensor([ids], dtype=torch.long), salt=salt)
 
     def inputs(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
         """The processor's token ids and pixels (None without images) for the prompt (its images decoded again if they

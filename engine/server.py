@@ -200,10 +200,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 sampling = sampling_of(chat, choice)
                 if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
                     return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop,
-                                         rendering=chat.rendering)
+                                         rendering=chat.rendering, cache_salt=chat.cache_salt)
                 cancel = threading.Event()
                 return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval, cancel=cancel,
-                                                      rendering=chat.rendering), cancel)
+                                                      rendering=chat.rendering, cache_salt=chat.cache_salt), cancel)
             return begin
 
         layout = dict(with_usage=with_usage(chat), tokenizer=tokenizer, logprobs=bool(chat.logprobs),
@@ -228,7 +228,8 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 # the prompt's tokens (ChatError here, not at the engine's first read: a stream of several prompts has
                 # begun by then): the response echoes them, and names their log-probabilities
                 made = response.prompts[index] = engine.prompter.text_prompt(
-                    prompts[index // choices], room=min(1, sampling.max_new_tokens), add_special_tokens=completion.add_special_tokens is not False)
+                    prompts[index // choices], room=min(1, sampling.max_new_tokens), add_special_tokens=completion.add_special_tokens is not False,
+                    salt=completion.cache_salt)
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 cancel = threading.Event()

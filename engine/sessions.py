@@ -15,6 +15,7 @@ class Session:
     cache: object | None = None  # transformers Cache holding the keys/values of `tokens`
     tokens: torch.Tensor | None = None  # (T,) ids whose keys/values are in `cache`
     lock: threading.Lock = field(default_factory=threading.Lock)
+    salt: str | None = None  # a one-off answer's cache salt (see prefix_cache): what it stores is found by that salt only
 
     def forget_image(self):
         self.image_key = self.vision_features = self.cache = self.tokens = None

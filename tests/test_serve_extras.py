@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from engine.prompts import template_variables
-from test_serve import CIRCLES, MODEL, ask, client, engine, question, refused  # noqa: F401
+from test_serve import CIRCLES, EXAMPLES, MODEL, ask, client, data_url, engine, question, refused  # noqa: F401
 from test_serve_completions import PROMPT, complete
 
 
@@ -124,6 +124,8 @@ def test_add_generation_prompt_false_renders_no_opened_turn(client):
     ({"stop_token_ids": [10**9]}, "stop_token_ids"),
     ({"stop_token_ids": list(range(2000))}, "stop_token_ids"),
     ({"include_stop_str_in_output": "true"}, "include_stop_str_in_output"),
+    ({"cache_salt": ""}, "cache_salt"),
+    ({"cache_salt": "s" * 257}, "cache_salt"),
 ])
 def test_bad_rendering_and_stop_fields_are_refused_by_name(client, extra, param):
     error = refused(lambda: ask(client, continued(CIRCLES, "The"), extra_body=extra))
@@ -143,7 +145,6 @@ def test_continue_final_message_with_a_tool_call_is_refused(client):
     ({"bad_words": ["red"]}, "bad_words"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"add_special_tokens": False}, "add_special_tokens"),
-    ({"cache_salt": "tenant-1"}, "cache_salt"),
     ({"priority": 5}, "priority"),
     ({"logits_processors": ["my.module:Processor"]}, "logits_processors"),
     ({"truncate_prompt_tokens": 10}, "truncate_prompt_tokens"),
@@ -230,3 +231,27 @@ def test_tokenize_and_detokenize_refuse_bad_input_by_name(client, path, body, st
     base = str(client.base_url).removesuffix("/v1/")
     response = httpx.post(base + path, json=body)
     assert response.status_code == status and response.json()["error"]["param"] == param, response.text
+
+
+def test_a_cache_salt_shares_cached_prefixes_with_its_own_salt_only(client, engine):
+    """vLLM's cache_salt: a tenant's requests reuse each other's cached prefixes and image features, and nothing of
+    another tenant's or of unsalted requests, not even the system prompt (a timing would tell one tenant what
+    another sent)."""
+    url = data_url(EXAMPLES / "three_shapes.png")
+    messages = question("Which tenant is asking about the triangle?", url)
+    first = ask(client, messages, max_tokens=4, extra_body={"cache_salt": "tenant-a"})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # nothing before it had this salt
+    again = ask(client, messages, max_tokens=4, extra_body={"cache_salt": "tenant-a"})
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    other = ask(client, messages, max_tokens=4, extra_body={"cache_salt": "tenant-b"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    plain = ask(client, messages, max_tokens=4)  # the system prompt of the module's other requests, no more
+    assert plain.usage.prompt_tokens_details.cached_tokens < plain.usage.prompt_tokens // 2
+    image_key = engine.prompter.decoded((EXAMPLES / "three_shapes.png").read_bytes())[1]
+    assert engine.prefixes.has_features(image_key, "tenant-a") and not engine.prefixes.has_features(image_key, "tenant-z")
+    assert {first.choices[0].message.content, again.choices[0].message.content, other.choices[0].message.content} == {
+        plain.choices[0].message.content}
+    salted = complete(client, PROMPT, max_tokens=2, extra_body={"cache_salt": "tenant-c"})
+    assert salted.usage.prompt_tokens_details is None or salted.usage.prompt_tokens_details.cached_tokens == 0
+    again = complete(client, PROMPT, max_tokens=2, extra_body={"cache_salt": "tenant-c"})
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
