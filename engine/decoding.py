@@ -59,6 +59,9 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # vLLM's: an answer's special tokens (its own stop tokens too) left out of its text
+    # vLLM's, also engine.penalties': the only tokens it may draw (None: any), and token sequences it may not end
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -86,6 +89,10 @@ class Sampling:
                 raise ValueError(f"{name} is {count}; it must be between 0 and {MAX_LOGPROBS}")
         if any(token < 0 for token in self.stop_token_ids):
             raise ValueError("a stop token id is at least 0")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or min(self.allowed_token_ids) < 0):
+            raise ValueError("allowed_token_ids names at least one token, each id at least 0")
+        if any(not word or min(word) < 0 for word in self.bad_words):
+            raise ValueError("a bad word is at least one token, each id at least 0")
         if self.structure is not None and self.min_tokens:  # an answer its grammar ends would have no token left to draw
             raise ValueError("min_tokens cannot be combined with a structured output, which ends where its grammar does")
         if self.temperature < MIN_TEMPERATURE:  # whoever asks (the API, the app, a caller of the engine)
@@ -174,7 +181,7 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     if held := any(constraints or []):
         rule_out(logits, constraints)
     tokens = logits.argmax(dim=-1)
-    if held:  # a row whose grammar had no token left: its best is -inf (a draw from it would fail the batch)
+    if masked:  # a row whose grammar or rules left no token: its best is -inf (a draw from it would fail the batch)
         broken |= logits.gather(-1, tokens[:, None])[:, 0].isneginf()
     sampled = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
     if sampled:

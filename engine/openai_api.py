@@ -94,6 +94,8 @@ MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias (OpenAI takes 300)
 MAX_TEMPLATE_KWARGS = 64  # keys of one chat_template_kwargs
 MAX_STOP_TOKEN_IDS = 1024  # in one stop_token_ids: a set each decode step looks a token up in
 MAX_CACHE_SALT = 256  # characters of one cache_salt
+MAX_ALLOWED_TOKEN_IDS = 262_144  # in one allowed_token_ids: a vocabulary's worth
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 128, 1_000  # each is looked for at the answer's end at every step
 
 
 class SamplingRequest(BaseModel):
@@ -120,6 +122,9 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: StrictBool | None = None
     skip_special_tokens: StrictBool | None = None
+    # vLLM's: the only tokens the answer may have, and words it may not say (engine.penalties)
+    allowed_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_BAD_WORD_CHARS)]] | None = Field(None, max_length=MAX_BAD_WORDS)
     # vLLM's: requests share cached prefixes only with requests of the same salt (engine.prefix_cache); never logged
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_CACHE_SALT)
     n: StrictInt | None = Field(None, ge=1, le=MAX_CHOICES)  # choices per prompt, each an answer of its own
@@ -222,7 +227,8 @@ class SamplingRequest(BaseModel):
                         structure=self.structure[1] if self.structure else None,
                         stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids or [])),
                         include_stop_str_in_output=bool(self.include_stop_str_in_output),
-                        skip_special_tokens=self.skip_special_tokens is not False)
+                        skip_special_tokens=self.skip_special_tokens is not False,
+                        allowed_token_ids=None if self.allowed_token_ids is None else tuple(dict.fromkeys(self.allowed_token_ids)))
 
 
 class Rendering(BaseModel):
@@ -322,7 +328,7 @@ NEUTRAL = {
     # the extras of vLLM and SGLang that are not implemented (prompt_logprobs is vLLM's own layout of what echo
     # with logprobs gives in OpenAI's)
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
-    "use_beam_search": (None, False), "length_penalty": (None, 1.0), "bad_words": (None, []), "allowed_token_ids": (None,),
+    "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "truncate_prompt_tokens": (None,), "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
     "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}), "return_token_ids": (None, False),
     "kv_transfer_params": (None,), "vllm_xargs": (None, {}), "priority": (None, 0),

@@ -11,6 +11,7 @@ engine.media and engine.untrusted before decoding, and the API key, if any, is c
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hmac
 import importlib.metadata
@@ -41,6 +42,7 @@ from .metrics import render
 from .openai_api import (APIError, SamplingRequest, TokenizeRequest, checked_structure, engine_messages, parse_completion_request,
                          parse_detokenize_request, parse_request, parse_tokenize_request)
 from .openai_responses import ChatCompletion, TextCompletion
+from .penalties import bad_word_ids
 from .scheduler import QueueFull
 from .tool_calls import ToolCallCompletion
 
@@ -84,10 +86,17 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         sampling = asked.sampling(MAX_COMPLETION_TOKENS, choice)
         if tokenizer is None:
             return sampling
-        for param, tokens in (("logit_bias", [token for token, _ in sampling.logit_bias]), ("stop_token_ids", sampling.stop_token_ids)):
+        named = (("logit_bias", [token for token, _ in sampling.logit_bias]), ("stop_token_ids", sampling.stop_token_ids),
+                 ("allowed_token_ids", sampling.allowed_token_ids or ()))
+        for param, tokens in named:
             if outside := [token for token in tokens if not 0 <= token < len(tokenizer)]:
                 raise APIError(400, f"{param}: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
                                param=param)
+        if asked.bad_words:
+            sampling = dataclasses.replace(sampling, bad_words=bad_word_ids(tokenizer, asked.bad_words))
+            single = {word[0] for word in sampling.bad_words if len(word) == 1}
+            if sampling.allowed_token_ids is not None and set(sampling.allowed_token_ids) <= single:
+                raise APIError(400, "bad_words: they rule out every token allowed_token_ids allows", param="bad_words")
         return sampling
 
     def with_usage(asked: SamplingRequest) -> bool:

@@ -5,15 +5,18 @@ the /tokenize, /detokenize and /version routes. Over loopback with the official 
 
 import httpx
 import pytest
+import torch
 
+from engine.decoding import Sampling
+from engine.penalties import Penalties, bad_word_ids
 from engine.prompts import template_variables
 from test_serve import CIRCLES, EXAMPLES, MODEL, ask, client, data_url, engine, question, refused  # noqa: F401
 from test_serve_completions import PROMPT, complete
 
 
-def greedy_tokens(engine, client, **options) -> list[int]:
+def greedy_tokens(engine, client, extra_body: dict | None = None, **options) -> list[int]:
     """The token ids of the greedy answer to CIRCLES (its text re-tokenized would not always give them back)."""
-    answer = ask(client, CIRCLES, logprobs=True, extra_body={"return_tokens_as_token_ids": True}, **options)
+    answer = ask(client, CIRCLES, logprobs=True, extra_body={"return_tokens_as_token_ids": True, **(extra_body or {})}, **options)
     return [int(entry.token.removeprefix("token_id:")) for entry in answer.choices[0].logprobs.content]
 
 
@@ -125,6 +128,11 @@ def test_add_generation_prompt_false_renders_no_opened_turn(client):
     ({"stop_token_ids": list(range(2000))}, "stop_token_ids"),
     ({"include_stop_str_in_output": "true"}, "include_stop_str_in_output"),
     ({"cache_salt": ""}, "cache_salt"),
+    ({"allowed_token_ids": []}, "allowed_token_ids"),
+    ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),
+    ({"allowed_token_ids": [-3]}, "allowed_token_ids.0"),
+    ({"bad_words": ["x"] * 129}, "bad_words"),
+    ({"bad_words": [""]}, "bad_words.0"),
     ({"cache_salt": "s" * 257}, "cache_salt"),
 ])
 def test_bad_rendering_and_stop_fields_are_refused_by_name(client, extra, param):
@@ -141,8 +149,6 @@ def test_continue_final_message_with_a_tool_call_is_refused(client):
 
 @pytest.mark.parametrize("extra, param", [
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
-    ({"bad_words": ["red"]}, "bad_words"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"add_special_tokens": False}, "add_special_tokens"),
     ({"priority": 5}, "priority"),
@@ -255,3 +261,52 @@ def test_a_cache_salt_shares_cached_prefixes_with_its_own_salt_only(client, engi
     assert salted.usage.prompt_tokens_details is None or salted.usage.prompt_tokens_details.cached_tokens == 0
     again = complete(client, PROMPT, max_tokens=2, extra_body={"cache_salt": "tenant-c"})
     assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+
+
+def test_allowed_token_ids_are_the_only_tokens_drawn(client, engine):
+    tokens = greedy_tokens(engine, client)
+    allowed = sorted(set(tokens[1:]))  # the answer's first token is not among them
+    answer = ask(client, CIRCLES, max_tokens=12, logprobs=True,
+                 extra_body={"allowed_token_ids": allowed, "return_tokens_as_token_ids": True})
+    drawn = [int(entry.token.removeprefix("token_id:")) for entry in answer.choices[0].logprobs.content]
+    assert drawn and set(drawn) <= set(allowed) and drawn != tokens[: len(drawn)]
+    # one token allowed, the end token not among them: that token to the limit
+    only = ask(client, CIRCLES, max_tokens=5, temperature=1.0, seed=3, logprobs=True,
+               extra_body={"allowed_token_ids": [tokens[0]], "return_tokens_as_token_ids": True})
+    assert [entry.token for entry in only.choices[0].logprobs.content] == [f"token_id:{tokens[0]}"] * 5
+    assert only.choices[0].finish_reason == "length"
+    error = refused(lambda: ask(client, CIRCLES, extra_body={"allowed_token_ids": [tokens[0]], "bad_words": [
+        engine.processor.tokenizer.decode([tokens[0]])]}))
+    assert error.status_code == 400 and error.body["param"] == "bad_words"
+
+
+def contains(tokens: list[int], word: tuple[int, ...]) -> bool:
+    return any(tuple(tokens[at: at + len(word)]) == word for at in range(len(tokens) - len(word) + 1))
+
+
+def test_bad_words_are_never_said(client, engine):
+    tokenizer = engine.processor.tokenizer
+    tokens = greedy_tokens(engine, client)
+    natural = tokenizer.decode(tokens, skip_special_tokens=True)
+    for word in ("red", tokenizer.decode(tokens[1:3]).strip()):  # one word, and two tokens of the answer
+        banned = bad_word_ids(tokenizer, [word])
+        assert any(contains(tokens, ids) for ids in banned), (word, banned)  # the greedy answer says it ...
+        said = greedy_tokens(engine, client, extra_body={"bad_words": [word]})
+        assert not any(contains(said, ids) for ids in banned), word  # ... and with it banned, never
+        assert tokenizer.decode(said, skip_special_tokens=True) != natural
+
+
+def test_a_bad_words_last_token_is_ruled_out_only_after_the_rest_of_it():
+    rules = Penalties(Sampling(max_new_tokens=8, bad_words=((3, 4), (7,), (1, 2, 5))), [])
+    scores = torch.zeros(10)
+    rules.apply(scores)
+    assert torch.isinf(scores).nonzero().flatten().tolist() == [7]
+    for token, ruled_out in ((3, [4, 7]), (1, [7]), (2, [5, 7]), (9, [7])):
+        rules.add(token)
+        scores = torch.zeros(10)
+        rules.apply(scores)
+        assert torch.isinf(scores).nonzero().flatten().tolist() == ruled_out, token
+    allowed = Penalties(Sampling(max_new_tokens=8, allowed_token_ids=(2, 5)), [])
+    scores = torch.zeros(10)
+    allowed.apply(scores)
+    assert torch.isfinite(scores).nonzero().flatten().tolist() == [2, 5]
