@@ -21,7 +21,8 @@ class Progress:
     `stop_reason` (vLLM's): the stop string or the request's own stop token id that ended it; None for the model's
     end token or the limit.
     `generated_tokens`: what usage counts, the end token included when one was drawn (as vLLM's, whose max_tokens
-    counts it too: the answer's tokens and its end token are at most max_tokens)."""
+    counts it too: the answer's tokens and its end token are at most max_tokens); `end_token`: its id. With
+    Sampling.return_token_ids, `prompt_ids`: the prompt's token ids as the model read them."""
     text: str
     prompt_tokens: int
     cached_tokens: int
@@ -33,6 +34,8 @@ class Progress:
     ended_by: TokenLogprob | None = None
     end_drawn: bool = False
     stop_reason: int | str | None = None
+    end_token: int | None = None
+    prompt_ids: list[int] | None = None
 
     @property
     def generated_tokens(self) -> int:
@@ -44,8 +47,9 @@ class Tokens:
     """What arrived of an answer since the last: `new` token ids; on the last one, the scheduler's `finish_reason`
     ("stop" at an end token, "length" at the limit). With log-probabilities asked for: `logprobs` (one per new
     token), `prompt_logprobs` (on the first), `ended_by` (on the last, if an end token finished it), `end_drawn`
-    (on the last: an end token finished it, which `new` leaves out), `stop_reason` (on the last: the request's own
-    stop token id that finished it, see Sequence.stop_reason)."""
+    (on the last: an end token finished it, which `new` leaves out; `end_token` its id), `stop_reason` (on the last:
+    the request's own stop token id that finished it, see Sequence.stop_reason); with Sampling.return_token_ids,
+    `prompt_ids` (on the first: the prompt's ids as the model read them, its images' tokens laid out)."""
     new: list[int]
     prompt_tokens: int
     cached_tokens: int
@@ -55,6 +59,8 @@ class Tokens:
     ended_by: TokenLogprob | None = None
     end_drawn: bool = False
     stop_reason: int | None = None
+    end_token: int | None = None
+    prompt_ids: list[int] | None = None
 
 
 class AnswerText:
@@ -82,6 +88,7 @@ class AnswerText:
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None  # with the tokens, if they came with theirs
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.prompt_ids: list[int] | None = None
         self.finished = False
         self._context = context
         self.min_tokens, self._floor = min_tokens, None if min_tokens else 0  # the floor: that text's length
@@ -105,9 +112,11 @@ class AnswerText:
             self.logprobs += arrived.logprobs  # in place, as the tokens: a Progress reads its first completion_tokens
         if arrived.prompt_logprobs is not None:
             self.prompt_logprobs = arrived.prompt_logprobs
+        if arrived.prompt_ids is not None:
+            self.prompt_ids = arrived.prompt_ids
         text = self.text_of(self.tokens)
         counts = {"prompt_tokens": arrived.prompt_tokens, "cached_tokens": arrived.cached_tokens, "tokens": self.tokens,
-                  "logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
+                  "logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs, "prompt_ids": self.prompt_ids}
         if self._stop_in(text, len(self.tokens)) is not None:
             self.tokens, text, word = self._until_stop(known)
             if self.logprobs is not None:
@@ -118,7 +127,8 @@ class AnswerText:
         if arrived.finish_reason is not None:
             self.finished = True
             return Progress(text, completion_tokens=len(self.tokens), finish_reason=arrived.finish_reason,
-                            ended_by=arrived.ended_by, end_drawn=arrived.end_drawn, stop_reason=arrived.stop_reason, **counts)
+                            ended_by=arrived.ended_by, end_drawn=arrived.end_drawn, stop_reason=arrived.stop_reason,
+                            end_token=arrived.end_token, **counts)
         return Progress(shown(text, self.stop, strip=self._context is None), completion_tokens=len(self.tokens), **counts)
 
     def _until_stop(self, known: int) -> tuple[list[int], str, str]:

@@ -252,8 +252,10 @@ class ChatEngine:
             if sampling.logprobs is not None:
                 logprobs = sequence.logprobs[told["tokens"]: told["tokens"] + len(new)]
             told["tokens"] += len(new)
-            prompt_logprobs, told["prompt"] = None if told["prompt"] else sequence.prompt_logprobs, True
-            return Tokens(new, logprobs=logprobs, prompt_logprobs=prompt_logprobs, **counts, **ending)
+            first, told["prompt"] = not told["prompt"], True
+            prompt_logprobs = sequence.prompt_logprobs if first else None
+            prompt_ids = ids[0].tolist() if first and sampling.return_token_ids else None
+            return Tokens(new, logprobs=logprobs, prompt_logprobs=prompt_logprobs, prompt_ids=prompt_ids, **counts, **ending)
 
         try:
             last = []
@@ -269,7 +271,7 @@ class ChatEngine:
                         yield tokens(last)  # what the answer had before it failed
                     raise
             yield tokens(last, finish_reason=sequence.finish_reason or "stop", ended_by=sequence.ended_by,
-                         end_drawn=sequence.end_drawn, stop_reason=sequence.stop_reason)
+                         end_drawn=sequence.end_drawn, stop_reason=sequence.stop_reason, end_token=sequence.end_token)
         finally:
             with self._counts_lock:
                 self._counts["requests_failed" if sequence.error is not None else "requests_finished"] += 1

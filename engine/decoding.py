@@ -48,6 +48,7 @@ class Sampling:
     # log-probability and this many most likely alternatives' (None: nothing computed), and the same per prompt token
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    return_token_ids: bool = False  # the prompt's token ids too, with the answer's first tokens (vLLM's return_token_ids)
     # what the sequence's own rules add to its scores (engine.penalties): OpenAI's, and vLLM's repetition_penalty
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0

@@ -117,6 +117,7 @@ class SamplingRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
+    return_token_ids: StrictBool | None = None  # vLLM's: the prompt's and each choice's token ids in the response
     # vLLM's: token ids that end the answer as the end token does (also with ignore_eos), and whether the stop
     # string or token that ended it stays in its text; whether special tokens' text is left out of it
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
@@ -227,7 +228,7 @@ class SamplingRequest(BaseModel):
                         structure=self.structure[1] if self.structure else None,
                         stop_token_ids=tuple(dict.fromkeys(self.stop_token_ids or [])),
                         include_stop_str_in_output=bool(self.include_stop_str_in_output),
-                        skip_special_tokens=self.skip_special_tokens is not False,
+                        skip_special_tokens=self.skip_special_tokens is not False, return_token_ids=bool(self.return_token_ids),
                         allowed_token_ids=None if self.allowed_token_ids is None else tuple(dict.fromkeys(self.allowed_token_ids)))
 
 
@@ -330,7 +331,7 @@ NEUTRAL = {
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
     "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "truncate_prompt_tokens": (None,), "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
-    "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}), "return_token_ids": (None, False),
+    "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}),
     "kv_transfer_params": (None,), "vllm_xargs": (None, {}), "priority": (None, 0),
 }
 # why each of these is refused

@@ -36,13 +36,16 @@ class ChatCompletion:
     continuous_usage_stats) each chunk's usage is its choice's so far. `echo`: the text each choice's content begins
     with (vLLM's echo of a last assistant message that the answer continues), sent with a stream's opening. Each
     choice, and a stream's last chunk of one, has vLLM's `stop_reason`: the stop string or the request's stop token
-    id that ended it (None otherwise)."""
+    id that ended it (None otherwise). With `token_ids` (vLLM's return_token_ids) the response has its prompt's
+    `prompt_token_ids` (a stream's first chunk) and each choice its `token_ids` (each chunk those since the last),
+    the end token that finished it included, as vLLM's list it."""
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, continuous: bool = False, echo: str = ""):
+                 choices: int = 1, continuous: bool = False, echo: str = "", token_ids: bool = False):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
-        self.echo_text = echo
+        self.echo_text, self.token_ids = echo, token_ids
+        self._ids_told: dict[int, int] = {}  # a stream's: per choice, how many of its tokens' ids were sent
         self.with_usage, self.choices, self.continuous = with_usage, choices, continuous
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
         self._told: dict[int, _Told] = {}  # a stream's, per choice
@@ -53,11 +56,34 @@ class ChatCompletion:
                                 logprobs=self._whole_logprobs(index, progress) if self.logprobs else None,
                                 stop_reason=progress.stop_reason)
                    for index, progress in enumerate(progresses)]
-        return {**self._head(self.kind), "choices": choices, "usage": usage(*progresses, choices=self.choices)}
+        response = {**self._head(self.kind), "choices": choices, "usage": usage(*progresses, choices=self.choices)}
+        if self.token_ids:
+            for index, (choice, progress) in enumerate(zip(choices, progresses)):
+                self._with_ids(response, choice, index, progress, last=True)
+        return response
+
+    def _with_ids(self, response: dict, choice: dict, index: int, progress: Progress, last: bool, opening: bool = False):
+        """Adds the token ids of `choice` (its `index`) not sent yet, and its prompt's where they were not; a
+        stream's `opening` (before the choice's text) has its prompt's only."""
+        start = self._ids_told.get(index, 0)
+        if index not in self._ids_told:
+            self._prompt_ids(response, choice, index, progress)
+        if opening:
+            self._ids_told[index], choice["token_ids"] = 0, []
+            return
+        self._ids_told[index] = progress.completion_tokens
+        ids = list(progress.tokens[start: progress.completion_tokens])
+        if last and progress.end_drawn and progress.end_token is not None:
+            ids.append(progress.end_token)
+        choice["token_ids"] = ids
+
+    def _prompt_ids(self, response: dict, choice: dict, index: int, progress: Progress):
+        """A chat's prompt, one for all its choices, is the response's (vLLM's layout)."""
+        response["prompt_token_ids"] = progress.prompt_ids
 
     def opening(self, progress: Progress, index: int = 0) -> dict | None:
         """Choice `index`'s first chunk, before its text (`progress`: its first)."""
-        return self._chunk({"role": "assistant", "content": self.echo_text}, index=index, progress=progress)
+        return self._chunk({"role": "assistant", "content": self.echo_text}, index=index, progress=progress, opening=True)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
         return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index), progress=progress)
@@ -100,10 +126,12 @@ class ChatCompletion:
         return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs, "stop_reason": stop_reason}
 
     def _chunk(self, delta, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None,
-               progress: Progress | None = None) -> dict:
+               progress: Progress | None = None, opening: bool = False) -> dict:
         stop_reason = progress.stop_reason if finish_reason is not None and progress is not None else None
         chunk = {**self._head(self.chunk_kind),
                  "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs, stop_reason=stop_reason)]}
+        if self.token_ids and progress is not None:
+            self._with_ids(chunk, chunk["choices"][0], index, progress, last=finish_reason is not None, opening=opening)
         if self.with_usage:
             chunk["usage"] = usage(progress) if self.continuous and progress is not None else None
         return chunk
@@ -117,8 +145,8 @@ class TextCompletion(ChatCompletion):
     prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, continuous: bool = False, echo: bool = False, answers: int = 1):
-        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices, continuous)
+                 choices: int = 1, continuous: bool = False, echo: bool = False, answers: int = 1, token_ids: bool = False):
+        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices, continuous, token_ids=token_ids)
         self.echo, self.prompts = echo, [None] * answers
 
     def echoed(self, index: int) -> str:
@@ -133,7 +161,7 @@ class TextCompletion(ChatCompletion):
         if self.logprobs:
             told = self._told[index] = _Told(TokenTexts(self.tokenizer, as_ids=self.as_ids), len(text))
             logprobs, _ = completion_logprobs(told.texts, self.prompts[index].ids[0].tolist(), progress.prompt_logprobs, 0)
-        return self._chunk(text, index=index, logprobs=logprobs, progress=progress)
+        return self._chunk(text, index=index, logprobs=logprobs, progress=progress, opening=True)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
         return self._chunk(text, index=index, logprobs=self._stream_logprobs(progress, index), progress=progress)
@@ -144,6 +172,10 @@ class TextCompletion(ChatCompletion):
 
     def _text(self, index: int, progress: Progress) -> str:
         return self.echoed(index) + progress.text if self.echo else progress.text
+
+    def _prompt_ids(self, response: dict, choice: dict, index: int, progress: Progress):
+        """A completion's choices may each have a prompt of its own: each choice names its (vLLM's layout)."""
+        choice["prompt_token_ids"] = self.prompts[index].ids[0].tolist()
 
     def _whole_logprobs(self, index: int, progress: Progress) -> dict:
         ids, count = self.prompts[index].ids[0].tolist(), progress.completion_tokens

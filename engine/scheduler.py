@@ -64,6 +64,7 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.ended_by: TokenLogprob | None = None
         self.end_drawn = False  # it ended at an end token it drew: one token more than `tokens` (usage counts it)
+        self.end_token: int | None = None  # that token
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # with sampling.prompt_logprobs, before any token
         self.finish_reason: str | None = None  # "stop" (an end token) or "length"
         self.stop_reason: int | None = None  # the stop token id of the request's own that ended it (vLLM's stop_reason)
@@ -124,7 +125,7 @@ class Sequence:
         if asked := token in self.stop_token_ids and not stops:  # a stop token of the request's own, as vLLM's
             self.stop_reason = token
         if stops or asked and not self.sampling.include_stop_str_in_output:
-            self.finish_reason, self.ended_by, self.end_drawn = "stop", logprob, True
+            self.finish_reason, self.ended_by, self.end_drawn, self.end_token = "stop", logprob, True, token
             return True
         if self.constraint is not None and not self.constraint.accept(token):  # its mask allowed it: a bug of ours
             self.error = RuntimeError(f"the structured output's grammar refused the token {token} it allowed")

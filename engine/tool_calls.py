@@ -308,7 +308,7 @@ class ToolCallCompletion(ChatCompletion):
             self._streamed[index].calls = 1
             call = new_call(self.plan.named, "")
             delta["tool_calls"] = [{"index": 0, **call}]
-        return self._chunk(delta, index=index, progress=progress)
+        return self._chunk(delta, index=index, progress=progress, opening=True)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict | None:
         streamed = self._streamed[index]

@@ -71,7 +71,7 @@ def test_answers_equal_the_engine_in_process_alone_and_at_once(child, local):
     assert last(child.generate(text_only, None, GREEDY)).text == last(local.generate(text_only, None, GREEDY)).text
 
 
-def test_a_continued_message_and_stop_token_ids_answer_as_in_process(child, local):
+def test_a_continued_message_stop_token_ids_and_token_ids_answer_as_in_process(child, local):
     """The Prompt crosses with what it continues (its text raw, as in process), and the sampling with its stop
     token ids and what it keeps of them."""
     image = IMAGES[0].read_bytes()
@@ -87,6 +87,10 @@ def test_a_continued_message_and_stop_token_ids_answer_as_in_process(child, loca
         theirs = last(child.generate(conversation("Describe the image."), image, sampling))
         assert (theirs.text, theirs.stop_reason, theirs.generated_tokens) == (mine.text, tokens[3], mine.generated_tokens)
         assert mine.generated_tokens == tokens.index(tokens[3]) + 1
+    asking = Sampling(temperature=0, max_new_tokens=40, return_token_ids=True)  # the prompt's ids and the end token cross too
+    mine, theirs = (last(engine.generate(conversation("Describe the image."), image, asking)) for engine in (local, child))
+    assert theirs.prompt_ids == mine.prompt_ids and len(mine.prompt_ids) == mine.prompt_tokens
+    assert theirs.end_token == mine.end_token == local.processor.tokenizer.eos_token_id
 
 
 def test_stop_strings_are_cut_in_the_parent_as_the_engine_cuts_them(child, local):

@@ -310,3 +310,35 @@ def test_a_bad_words_last_token_is_ruled_out_only_after_the_rest_of_it():
     scores = torch.zeros(10)
     allowed.apply(scores)
     assert torch.isfinite(scores).nonzero().flatten().tolist() == [2, 5]
+
+
+def test_return_token_ids_gives_the_prompts_and_the_answers_ids(client, engine):
+    """vLLM's return_token_ids (what RL rollouts train on): the prompt's ids as the model read them (its /tokenize
+    ids) and each choice's, the end token that finished it last, whole and streamed alike."""
+    base = str(client.base_url).removesuffix("/v1/")
+    tokenizer = engine.processor.tokenizer
+    tokens = greedy_tokens(engine, client)
+    whole = ask(client, CIRCLES, n=2, extra_body={"return_token_ids": True})
+    prompt = httpx.post(base + "/tokenize", json={"messages": CIRCLES}).json()["tokens"]
+    assert whole.model_extra["prompt_token_ids"] == prompt and len(prompt) == whole.usage.prompt_tokens
+    for choice in whole.choices:
+        ids = choice.model_extra["token_ids"]
+        assert ids[:-1] == tokens and ids[-1] == tokenizer.eos_token_id  # ended by the end token, which is listed
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == choice.message.content
+    assert whole.usage.completion_tokens == 2 * len(tokens) + 2
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=40, stream=True,
+                                                 extra_body={"return_token_ids": True}))
+    assert chunks[0].model_extra["prompt_token_ids"] == prompt
+    assert [token for chunk in chunks for token in chunk.choices[0].model_extra["token_ids"]] == tokens + [tokenizer.eos_token_id]
+    assert "prompt_token_ids" not in ask(client, CIRCLES).model_extra
+    # a completion's: each choice has its prompt's
+    completion = complete(client, [PROMPT, "USER: Hi ASSISTANT:"], max_tokens=3, extra_body={"return_token_ids": True})
+    for choice, text in zip(completion.choices, [PROMPT, "USER: Hi ASSISTANT:"]):
+        assert choice.model_extra["prompt_token_ids"] == tokenizer(text)["input_ids"]
+        assert tokenizer.decode(choice.model_extra["token_ids"], skip_special_tokens=True) == choice.text
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stream=True,
+                                              extra_body={"return_token_ids": True}))
+    assert streamed[0].choices[0].model_extra["prompt_token_ids"] == tokenizer(PROMPT)["input_ids"]
+    alone = complete(client, PROMPT, max_tokens=5, extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"]
+    assert [token for chunk in streamed for token in chunk.choices[0].model_extra["token_ids"]] == alone
+    assert len(alone) == 5 and alone[:3] == completion.choices[0].model_extra["token_ids"]
