@@ -128,13 +128,12 @@ class ChatEngine:
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
                  stop: tuple[str, ...] = (), interval: float = 0.0, cancel: threading.Event | None = None,
-                 rendering: dict | None = None, cache_salt: str | None = None) -> Iterator[Progress]:
+                 prompting: dict | None = None) -> Iterator[Progress]:
         """As `stream`, with the token counts, a seed, and `stop` strings that end the answer (and are cut from it).
         With `interval`, at most one Progress per that many seconds (the end is never held back). Setting `cancel`
-        (from any thread) ends the answer at once, also while it waits for a place in the batch. `rendering`: the
-        chat template's arguments (Prompter.template_arguments); `cache_salt`: the prompt's (see prefix_cache).
-        ChatError at the first read for input we refuse."""
-        prompt = self.prompter.prompt(messages, image, rendering, cache_salt)
+        (from any thread) ends the answer at once, also while it waits for a place in the batch. `prompting`:
+        Prompter.prompt's options (rendering, salt, keep_last). ChatError at the first read for input we refuse."""
+        prompt = self.prompter.prompt(messages, image, **(prompting or {}))
         yield from as_text(self.answer_prompt(prompt, sampling, session_id, interval, cancel), self.processor.tokenizer,
                            stop, chat_context(sampling, prompt), sampling)
 

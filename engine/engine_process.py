@@ -30,11 +30,11 @@ from transformers import AutoProcessor
 
 from .answer_text import AnswerText, Progress, Tokens, as_text, chat_context, continuation
 from .decoding import NonFiniteScores, Sampling
-from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused
+from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused, TruncationRefused
 from .scheduler import QueueFull
 
 _ERRORS = {"ChatError": ChatError, "ContextTooLong": ContextTooLong, "StructureRefused": StructureRefused, "QueueFull": QueueFull,
-           "NonFiniteScores": NonFiniteScores}
+           "NonFiniteScores": NonFiniteScores, "TruncationRefused": TruncationRefused}
 _END = object()
 # a Tokens crosses the pipe as a plain tuple of its fields in order (pickling a dataclass per message cost more than
 # its tokens); the reader makes it again with Tokens(*fields)
@@ -84,14 +84,13 @@ class EngineProcess:
         threading.Thread(target=self._read, name="llava-engine-reader", daemon=True).start()
 
     def generate(self, messages: list[dict], image, sampling: Sampling, session_id: str | None = None,
-                 stop: tuple[str, ...] = (), interval: float = 0.0, rendering: dict | None = None, cache_salt: str | None = None):
+                 stop: tuple[str, ...] = (), interval: float = 0.0, prompting: dict | None = None):
         if session_id is not None:
             raise ValueError("sessions live in an in-process ChatEngine; API requests carry their whole conversation")
-        return self._generate(messages, image, sampling, tuple(stop), interval, rendering, cache_salt)
+        return self._generate(messages, image, sampling, tuple(stop), interval, prompting or {})
 
-    def _generate(self, messages, image, sampling: Sampling, stop: tuple[str, ...], interval: float, rendering: dict | None,
-                  cache_salt: str | None):
-        prompt = self.prompter.prompt(messages, image, rendering, cache_salt)  # ChatError at the first read, before the child hears of it
+    def _generate(self, messages, image, sampling: Sampling, stop: tuple[str, ...], interval: float, prompting: dict):
+        prompt = self.prompter.prompt(messages, image, **prompting)  # ChatError at the first read, before the child hears of it
         yield from as_text(self._answer(lambda: prompt, sampling, interval), self.tokenizer, stop, chat_context(sampling, prompt), sampling)
 
     def complete(self, prompt: str | list[int] | Prompt, sampling: Sampling, stop: tuple[str, ...] = (), interval: float = 0.0):
@@ -101,11 +100,11 @@ class EngineProcess:
                        sampling)
 
     def answer(self, messages: list[dict], image, sampling: Sampling, loop: asyncio.AbstractEventLoop, stop: tuple[str, ...] = (),
-               interval: float = 0.0, rendering: dict | None = None, cache_salt: str | None = None) -> "StreamedAnswer":
+               interval: float = 0.0, prompting: dict | None = None) -> "StreamedAnswer":
         """As generate, for a reader on the event loop `loop`: await each Progress with `StreamedAnswer.next`. Call
         it in a worker thread: it makes the prompt (ChatError here, before the child hears of it) and sends it on
         the pipe, which blocks while the pipe is full (a child that stopped reading)."""
-        prompt = self.prompter.prompt(messages, image, rendering, cache_salt)
+        prompt = self.prompter.prompt(messages, image, **(prompting or {}))
         return self._stream(prompt, AnswerText(self.tokenizer, tuple(stop), chat_context(sampling, prompt), sampling), sampling, loop, interval)
 
     def answer_completion(self, prompt: str | list[int] | Prompt, sampling: Sampling, loop: asyncio.AbstractEventLoop,

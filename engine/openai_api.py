@@ -118,6 +118,8 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
     return_token_ids: StrictBool | None = None  # vLLM's: the prompt's and each choice's token ids in the response
+    # vLLM's: only the prompt's last this many tokens are read (-1: as many as the context holds)
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
     # vLLM's: token ids that end the answer as the end token does (also with ignore_eos), and whether the stop
     # string or token that ended it stays in its text; whether special tokens' text is left out of it
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
@@ -330,7 +332,7 @@ NEUTRAL = {
     # with logprobs gives in OpenAI's)
     "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
     "use_beam_search": (None, False), "length_penalty": (None, 1.0),
-    "truncate_prompt_tokens": (None,), "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
+    "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
     "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}),
     "kv_transfer_params": (None,), "vllm_xargs": (None, {}), "priority": (None, 0),
 }
@@ -446,6 +448,9 @@ def _checked(request: SamplingRequest, neutral: dict):
                        "choose the best of more answers", param="best_of", code="unsupported_parameter")
     if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
         raise APIError(400, "max_tokens: 0 asks for nothing but the prompt's echo; give echo true, or at least 1", param="max_tokens")
+    if request.truncate_prompt_tokens == 0:
+        raise APIError(400, "truncate_prompt_tokens: keep at least 1 of the prompt's tokens, or -1 for as many as the "
+                       "context holds", param="truncate_prompt_tokens")
     if isinstance(request, ChatRequest):
         _check_rendering(request)
     return request

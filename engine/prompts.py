@@ -32,6 +32,10 @@ class ContextTooLong(ChatError):
     """The prompt does not fit the model's context (the API's `context_length_exceeded`)."""
 
 
+class TruncationRefused(ChatError):
+    """truncate_prompt_tokens would cut into an image's tokens (the API names that field)."""
+
+
 class StructureRefused(ChatError):
     """The answer's structured output cannot be held: its spec gives no grammar, or one that allows no answer or
     costs too much per token (the API names the field it came in)."""
@@ -58,6 +62,7 @@ class Prompt:
     # is then what follows them, raw (answer_text.chat_context), not a new message's stripped text
     continued: list[int] | None = None
     salt: str | None = None  # its cache salt: it shares cached prefixes with prompts of the same salt only (prefix_cache)
+    keep_last: int | None = None  # vLLM's truncate_prompt_tokens: only its last this many tokens are read
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__, images=None)
@@ -110,11 +115,12 @@ class Prompter:
         self.processor = processor
         self._images = DecodedImages()
 
-    def prompt(self, messages: list[dict], image, rendering: dict | None = None, salt: str | None = None) -> Prompt:
+    def prompt(self, messages: list[dict], image, rendering: dict | None = None, salt: str | None = None,
+               keep_last: int | None = None) -> Prompt:
         """The Prompt of `messages` (chat-template format) and `image` (one, a list for a conversation with several, or
         None for a conversation without images); ChatError for input we refuse. `rendering`: the chat template's
         arguments (see template_arguments); by default the assistant's next message is opened after the last.
-        `salt`: the Prompt's cache salt."""
+        `salt`: the Prompt's cache salt; `keep_last`: the Prompt's (see `kept`)."""
         sources = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
         later = next((index for index, message in enumerate(messages) if index and message.get("role") == "system"), None)
         if later is not None:  # LLaVA's prompt has one system text, first: a template would render it as anything else
@@ -132,9 +138,9 @@ class Prompter:
             raise ChatError(str(error)) from error
         images = [image for image, _ in decoded]
         prompt = Prompt(text, "+".join(key for _, key in decoded), [(image.height, image.width) for image in images], sources,
-                        images=images, salt=salt)
+                        images=images, salt=salt, keep_last=keep_last)
         try:
-            prompt.ids = self._laid_out(text, images)
+            prompt.ids = self._laid_out(text, images, keep_last)
         except ChatError:  # too long for the model
             raise
         except ValueError as error:  # markers and images that do not match
@@ -157,12 +163,14 @@ class Prompter:
         return {**extra, "add_generation_prompt": rendering.get("add_generation_prompt", True) is not False,
                 "continue_final_message": rendering.get("continue_final_message", False) is True}
 
-    def text_prompt(self, prompt: str | list[int], room: int = 0, add_special_tokens: bool = True, salt: str | None = None) -> Prompt:
+    def text_prompt(self, prompt: str | list[int], room: int = 0, add_special_tokens: bool = True, salt: str | None = None,
+                    keep_last: int | None = None) -> Prompt:
         """The Prompt of a text-completion request: `prompt` is raw text, tokenized as it is (the tokenizer's own
         start token added, no chat template), or token ids; no images (their markers are refused: the model would
         look for features nobody sent). ChatError for input we refuse, ContextTooLong for a prompt that leaves the
         answer less than `room` tokens of the context. `add_special_tokens` false: a text's tokens without the
-        tokenizer's start token (a client that wrote its own). `salt`: the Prompt's cache salt."""
+        tokenizer's start token (a client that wrote its own). `salt`: the Prompt's cache salt; `keep_last`: only
+        the prompt's last this many tokens are read (see `kept`)."""
         tokenizer = self.processor.tokenizer
         if isinstance(prompt, str):
             if len(prompt) > MAX_CONVERSATION_CHARS:
@@ -175,6 +183,7 @@ class Prompter:
                 raise ChatError(f"the prompt has the token id {outside}, outside the model's vocabulary (0 .. {len(tokenizer) - 1})")
         if not ids:
             raise ChatError("the prompt is empty")
+        ids = self.kept(torch.tensor([ids], dtype=torch.long), keep_last)[0].tolist()
         if self.processor.image_token_id in ids:
             raise ChatError(f"the prompt has the image token ({self.processor.image_token}); images go in messages of "
                             "/v1/chat/completions")
@@ -188,12 +197,24 @@ class Prompter:
         """The processor's token ids and pixels (None without images) for the prompt (its images decoded again if they
         stayed behind in another process); ValueError if too long for the model."""
         if not prompt.sources:
-            return self._laid_out(prompt.text, []), None
+            return self._laid_out(prompt.text, [], prompt.keep_last), None
         images = prompt.images
         if images is None:
             images = [self.decoded(source)[0] for source in prompt.sources]
         inputs = self.processor(images=images if len(images) > 1 else images[0], text=prompt.text, return_tensors="pt")
-        return inputs["input_ids"], inputs["pixel_values"]
+        return self.kept(inputs["input_ids"], prompt.keep_last), inputs["pixel_values"]
+
+    def kept(self, ids: torch.Tensor, keep_last: int | None) -> torch.Tensor:
+        """The last `keep_last` of the prompt's ids (1, T) (vLLM's truncate_prompt_tokens: its start token goes
+        first); ChatError where that would cut into an image's tokens, which the model reads whole or not at all."""
+        if keep_last is None or ids.shape[1] <= keep_last:
+            return ids
+        cut = ids.shape[1] - keep_last
+        images = (ids[0] == self.processor.image_token_id).nonzero()
+        if len(images) and int(images[0]) < cut:
+            raise TruncationRefused(f"truncate_prompt_tokens: keeping the last {keep_last} of the prompt's {ids.shape[1]} tokens would "
+                            f"cut an image's tokens; its first image begins {ids.shape[1] - int(images[0])} tokens from its end")
+        return ids[:, cut:]
 
     def decoded(self, image) -> tuple:
         """The image and its fingerprint (a hash of every pixel). A huge photo: the tower sees 336 px anyway, keep
@@ -211,7 +232,7 @@ class Prompter:
             image.thumbnail((MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))
         return image, fingerprint(image)
 
-    def _laid_out(self, text: str, images: list) -> torch.Tensor | None:
+    def _laid_out(self, text: str, images: list, keep_last: int | None = None) -> torch.Tensor | None:
         """The prompt's token ids without running the processor on the pixels, where the layout needs none: the
         image's marker, a special token, repeated image_seq_length times (AnyRes: a count by the image's size).
         Preprocessing the pixels, or tokenizing the repeated markers, would cost more than the whole step on a GPU;
@@ -230,6 +251,7 @@ class Prompter:
             if getattr(self.processor.image_processor, "image_grid_pinpoints", None) is not None:  # AnyRes: by its size
                 count = self.processor.anyres_token_count(image.height, image.width)
             ids = torch.cat([ids[:, :at], ids[:, at: at + 1].expand(1, count), ids[:, at + 1:]], dim=1)
+        ids = self.kept(ids, keep_last)
         context = self.processor.tokenizer.model_max_length
         if ids.shape[1] > context:
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens but the model's context is {context}; start a new one")

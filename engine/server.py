@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
-from .prompts import ContextTooLong, StructureRefused
+from .prompts import ContextTooLong, StructureRefused, TruncationRefused
 from .answer_text import Progress
 from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
@@ -98,6 +98,22 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             if sampling.allowed_token_ids is not None and set(sampling.allowed_token_ids) <= single:
                 raise APIError(400, "bad_words: they rule out every token allowed_token_ids allows", param="bad_words")
         return sampling
+
+    def kept_tokens(asked: SamplingRequest) -> int | None:
+        """vLLM's truncate_prompt_tokens: the prompt's last this many tokens (-1: the model's context); a 400 past
+        the context."""
+        keep = asked.truncate_prompt_tokens
+        context = tokenizer.model_max_length if tokenizer is not None else None
+        if keep == -1:
+            return context
+        if keep is not None and context is not None and keep > context:
+            raise APIError(400, f"truncate_prompt_tokens: {keep} is more than the model's context ({context} tokens)",
+                           param="truncate_prompt_tokens")
+        return keep
+
+    def prompting_of(chat) -> dict:
+        """Prompter.prompt's options for a chat request."""
+        return {"rendering": chat.rendering, "salt": chat.cache_salt, "keep_last": kept_tokens(chat)}
 
     def with_usage(asked: SamplingRequest) -> bool:
         return bool(asked.stream and asked.stream_options and asked.stream_options.include_usage)
@@ -209,10 +225,10 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 sampling = sampling_of(chat, choice)
                 if isinstance(engine, EngineProcess):  # the reader thread hands its tokens to this loop
                     return engine.answer(messages, images, sampling, stop=chat.stops, interval=interval, loop=loop,
-                                         rendering=chat.rendering, cache_salt=chat.cache_salt)
+                                         prompting=prompting_of(chat))
                 cancel = threading.Event()
                 return ThreadedAnswer(engine.generate(messages, images, sampling, stop=chat.stops, interval=interval, cancel=cancel,
-                                                      rendering=chat.rendering, cache_salt=chat.cache_salt), cancel)
+                                                      prompting=prompting_of(chat)), cancel)
             return begin
 
         layout = dict(with_usage=with_usage(chat), tokenizer=tokenizer, logprobs=bool(chat.logprobs),
@@ -240,7 +256,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 # begun by then): the response echoes them, and names their log-probabilities
                 made = response.prompts[index] = engine.prompter.text_prompt(
                     prompts[index // choices], room=min(1, sampling.max_new_tokens), add_special_tokens=completion.add_special_tokens is not False,
-                    salt=completion.cache_salt)
+                    salt=completion.cache_salt, keep_last=kept_tokens(completion))
                 if isinstance(engine, EngineProcess):
                     return engine.answer_completion(made, sampling, stop=completion.stops, interval=interval, loop=loop)
                 cancel = threading.Event()
@@ -340,6 +356,8 @@ def api_errors(param: str = "messages", structure: str | None = None):
         yield
     except StructureRefused as error:
         raise APIError(400, str(error), param=structure or param) from None
+    except TruncationRefused as error:
+        raise APIError(400, str(error), param="truncate_prompt_tokens") from None
     except ChatError as error:
         raise APIError(400, str(error), param=param,
                        code="context_length_exceeded" if isinstance(error, ContextTooLong) else None) from None

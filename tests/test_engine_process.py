@@ -76,9 +76,9 @@ def test_a_continued_message_stop_token_ids_and_token_ids_answer_as_in_process(c
     token ids and what it keeps of them."""
     image = IMAGES[0].read_bytes()
     messages = conversation("What color is the circle?") + [{"role": "assistant", "content": "The circle"}]
-    rendering = {"add_generation_prompt": False, "continue_final_message": True}
-    mine = last(local.generate(messages, image, GREEDY, rendering=rendering))
-    theirs = last(child.generate(messages, image, GREEDY, rendering=rendering))
+    prompting = {"rendering": {"add_generation_prompt": False, "continue_final_message": True}}
+    mine = last(local.generate(messages, image, GREEDY, prompting=prompting))
+    theirs = last(child.generate(messages, image, GREEDY, prompting=prompting))
     assert theirs.text == mine.text and theirs.text.startswith(" ")
     tokens = last(local.generate(conversation("Describe the image."), image, Sampling(temperature=0, max_new_tokens=40, logprobs=0))).tokens
     for keep in (False, True):

@@ -230,7 +230,7 @@ class Gate:
     def __init__(self):
         self.release, self.entered = threading.Event(), threading.Event()
 
-    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, rendering=None, cache_salt=None):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, prompting=None):
         self.entered.set()
         assert self.release.wait(30)
         yield Progress("ok", prompt_tokens=3, cached_tokens=0, completion_tokens=1, finish_reason="stop")
@@ -258,7 +258,7 @@ class SlowGate(Gate):
         super().__init__()
         self.closed = threading.Event()
 
-    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, rendering=None, cache_salt=None):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, prompting=None):
         try:
             yield Progress("first", prompt_tokens=3, cached_tokens=0, completion_tokens=1)
             self.entered.set()

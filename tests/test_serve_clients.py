@@ -19,7 +19,7 @@ class Endless:
     def __init__(self):
         self.closed, self.steps = threading.Event(), 0
 
-    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, rendering=None, cache_salt=None):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, prompting=None):
         try:
             yield from self._words()
         finally:
@@ -50,7 +50,7 @@ def test_a_client_that_stops_waiting_for_a_whole_answer_cancels_it():
 
 
 class DiesMidAnswer:
-    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, rendering=None, cache_salt=None):
+    def generate(self, messages, image, sampling, stop=(), interval=0.0, cancel=None, prompting=None):
         yield Progress("a", prompt_tokens=3, cached_tokens=0, completion_tokens=1)
         raise EngineStopped("the engine's process stopped (exit code -9)")
 

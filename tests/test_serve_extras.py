@@ -153,7 +153,6 @@ def test_continue_final_message_with_a_tool_call_is_refused(client):
     ({"add_special_tokens": False}, "add_special_tokens"),
     ({"priority": 5}, "priority"),
     ({"logits_processors": ["my.module:Processor"]}, "logits_processors"),
-    ({"truncate_prompt_tokens": 10}, "truncate_prompt_tokens"),
 ])
 def test_extras_not_implemented_are_refused_by_name(client, extra, param):
     error = refused(lambda: ask(client, CIRCLES, extra_body=extra))
@@ -342,3 +341,24 @@ def test_return_token_ids_gives_the_prompts_and_the_answers_ids(client, engine):
     alone = complete(client, PROMPT, max_tokens=5, extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"]
     assert [token for chunk in streamed for token in chunk.choices[0].model_extra["token_ids"]] == alone
     assert len(alone) == 5 and alone[:3] == completion.choices[0].model_extra["token_ids"]
+
+
+def test_truncate_prompt_tokens_reads_only_the_prompts_last_tokens(client, engine):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens (its start token the first to go), an image whole
+    or the request refused by that field's name."""
+    tokenizer = engine.processor.tokenizer
+    ids = tokenizer(PROMPT)["input_ids"]
+    cut = complete(client, PROMPT, max_tokens=6, extra_body={"truncate_prompt_tokens": 8, "return_token_ids": True})
+    assert cut.usage.prompt_tokens == 8 and cut.choices[0].model_extra["prompt_token_ids"] == ids[-8:]
+    assert cut.choices[0].text == complete(client, ids[-8:], max_tokens=6).choices[0].text
+    assert complete(client, PROMPT, max_tokens=2, extra_body={"truncate_prompt_tokens": -1}).usage.prompt_tokens == len(ids)
+    # a chat whose system prompt loses its first tokens: the image and the question stay
+    whole = ask(client, CIRCLES, max_tokens=1).usage.prompt_tokens
+    shorter = ask(client, CIRCLES, extra_body={"truncate_prompt_tokens": whole - 5, "return_token_ids": True})
+    assert shorter.usage.prompt_tokens == whole - 5
+    assert shorter.model_extra["prompt_token_ids"].count(engine.processor.image_token_id) == engine.processor.image_seq_length
+    into_image = refused(lambda: ask(client, CIRCLES, extra_body={"truncate_prompt_tokens": 12}))
+    assert into_image.status_code == 400 and into_image.body["param"] == "truncate_prompt_tokens"
+    for bad in (0, -2, 10**6, "8"):
+        error = refused(lambda: complete(client, PROMPT, extra_body={"truncate_prompt_tokens": bad}))
+        assert error.status_code == 400 and error.body["param"] == "truncate_prompt_tokens", bad
