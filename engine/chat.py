@@ -253,7 +253,7 @@ class ChatEngine:
             told["tokens"] += len(new)
             first, told["prompt"] = not told["prompt"], True
             prompt_logprobs = sequence.prompt_logprobs if first else None
-            prompt_ids = ids[0].tolist() if first and sampling.return_token_ids else None
+            prompt_ids = ids[0].tolist() if first and (sampling.return_token_ids or sampling.prompt_logprobs is not None) else None
             return Tokens(new, logprobs=logprobs, prompt_logprobs=prompt_logprobs, prompt_ids=prompt_ids, **counts, **ending)
 
         try:

@@ -106,21 +106,25 @@ class Sampling:
 
 class TokenLogprob(NamedTuple):
     """A token's log-probability under the model (its raw scores' log-softmax, before temperature and cuts, as
-    vLLM reports them) and the `top` most likely tokens' (id, log-probability), most likely first."""
+    vLLM reports them) and the `top` most likely tokens' (id, log-probability), most likely first; a prompt
+    token's `rank` among all (1: the likeliest; vLLM's prompt_logprobs show it)."""
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]
+    rank: int | None = None
 
 
-def token_logprobs(logprobs: torch.Tensor, tokens: list[int], alternatives: list[int]) -> list[TokenLogprob]:
+def token_logprobs(logprobs: torch.Tensor, tokens: list[int], alternatives: list[int], ranked: bool = False) -> list[TokenLogprob]:
     """For each row of `logprobs` (B, V: the log-softmax of the model's scores), its token's log-probability and its
-    `alternatives[i]` most likely ones'."""
-    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    `alternatives[i]` most likely ones'; `ranked`: its rank too."""
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
+    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist() if ranked else [None] * len(tokens)
+    chosen = chosen.tolist()
     most = max(alternatives, default=0)
     values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
     values, ids = values.tolist(), ids.tolist()
-    return [TokenLogprob(token, logprob, tuple(zip(ids[row][:count], values[row][:count])))
-            for row, (token, logprob, count) in enumerate(zip(tokens, chosen, alternatives))]
+    return [TokenLogprob(token, logprob, tuple(zip(ids[row][:count], values[row][:count])), rank)
+            for row, (token, logprob, count, rank) in enumerate(zip(tokens, chosen, alternatives, ranks))]
 
 
 def prompt_logprobs(logits: torch.Tensor, ids: list[int], alternatives: int) -> list[TokenLogprob | None]:
@@ -134,7 +138,7 @@ def prompt_logprobs(logits: torch.Tensor, ids: list[int], alternatives: int) -> 
         if (broken := rows.isnan().any(dim=-1) | rows.isposinf().any(dim=-1)).any():
             raise NonFiniteScores(f"the model's scores after the prompt's token {start + int(broken.nonzero()[0])} were NaN or "
                                   "infinite; if the model runs in float16, bfloat16 or float32 may not overflow")
-        scored += token_logprobs(rows.log_softmax(dim=-1), ids[start + 1: end + 1], [alternatives] * (end - start))
+        scored += token_logprobs(rows.log_softmax(dim=-1), ids[start + 1: end + 1], [alternatives] * (end - start), ranked=True)
     return scored
 
 

@@ -118,6 +118,7 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs name tokens "token_id:N"
     return_token_ids: StrictBool | None = None  # vLLM's: the prompt's and each choice's token ids in the response
+    prompt_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: the prompt tokens' and this many alternatives'
     # vLLM's: only the prompt's last this many tokens are read (-1: as many as the context holds)
     truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1)
     # vLLM's: token ids that end the answer as the end token does (also with ignore_eos), and whether the stop
@@ -206,7 +207,9 @@ class SamplingRequest(BaseModel):
 
     @property
     def prompt_logprob_alternatives(self) -> int | None:
-        return None
+        """How many alternatives each prompt token's log-probability comes with (vLLM's prompt_logprobs); None: none
+        asked for."""
+        return self.prompt_logprobs
 
     @property
     def choices(self) -> int:
@@ -313,7 +316,9 @@ class CompletionRequest(SamplingRequest):
 
     @property
     def prompt_logprob_alternatives(self) -> int | None:
-        return self.logprobs if self.echo else None
+        """The echo's count (see `_checked`: prompt_logprobs may not ask for another), else vLLM's prompt_logprobs."""
+        echoed = self.logprobs if self.echo else None
+        return echoed if echoed is not None else self.prompt_logprobs
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -328,9 +333,8 @@ class CompletionRequest(SamplingRequest):
 NEUTRAL = {
     "functions": (None, []), "function_call": (None, "none"), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "web_search_options": (None,),
-    # the extras of vLLM and SGLang that are not implemented (prompt_logprobs is vLLM's own layout of what echo
-    # with logprobs gives in OpenAI's)
-    "guided_whitespace_pattern": (None,), "structural_tag": (None,), "prompt_logprobs": (None,),
+    # the extras of vLLM and SGLang that are not implemented
+    "guided_whitespace_pattern": (None,), "structural_tag": (None,),
     "use_beam_search": (None, False), "length_penalty": (None, 1.0),
     "spaces_between_special_tokens": (None, True), "logits_processors": (None, []),
     "prompt_embeds": (None,), "mm_processor_kwargs": (None, {}),
@@ -448,6 +452,10 @@ def _checked(request: SamplingRequest, neutral: dict):
                        "choose the best of more answers", param="best_of", code="unsupported_parameter")
     if isinstance(request, CompletionRequest) and request.max_tokens == 0 and not request.echo:
         raise APIError(400, "max_tokens: 0 asks for nothing but the prompt's echo; give echo true, or at least 1", param="max_tokens")
+    if (isinstance(request, CompletionRequest) and request.echo and request.logprobs is not None
+            and request.prompt_logprobs not in (None, request.logprobs)):
+        raise APIError(400, f"prompt_logprobs: echo with logprobs asks for the prompt's already, with {request.logprobs} "
+                       "alternatives each; ask for that many here too", param="prompt_logprobs")
     if request.truncate_prompt_tokens == 0:
         raise APIError(400, "truncate_prompt_tokens: keep at least 1 of the prompt's tokens, or -1 for as many as the "
                        "context holds", param="truncate_prompt_tokens")

@@ -6,7 +6,7 @@ import time
 import uuid
 
 from .answer_text import Progress
-from .token_logprobs import TokenTexts, chat_logprobs, completion_logprobs, joined
+from .token_logprobs import TokenTexts, chat_logprobs, completion_logprobs, joined, prompt_logprobs_layout
 
 
 def usage(*progresses: Progress, choices: int = 1) -> dict:
@@ -38,14 +38,18 @@ class ChatCompletion:
     choice, and a stream's last chunk of one, has vLLM's `stop_reason`: the stop string or the request's stop token
     id that ended it (None otherwise). With `token_ids` (vLLM's return_token_ids) the response has its prompt's
     `prompt_token_ids` (a stream's first chunk) and each choice its `token_ids` (each chunk those since the last),
-    the end token that finished it included, as vLLM's list it."""
+    the end token that finished it included, as vLLM's list it. With `prompt_logprobs` (vLLM's: a count of
+    alternatives) the response has its prompt's tokens' log-probabilities in vLLM's layout (a stream's first chunk),
+    see token_logprobs.prompt_logprobs_layout."""
     prefix, kind, chunk_kind = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, continuous: bool = False, echo: str = "", token_ids: bool = False):
+                 choices: int = 1, continuous: bool = False, echo: str = "", token_ids: bool = False,
+                 prompt_logprobs: int | None = None):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
-        self.echo_text, self.token_ids = echo, token_ids
+        self.echo_text, self.token_ids, self.prompt_logprobs = echo, token_ids, prompt_logprobs
         self._ids_told: dict[int, int] = {}  # a stream's: per choice, how many of its tokens' ids were sent
+        self._prompt_told: set[int] = set()  # a stream's: the choices whose prompt's facts were sent
         self.with_usage, self.choices, self.continuous = with_usage, choices, continuous
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
         self._told: dict[int, _Told] = {}  # a stream's, per choice
@@ -57,29 +61,38 @@ class ChatCompletion:
                                 stop_reason=progress.stop_reason)
                    for index, progress in enumerate(progresses)]
         response = {**self._head(self.kind), "choices": choices, "usage": usage(*progresses, choices=self.choices)}
-        if self.token_ids:
-            for index, (choice, progress) in enumerate(zip(choices, progresses)):
-                self._with_ids(response, choice, index, progress, last=True)
+        for index, (choice, progress) in enumerate(zip(choices, progresses)):
+            self._with_ids(response, choice, index, progress, last=True)
         return response
 
     def _with_ids(self, response: dict, choice: dict, index: int, progress: Progress, last: bool, opening: bool = False):
-        """Adds the token ids of `choice` (its `index`) not sent yet, and its prompt's where they were not; a
-        stream's `opening` (before the choice's text) has its prompt's only."""
-        start = self._ids_told.get(index, 0)
-        if index not in self._ids_told:
-            self._prompt_ids(response, choice, index, progress)
-        if opening:
-            self._ids_told[index], choice["token_ids"] = 0, []
+        """Adds to `response` (a whole one, or a chunk) what was asked of the prompt of `choice` (its `index`) where
+        it was not sent yet, and the choice's token ids not sent yet; a stream's `opening` (before the choice's
+        text) has no token ids of the answer."""
+        if index not in self._prompt_told:
+            self._prompt_told.add(index)
+            facts = {}
+            if self.token_ids:
+                facts["prompt_token_ids"] = self._prompt_of(index, progress)
+            if self.prompt_logprobs is not None:
+                texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
+                facts["prompt_logprobs"] = prompt_logprobs_layout(texts, self._prompt_of(index, progress), progress.prompt_logprobs,
+                                                                  self.prompt_logprobs)
+            (choice if self.facts_per_choice else response).update(facts)
+        if not self.token_ids:
             return
-        self._ids_told[index] = progress.completion_tokens
-        ids = list(progress.tokens[start: progress.completion_tokens])
+        start = self._ids_told.get(index, 0)
+        end = start if opening else progress.completion_tokens
+        self._ids_told[index] = end
+        ids = list(progress.tokens[start:end])
         if last and progress.end_drawn and progress.end_token is not None:
             ids.append(progress.end_token)
         choice["token_ids"] = ids
 
-    def _prompt_ids(self, response: dict, choice: dict, index: int, progress: Progress):
-        """A chat's prompt, one for all its choices, is the response's (vLLM's layout)."""
-        response["prompt_token_ids"] = progress.prompt_ids
+    facts_per_choice = False  # a chat's prompt, one for all its choices, is the response's (vLLM's layout)
+
+    def _prompt_of(self, index: int, progress: Progress) -> list[int]:
+        return progress.prompt_ids
 
     def opening(self, progress: Progress, index: int = 0) -> dict | None:
         """Choice `index`'s first chunk, before its text (`progress`: its first)."""
@@ -130,7 +143,7 @@ class ChatCompletion:
         stop_reason = progress.stop_reason if finish_reason is not None and progress is not None else None
         chunk = {**self._head(self.chunk_kind),
                  "choices": [self._choice(delta, finish_reason, index=index, logprobs=logprobs, stop_reason=stop_reason)]}
-        if self.token_ids and progress is not None:
+        if progress is not None:
             self._with_ids(chunk, chunk["choices"][0], index, progress, last=finish_reason is not None, opening=opening)
         if self.with_usage:
             chunk["usage"] = usage(progress) if self.continuous and progress is not None else None
@@ -145,8 +158,10 @@ class TextCompletion(ChatCompletion):
     prefix, kind, chunk_kind = "cmpl", "text_completion", "text_completion"
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
-                 choices: int = 1, continuous: bool = False, echo: bool = False, answers: int = 1, token_ids: bool = False):
-        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices, continuous, token_ids=token_ids)
+                 choices: int = 1, continuous: bool = False, echo: bool = False, answers: int = 1, token_ids: bool = False,
+                 prompt_logprobs: int | None = None):
+        super().__init__(model, with_usage, tokenizer, logprobs, as_ids, choices, continuous, token_ids=token_ids,
+                         prompt_logprobs=prompt_logprobs)
         self.echo, self.prompts = echo, [None] * answers
 
     def echoed(self, index: int) -> str:
@@ -173,9 +188,10 @@ class TextCompletion(ChatCompletion):
     def _text(self, index: int, progress: Progress) -> str:
         return self.echoed(index) + progress.text if self.echo else progress.text
 
-    def _prompt_ids(self, response: dict, choice: dict, index: int, progress: Progress):
-        """A completion's choices may each have a prompt of its own: each choice names its (vLLM's layout)."""
-        choice["prompt_token_ids"] = self.prompts[index].ids[0].tolist()
+    facts_per_choice = True  # a completion's choices may each have a prompt of its own (vLLM's layout)
+
+    def _prompt_of(self, index: int, progress: Progress) -> list[int]:
+        return self.prompts[index].ids[0].tolist()
 
     def _whole_logprobs(self, index: int, progress: Progress) -> dict:
         ids, count = self.prompts[index].ids[0].tolist(), progress.completion_tokens

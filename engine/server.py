@@ -233,7 +233,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
         layout = dict(with_usage=with_usage(chat), tokenizer=tokenizer, logprobs=bool(chat.logprobs),
                       as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat), echo=chat.echoed,
-                      token_ids=bool(chat.return_token_ids))
+                      token_ids=bool(chat.return_token_ids), prompt_logprobs=chat.prompt_logprobs)
         response = (ChatCompletion(model_name, **layout) if chat.tool_plan is None
                     else ToolCallCompletion(chat.tool_plan, model_name, **layout))
         return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
@@ -247,7 +247,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
         response = TextCompletion(model_name, with_usage(completion), tokenizer, logprobs=completion.logprobs is not None,
                                   as_ids=bool(completion.return_tokens_as_token_ids), choices=choices,
                                   continuous=continuous(completion), echo=bool(completion.echo), answers=len(prompts) * choices,
-                                  token_ids=bool(completion.return_token_ids))
+                                  token_ids=bool(completion.return_token_ids), prompt_logprobs=completion.prompt_logprobs)
 
         def begin_with(index: int):  # prompt index // choices, its choice index % choices (vLLM's order)
             def begin(loop, interval: float):

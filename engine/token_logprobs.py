@@ -164,6 +164,23 @@ def joined(*layouts: dict) -> dict:
     return {key: [item for layout in layouts for item in layout[key]] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
+def prompt_logprobs_layout(texts: TokenTexts, ids: list[int], scored: list[TokenLogprob | None], count: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` for a prompt of `ids`: None for its first token, then per token a dict by token id
+    (as a string) of {"logprob", "rank", "decoded_token"}, the token's own first, then its `count` most likely
+    alternatives (ranks 1 .. count; the token once where it is among them)."""
+    if not ids:
+        return []
+    candidates = [[token, *(alternative for alternative, _ in entry.top[:count])] for token, entry in zip(ids[1:], scored[1:])]
+    texts.after(ids[:1], [ids[:1]])
+    layout: list[dict | None] = [None]
+    for token, entry, pieces in zip(ids[1:], scored[1:], texts.after(ids[1:], candidates)):
+        found = {str(token): {"logprob": _logprob(entry.logprob), "rank": entry.rank, "decoded_token": pieces[0].name}}
+        for rank, ((alternative, logprob), piece) in enumerate(zip(entry.top[:count], pieces[1:]), start=1):
+            found.setdefault(str(alternative), {"logprob": _logprob(logprob), "rank": rank, "decoded_token": piece.name})
+        layout.append(found)
+    return layout
+
+
 def chat_logprobs(texts: TokenTexts, tokens: list[int], logprobs: list[TokenLogprob]) -> list[dict]:
     """A chat completion's `logprobs.content` entries for `tokens`: each token's text, log-probability and bytes,
     and its `top_logprobs` (exactly the most likely ones asked for, as OpenAI's)."""

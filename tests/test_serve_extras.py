@@ -362,3 +362,36 @@ def test_truncate_prompt_tokens_reads_only_the_prompts_last_tokens(client, engin
     for bad in (0, -2, 10**6, "8"):
         error = refused(lambda: complete(client, PROMPT, extra_body={"truncate_prompt_tokens": bad}))
         assert error.status_code == 400 and error.body["param"] == "truncate_prompt_tokens", bad
+
+
+def test_prompt_logprobs_in_vllms_layout_equal_the_models_own(client, engine):
+    """vLLM's prompt_logprobs: per prompt token after the first, its log-probability and rank and its most likely
+    alternatives', by token id; the numbers those of one forward of the model over the prompt."""
+    tokenizer = engine.processor.tokenizer
+    ids = tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        expected = engine.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(dim=-1)
+    completion = complete(client, PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    layout = completion.choices[0].model_extra["prompt_logprobs"]
+    assert len(layout) == len(ids) and layout[0] is None
+    for position, (token, entry) in enumerate(zip(ids[1:], layout[1:]), start=1):
+        row = expected[position - 1]
+        assert list(entry)[0] == str(token)
+        assert entry[str(token)]["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+        assert entry[str(token)]["rank"] == int((row > row[token]).sum()) + 1
+        best = row.topk(2).indices.tolist()
+        assert {key for key, value in entry.items() if value["rank"] <= 2} == {str(alternative) for alternative in best}
+        assert 2 <= len(entry) <= 3
+    assert layout[1][str(ids[1])]["decoded_token"] == tokenizer.decode(ids[1:2])
+    # a chat's: the response's, its prompt's length (images' tokens included), in the stream's first chunk too
+    chat = ask(client, CIRCLES, max_tokens=2, extra_body={"prompt_logprobs": 0, "return_token_ids": True})
+    prompt = chat.model_extra["prompt_token_ids"]
+    assert len(chat.model_extra["prompt_logprobs"]) == len(prompt) == chat.usage.prompt_tokens
+    assert all(list(entry) == [str(token)] for token, entry in zip(prompt[1:], chat.model_extra["prompt_logprobs"][1:]))
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=2, stream=True,
+                                                 extra_body={"prompt_logprobs": 0}))
+    assert chunks[0].model_extra["prompt_logprobs"] == chat.model_extra["prompt_logprobs"]
+    # with echo's log-probabilities another count is refused
+    error = refused(lambda: complete(client, PROMPT, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}))
+    assert error.status_code == 400 and error.body["param"] == "prompt_logprobs"
+    assert complete(client, PROMPT, max_tokens=1, echo=True, logprobs=1, extra_body={"prompt_logprobs": 1}).choices[0].logprobs

@@ -179,7 +179,8 @@ def test_log_probabilities_asked_for_wrongly_are_refused_by_name(client):
                               ("completions", {"prompt": PROMPT, "logprobs": 21}, "logprobs"),
                               ("completions", {"prompt": PROMPT, "logprobs": -1}, "logprobs"),
                               ("completions", {"prompt": PROMPT, "max_tokens": 0, "logprobs": 1}, "max_tokens"),
-                              ("completions", {"prompt": PROMPT, "prompt_logprobs": 1}, "prompt_logprobs")]:  # vLLM's own
+                              ("completions", {"prompt": PROMPT, "prompt_logprobs": 21}, "prompt_logprobs"),  # vLLM's own
+                              ("chat/completions", {"messages": CIRCLES, "prompt_logprobs": True}, "prompt_logprobs")]:
         response = post(client, path, body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     # what clients send by habit passes
