@@ -17,7 +17,7 @@ from llava_plugin.convert import convert, detect_format, local_folder
 from .answer_text import Progress, Tokens, as_text, chat_context, continuation
 from .decoding import NonFiniteScores, Sampling  # noqa: F401 (NonFiniteScores: engine's export)
 from .prefix_cache import PrefixCache, common_prefix
-from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused
+from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused, TokenRulesRefused
 from .scheduler import SCORED_LOGITS, Scheduler, Sequence
 from .sessions import Session, SessionStore
 from .static_slots import SlotPool, StaticSlot, supports_static_slots
@@ -203,6 +203,8 @@ class ChatEngine:
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if outside := [token for token, _ in sampling.logit_bias if not 0 <= token < self.scheduler.vocabulary]:
             raise ChatError(f"logit_bias names the token id {outside[0]}, outside the model's vocabulary")
+        if sampling.allowed_token_ids is not None:
+            self._check_token_rules(sampling)
         try:  # compiled here, in the request's thread: the scheduler's only matches
             constraint = self.grammars.constraint(sampling.structure) if sampling.structure is not None else None
         except StructureError as error:
@@ -222,7 +224,8 @@ class ChatEngine:
         if one_off:
             # a prompt to score is fed whole (a cached prefix's positions would have no log-probabilities)
             reuse = self.prefixes is not None and sampling.prompt_logprobs is None
-            session = self.prefixes.session(key, ids[0], prompt.salt) if reuse else Session(image_key=key)
+            # a scored prompt reuses nothing but is stored all the same: under its salt too
+            session = self.prefixes.session(key, ids[0], prompt.salt) if reuse else Session(image_key=key, salt=prompt.salt)
             if prompt.sources and session.vision_features is None and pixel_values is None:  # forgotten meanwhile
                 ids, pixel_values = self._inputs(prompt)
                 ids = ids.to(self.device)
@@ -230,6 +233,19 @@ class ChatEngine:
                 yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel, constraint)
         else:  # generate holds the session's lock
             yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel, constraint)
+
+    def _check_token_rules(self, sampling: Sampling):
+        """TokenRulesRefused where allowed_token_ids leave no token to draw: every one is never generated (the
+        model's suppressed tokens), a one-token bad word, or, before min_tokens, an end or stop token."""
+        ruled_out = set(self.scheduler.suppress) | {word[0] for word in sampling.bad_words if len(word) == 1}
+        left = set(sampling.allowed_token_ids) - ruled_out
+        if not left:
+            raise TokenRulesRefused("allowed_token_ids: every token it allows is a bad word or one this model never "
+                                    "generates (its suppressed tokens)")
+        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.stop_ids))
+        if sampling.min_tokens and not left - stops:
+            raise TokenRulesRefused(f"allowed_token_ids: it allows only end or stop tokens, which min_tokens "
+                                    f"({sampling.min_tokens}) keeps from being drawn first")
 
     def _decode(self, session: Session, ids, pixel_values, image_sizes, sampling: Sampling, one_off: bool,
                 interval: float, cancel: threading.Event | None, constraint: Constraint | None = None) -> Iterator[Tokens]:

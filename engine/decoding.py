@@ -118,7 +118,8 @@ def token_logprobs(logprobs: torch.Tensor, tokens: list[int], alternatives: list
     """For each row of `logprobs` (B, V: the log-softmax of the model's scores), its token's log-probability and its
     `alternatives[i]` most likely ones'; `ranked`: its rank too."""
     chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0]
-    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist() if ranked else [None] * len(tokens)
+    # vLLM's rank: how many tokens are at least as likely, the token itself among them
+    ranks = (logprobs >= chosen[:, None]).sum(dim=-1).tolist() if ranked else [None] * len(tokens)
     chosen = chosen.tolist()
     most = max(alternatives, default=0)
     values, ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
@@ -183,7 +184,7 @@ def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: lis
     for row, ids in enumerate(blocked or []):
         if ids:
             logits[row, list(ids)] = -float("inf")
-    if held := any(constraints or []):
+    if any(constraints or []):
         rule_out(logits, constraints)
     tokens = logits.argmax(dim=-1)
     if masked:  # a row whose grammar or rules left no token: its best is -inf (a draw from it would fail the batch)

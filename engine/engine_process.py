@@ -30,11 +30,12 @@ from transformers import AutoProcessor
 
 from .answer_text import AnswerText, Progress, Tokens, as_text, chat_context, continuation
 from .decoding import NonFiniteScores, Sampling
-from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused, TruncationRefused
+from .prompts import ChatError, ContextTooLong, Prompt, Prompter, StructureRefused, TokenRulesRefused, TruncationRefused
 from .scheduler import QueueFull
 
 _ERRORS = {"ChatError": ChatError, "ContextTooLong": ContextTooLong, "StructureRefused": StructureRefused, "QueueFull": QueueFull,
-           "NonFiniteScores": NonFiniteScores, "TruncationRefused": TruncationRefused}
+           "NonFiniteScores": NonFiniteScores, "TruncationRefused": TruncationRefused,
+           "TokenRulesRefused": TokenRulesRefused}
 _END = object()
 # a Tokens crosses the pipe as a plain tuple of its fields in order (pickling a dataclass per message cost more than
 # its tokens); the reader makes it again with Tokens(*fields)

@@ -10,6 +10,8 @@ from pydantic_core import from_json, to_json
 
 from .decoding import MAX_LOGPROBS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, Sampling
 from .media import MediaPolicy, image_bytes
+from .penalties import bad_word_ids
+from .prompts import template_flags
 from .structured_output import Structure, StructureError, check, check_size
 from .tool_calls import MAX_TOOLS, Tool, ToolCall, ToolChoice, ToolError, ToolPlan, calls_text, result_text
 from .untrusted import MAX_CONVERSATION_CHARS, MESSAGE_OVERHEAD
@@ -94,7 +96,7 @@ MAX_LOGIT_BIAS = 1024  # tokens in one logit_bias (OpenAI takes 300)
 MAX_TEMPLATE_KWARGS = 64  # keys of one chat_template_kwargs
 MAX_STOP_TOKEN_IDS = 1024  # in one stop_token_ids: a set each decode step looks a token up in
 MAX_CACHE_SALT = 256  # characters of one cache_salt
-MAX_ALLOWED_TOKEN_IDS = 262_144  # in one allowed_token_ids: a vocabulary's worth
+MAX_ALLOWED_TOKEN_IDS = 32_768  # in one allowed_token_ids: each choice carries them to the engine, which makes a mask of them
 MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 128, 1_000  # each is looked for at the answer's end at every step
 
 
@@ -149,6 +151,7 @@ class SamplingRequest(BaseModel):
     regex: str | None = None
     ebnf: str | None = None
     _structure: tuple[str, Structure] | None = PrivateAttr(None)  # (the field that asked, what) once checked
+    _bad_words: tuple[tuple[int, ...], ...] | None = PrivateAttr(None)  # bad_word_sequences'
 
     @property
     def structure(self) -> tuple[str, Structure] | None:
@@ -216,6 +219,12 @@ class SamplingRequest(BaseModel):
         """Choices per prompt (`n`)."""
         return self.n or 1
 
+    def bad_word_sequences(self, tokenizer) -> tuple[tuple[int, ...], ...]:
+        """bad_words' token sequences (penalties.bad_word_ids), made once per request however many choices it has."""
+        if self._bad_words is None:
+            self._bad_words = bad_word_ids(tokenizer, self.bad_words or [])
+        return self._bad_words
+
     def sampling(self, max_tokens: int, choice: int = 0) -> Sampling:
         """`max_tokens`: the server's limit, which caps min_tokens too. Choice j of n draws with the seed + j (each
         answer draws from a generator of its own: one seed would give n equal answers)."""
@@ -248,11 +257,11 @@ class Rendering(BaseModel):
 
     @property
     def rendering(self) -> dict:
-        """The chat template's arguments: add_generation_prompt and continue_final_message (both bools, checked by
-        `_check_rendering`), and the client's other chat_template_kwargs."""
-        given = dict(self.chat_template_kwargs or {})
-        return {**given, "add_generation_prompt": given.get("add_generation_prompt", self.add_generation_prompt is not False),
-                "continue_final_message": given.get("continue_final_message", bool(self.continue_final_message))}
+        """The chat template's arguments as the client gave them (Prompter.template_arguments reads them, its
+        defaults engine.prompts.template_flags'): chat_template_kwargs over the two fields, as vLLM's."""
+        fields = {"add_generation_prompt": self.add_generation_prompt, "continue_final_message": self.continue_final_message}
+        return {**{key: value for key, value in fields.items() if value is not None}, **(self.chat_template_kwargs or {})}
+
 
 
 class ChatRequest(SamplingRequest, Rendering):
@@ -267,11 +276,18 @@ class ChatRequest(SamplingRequest, Rendering):
     _tool_plan: ToolPlan | None = PrivateAttr(None)
 
     @property
+    def response_role(self) -> str:
+        """The answer's role, as vLLM's: the assistant's after an opened turn, else the last message's (whose turn
+        the answer continues)."""
+        opened, _ = template_flags(self.rendering)
+        return "assistant" if opened else self.messages[-1].role
+
+    @property
     def echoed(self) -> str:
-        """What an answer's text begins with: with `echo`, the last message's text if it is the assistant's (as
+        """What an answer's text begins with: with `echo`, the last message's text if it has the answer's role (as
         vLLM's), else nothing."""
         last = self.messages[-1]
-        if not self.echo or last.role != "assistant":
+        if not self.echo or last.role != self.response_role:
             return ""
         content = last.content or ""
         return content if isinstance(content, str) else "\n".join(part.text for part in content if isinstance(part, TextPart))
@@ -347,11 +363,12 @@ REFUSED_BECAUSE = {"functions": "OpenAI's former function calling: send tools an
                    "use_beam_search": "each answer is sampled on its own; there is no beam search",
                    "chat_template": "a template sent with a request would run the client's code on the server; the model's "
                                     "own template renders every conversation",
-                   "add_special_tokens": "this model's chat template leaves the start token to the tokenizer, so a prompt "
-                                         "without it is not one the model knows",
+                   "add_special_tokens": "the rendered conversation has its start token already (this model's template "
+                                         "leaves it to the tokenizer); a second one is not a prompt the model knows",
                    "priority": "requests are served in the order they come"}
 # /v1/chat/completions' own: vLLM's fields of a conversation's rendering that are not implemented
-CHAT_NEUTRAL = {**NEUTRAL, "chat_template": (None,), "documents": (None, []), "add_special_tokens": (None, True)}
+# (add_special_tokens false, vLLM's default for a chat: nothing added past what the rendering makes)
+CHAT_NEUTRAL = {**NEUTRAL, "chat_template": (None,), "documents": (None, []), "add_special_tokens": (None, False)}
 # /v1/completions' own (tools, tool_choice: fields of a chat request only)
 COMPLETION_NEUTRAL = {"tools": (None, []), "tool_choice": (None, "none"), **NEUTRAL, "suffix": (None, "")}
 # OpenAI takes 4 stop strings and vLLM any number; lm-eval's local-completions sends a task's whole `until` list and
@@ -506,12 +523,12 @@ def _check_rendering(request: Rendering):
     for key in ("add_generation_prompt", "continue_final_message"):
         if not isinstance(value := (request.chat_template_kwargs or {}).get(key, False), bool):
             raise APIError(400, f"chat_template_kwargs.{key}: {value!r:.40} is not a boolean", param=f"chat_template_kwargs.{key}")
-    rendering = request.rendering
-    if rendering["continue_final_message"] and rendering["add_generation_prompt"]:
+    opened, continued = template_flags(request.rendering)
+    if continued and opened:
         raise APIError(400, "continue_final_message: the last message is continued, or the assistant's next one begins "
                        "after it (add_generation_prompt, true by default): not both; send add_generation_prompt false",
                        param="continue_final_message")
-    if rendering["continue_final_message"] and getattr(request, "tool_plan", None) is not None:
+    if continued and getattr(request, "tool_plan", None) is not None:
         raise APIError(400, "continue_final_message: a message continued is text, not a tool's call; send tool_choice none",
                        param="continue_final_message")
 

@@ -45,11 +45,13 @@ class ChatCompletion:
 
     def __init__(self, model: str, with_usage: bool = False, tokenizer=None, logprobs: bool = False, as_ids: bool = False,
                  choices: int = 1, continuous: bool = False, echo: str = "", token_ids: bool = False,
-                 prompt_logprobs: int | None = None):
+                 prompt_logprobs: int | None = None, role: str = "assistant"):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model, int(time.time())
+        self.role = role  # the answer's (ChatRequest.response_role)
         self.echo_text, self.token_ids, self.prompt_logprobs = echo, token_ids, prompt_logprobs
         self._ids_told: dict[int, int] = {}  # a stream's: per choice, how many of its tokens' ids were sent
-        self._prompt_told: set[int] = set()  # a stream's: the choices whose prompt's facts were sent
+        self._prompt_told: set[int] = set()  # a stream's: the choices whose prompt's facts were sent (a chat's: 0, once)
+        self._facts: dict[int, dict] = {}  # per choice, what was asked of its prompt (prompt_facts)
         self.with_usage, self.choices, self.continuous = with_usage, choices, continuous
         self.logprobs, self.tokenizer, self.as_ids = logprobs, tokenizer, as_ids
         self._told: dict[int, _Told] = {}  # a stream's, per choice
@@ -65,12 +67,16 @@ class ChatCompletion:
             self._with_ids(response, choice, index, progress, last=True)
         return response
 
-    def _with_ids(self, response: dict, choice: dict, index: int, progress: Progress, last: bool, opening: bool = False):
-        """Adds to `response` (a whole one, or a chunk) what was asked of the prompt of `choice` (its `index`) where
-        it was not sent yet, and the choice's token ids not sent yet; a stream's `opening` (before the choice's
-        text) has no token ids of the answer."""
-        if index not in self._prompt_told:
-            self._prompt_told.add(index)
+    @property
+    def heavy(self) -> bool:
+        """Whether laying out the response names many tokens (log-probabilities: its tokens' and their alternatives',
+        or every prompt token's), which can take seconds: not on the event loop (see `prompt_facts`)."""
+        return bool(self.logprobs) or self.prompt_logprobs is not None
+
+    def prompt_facts(self, index: int, progress: Progress) -> dict:
+        """What was asked of choice `index`'s prompt (its ids, its tokens' log-probabilities), made once: a stream
+        makes it in a worker thread before the choice's first chunk, which then only reads it."""
+        if index not in self._facts:
             facts = {}
             if self.token_ids:
                 facts["prompt_token_ids"] = self._prompt_of(index, progress)
@@ -78,7 +84,17 @@ class ChatCompletion:
                 texts = TokenTexts(self.tokenizer, as_ids=self.as_ids)
                 facts["prompt_logprobs"] = prompt_logprobs_layout(texts, self._prompt_of(index, progress), progress.prompt_logprobs,
                                                                   self.prompt_logprobs)
-            (choice if self.facts_per_choice else response).update(facts)
+            self._facts[index] = facts
+        return self._facts[index]
+
+    def _with_ids(self, response: dict, choice: dict, index: int, progress: Progress, last: bool, opening: bool = False):
+        """Adds to `response` (a whole one, or a chunk) what was asked of the prompt of `choice` (its `index`) where
+        it was not sent yet, and the choice's token ids not sent yet; a stream's `opening` (before the choice's
+        text) has no token ids of the answer."""
+        told = index if self.facts_per_choice else 0  # a chat's prompt, one for all its choices, is told once
+        if told not in self._prompt_told:
+            self._prompt_told.add(told)
+            (choice if self.facts_per_choice else response).update(self.prompt_facts(index, progress))
         if not self.token_ids:
             return
         start = self._ids_told.get(index, 0)
@@ -96,7 +112,7 @@ class ChatCompletion:
 
     def opening(self, progress: Progress, index: int = 0) -> dict | None:
         """Choice `index`'s first chunk, before its text (`progress`: its first)."""
-        return self._chunk({"role": "assistant", "content": self.echo_text}, index=index, progress=progress, opening=True)
+        return self._chunk({"role": self.role, "content": self.echo_text}, index=index, progress=progress, opening=True)
 
     def delta(self, text: str, progress: Progress, index: int = 0) -> dict:
         return self._chunk({"content": text}, index=index, logprobs=self._stream_logprobs(progress, index), progress=progress)
@@ -134,7 +150,7 @@ class ChatCompletion:
                 stop_reason: int | str | None = None) -> dict:
         """`text`: the message's content when whole, else the chunk's delta."""
         if whole:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+            return {"index": index, "message": {"role": self.role, "content": text}, "finish_reason": finish_reason,
                     "logprobs": logprobs, "stop_reason": stop_reason}
         return {"index": index, "delta": text, "finish_reason": finish_reason, "logprobs": logprobs, "stop_reason": stop_reason}
 

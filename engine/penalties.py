@@ -70,7 +70,9 @@ class Penalties:
             scores -= sampling.frequency_penalty * self.counts + sampling.presence_penalty * (self.counts > 0)
         if self.ruled_out is not None:
             scores.masked_fill_(self.ruled_out, -float("inf"))
-        if ending := [word[-1] for word in self._longer if self.said[max(0, len(self.said) - len(word) + 1):] == list(word[:-1])]:
+        said = self.said
+        if ending := [word[-1] for word in self._longer  # the last token first: most words end nowhere near
+                      if said and said[-1] == word[-2] and tuple(said[max(0, len(said) - len(word) + 1):]) == word[:-1]]:
             scores[ending] = -float("inf")
 
     def _made(self, scores: torch.Tensor):

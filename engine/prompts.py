@@ -36,6 +36,11 @@ class TruncationRefused(ChatError):
     """truncate_prompt_tokens would cut into an image's tokens (the API names that field)."""
 
 
+class TokenRulesRefused(ChatError):
+    """An answer's allowed_token_ids, with its bad_words and min_tokens, leave it no token to draw (the API names
+    allowed_token_ids)."""
+
+
 class StructureRefused(ChatError):
     """The answer's structured output cannot be held: its spec gives no grammar, or one that allows no answer or
     costs too much per token (the API names the field it came in)."""
@@ -74,6 +79,13 @@ class Prompt:
         if state["ids"] is not None:
             state["ids"] = torch.tensor(state["ids"], dtype=torch.long)
         self.__dict__.update(state)
+
+
+def template_flags(rendering: dict | None) -> tuple[bool, bool]:
+    """A rendering's add_generation_prompt (true unless it says false) and continue_final_message (false unless it
+    says true)."""
+    rendering = rendering or {}
+    return rendering.get("add_generation_prompt", True) is not False, rendering.get("continue_final_message", False) is True
 
 
 # the names apply_chat_template gives the template, or takes as its own parameters: never a client's
@@ -160,8 +172,8 @@ class Prompter:
         reserved = RENDERER_NAMES | set(self.processor.tokenizer.special_tokens_map)
         extra = {key: value for key, value in rendering.items()
                  if key in template_variables(self.processor.chat_template) and key not in reserved}
-        return {**extra, "add_generation_prompt": rendering.get("add_generation_prompt", True) is not False,
-                "continue_final_message": rendering.get("continue_final_message", False) is True}
+        opened, continued = template_flags(rendering)
+        return {**extra, "add_generation_prompt": opened, "continue_final_message": continued}
 
     def text_prompt(self, prompt: str | list[int], room: int = 0, add_special_tokens: bool = True, salt: str | None = None,
                     keep_last: int | None = None) -> Prompt:
@@ -183,7 +195,9 @@ class Prompter:
                 raise ChatError(f"the prompt has the token id {outside}, outside the model's vocabulary (0 .. {len(tokenizer) - 1})")
         if not ids:
             raise ChatError("the prompt is empty")
-        ids = self.kept(torch.tensor([ids], dtype=torch.long), keep_last)[0].tolist()
+        kept = self.kept(torch.tensor([ids], dtype=torch.long), keep_last, keep_start=isinstance(prompt, str) and add_special_tokens)[0].tolist()
+        if len(kept) < len(ids):  # its echo is the text of what was read
+            ids, text = kept, ""
         if self.processor.image_token_id in ids:
             raise ChatError(f"the prompt has the image token ({self.processor.image_token}); images go in messages of "
                             "/v1/chat/completions")
@@ -204,17 +218,21 @@ class Prompter:
         inputs = self.processor(images=images if len(images) > 1 else images[0], text=prompt.text, return_tensors="pt")
         return self.kept(inputs["input_ids"], prompt.keep_last), inputs["pixel_values"]
 
-    def kept(self, ids: torch.Tensor, keep_last: int | None) -> torch.Tensor:
-        """The last `keep_last` of the prompt's ids (1, T) (vLLM's truncate_prompt_tokens: its start token goes
-        first); ChatError where that would cut into an image's tokens, which the model reads whole or not at all."""
+    def kept(self, ids: torch.Tensor, keep_last: int | None, keep_start: bool = True) -> torch.Tensor:
+        """The prompt's ids (1, T) with only `keep_last` of them read (vLLM's truncate_prompt_tokens): the last ones
+        and, with `keep_start` (a prompt the tokenizer tokenized, as vLLM truncates it: on the left, special tokens
+        kept), its start token first; TruncationRefused where that would cut into an image's tokens, which the
+        model reads whole or not at all."""
         if keep_last is None or ids.shape[1] <= keep_last:
             return ids
-        cut = ids.shape[1] - keep_last
+        start = self.processor.tokenizer.bos_token_id
+        head = 1 if keep_start and start is not None and int(ids[0, 0]) == start else 0
+        cut = ids.shape[1] - keep_last + head  # ids[:, head:cut] go
         images = (ids[0] == self.processor.image_token_id).nonzero()
         if len(images) and int(images[0]) < cut:
             raise TruncationRefused(f"truncate_prompt_tokens: keeping the last {keep_last} of the prompt's {ids.shape[1]} tokens would "
                             f"cut an image's tokens; its first image begins {ids.shape[1] - int(images[0])} tokens from its end")
-        return ids[:, cut:]
+        return torch.cat([ids[:, :head], ids[:, cut:]], dim=1)
 
     def decoded(self, image) -> tuple:
         """The image and its fingerprint (a hash of every pixel). A huge photo: the tower sees 336 px anyway, keep

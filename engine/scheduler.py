@@ -26,7 +26,7 @@ from .decoding import NonFiniteScores, Sampling, TokenLogprob, next_tokens, prom
 from .padded_batch import PaddedBatch
 from .penalties import Penalties
 from .row_batch import RowBatch
-from .prompts import StructureRefused
+from .prompts import StructureRefused, TokenRulesRefused
 from .static_slots import StaticSlot
 from .structured_output import Constraint
 
@@ -114,8 +114,8 @@ class Sequence:
                                              "output allows and the model's scores make possible (NaN or infinite scores, "
                                              "or only tokens never generated)")
             elif self.penalties is not None and (self.sampling.allowed_token_ids is not None or self.sampling.bad_words):
-                self.error = NonFiniteScores(f"after {len(self.tokens)} tokens, no token was left that the answer's "
-                                             "allowed_token_ids and bad_words allow (or its scores were NaN or infinite)")
+                self.error = TokenRulesRefused(f"after {len(self.tokens)} tokens, no token was left that the answer's "
+                                               "allowed_token_ids and bad_words allow")
             else:
                 self.error = NonFiniteScores(f"the model's next-token scores for this answer were NaN or infinite after "
                                              f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import ChatEngine, ChatError
-from .prompts import ContextTooLong, StructureRefused, TruncationRefused
+from .prompts import ContextTooLong, StructureRefused, TokenRulesRefused, TruncationRefused
 from .answer_text import Progress
 from .decoding import NonFiniteScores, Sampling
 from .engine_process import EngineProcess, EngineStopped
@@ -42,7 +42,6 @@ from .metrics import render
 from .openai_api import (APIError, SamplingRequest, TokenizeRequest, checked_structure, engine_messages, parse_completion_request,
                          parse_detokenize_request, parse_request, parse_tokenize_request)
 from .openai_responses import ChatCompletion, TextCompletion
-from .penalties import bad_word_ids
 from .scheduler import QueueFull
 from .tool_calls import ToolCallCompletion
 
@@ -93,10 +92,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
                 raise APIError(400, f"{param}: the token id {outside[0]} is outside the model's vocabulary (0 .. {len(tokenizer) - 1})",
                                param=param)
         if asked.bad_words:
-            sampling = dataclasses.replace(sampling, bad_words=bad_word_ids(tokenizer, asked.bad_words))
-            single = {word[0] for word in sampling.bad_words if len(word) == 1}
-            if sampling.allowed_token_ids is not None and set(sampling.allowed_token_ids) <= single:
-                raise APIError(400, "bad_words: they rule out every token allowed_token_ids allows", param="bad_words")
+            sampling = dataclasses.replace(sampling, bad_words=asked.bad_word_sequences(tokenizer))
         return sampling
 
     def kept_tokens(asked: SamplingRequest) -> int | None:
@@ -233,7 +229,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
 
         layout = dict(with_usage=with_usage(chat), tokenizer=tokenizer, logprobs=bool(chat.logprobs),
                       as_ids=bool(chat.return_tokens_as_token_ids), choices=chat.choices, continuous=continuous(chat), echo=chat.echoed,
-                      token_ids=bool(chat.return_token_ids), prompt_logprobs=chat.prompt_logprobs)
+                      token_ids=bool(chat.return_token_ids), prompt_logprobs=chat.prompt_logprobs, role=chat.response_role)
         response = (ChatCompletion(model_name, **layout) if chat.tool_plan is None
                     else ToolCallCompletion(chat.tool_plan, model_name, **layout))
         return await respond(request, chat, [begin_with(choice) for choice in range(chat.choices)], response, counted="n")
@@ -323,7 +319,7 @@ def create_app(engine: ChatEngine, model_name: str, policy: MediaPolicy | None =
             makers = [functools.partial(answered, release, begin) for release, begin in zip(releases, begins)]
             try:
                 progresses = await unless_gone(request, lambda: together(makers), gone)
-                if completion.logprobs:  # naming every token and its alternatives can take seconds: not on the event loop
+                if completion.heavy:  # naming every token and its alternatives can take seconds: not on the event loop
                     return await run_in_threadpool(completion.whole, *progresses)
                 return completion.whole(*progresses)
             finally:
@@ -358,6 +354,8 @@ def api_errors(param: str = "messages", structure: str | None = None):
         raise APIError(400, str(error), param=structure or param) from None
     except TruncationRefused as error:
         raise APIError(400, str(error), param="truncate_prompt_tokens") from None
+    except TokenRulesRefused as error:
+        raise APIError(400, str(error), param="allowed_token_ids") from None
     except ChatError as error:
         raise APIError(400, str(error), param=param,
                        code="context_length_exceeded" if isinstance(error, ContextTooLong) else None) from None
@@ -537,6 +535,8 @@ async def events(releases: list[Release], first: Progress, completion: ChatCompl
         if not opened[index]:
             opened[index] = True
             # an echo's opening names the whole prompt's tokens when log-probabilities are asked: not on the event loop
+            if completion.prompt_logprobs is not None:  # made here, read by the choice's first chunk
+                await run_in_threadpool(completion.prompt_facts, index, progress)
             opening = (await run_in_threadpool(completion.opening, progress, index) if completion.logprobs
                        else completion.opening(progress, index))
             ready += sse(opening)

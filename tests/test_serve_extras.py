@@ -71,14 +71,13 @@ def test_a_stop_string_kept_in_the_text_with_include_stop_str_in_output(client):
 
 def test_skip_special_tokens_false_keeps_their_text(client, engine):
     tokenizer = engine.processor.tokenizer
-    eos = tokenizer.eos_token_id
     tokens = greedy_tokens(engine, client)
     # with ignore_eos the end token is a token of the answer; its text shows only without skip_special_tokens
     answers = {skip: ask(client, CIRCLES, max_tokens=len(tokens) + 2,
                          extra_body={"ignore_eos": True, "skip_special_tokens": skip}).choices[0].message.content
                for skip in (True, False)}
     assert tokenizer.eos_token not in answers[True] and tokenizer.eos_token in answers[False]
-    assert eos is not None
+    assert answers[False].replace(tokenizer.eos_token, "").split() == answers[True].split()  # the same tokens, their text shown
 
 
 def continued(messages: list[dict], text: str) -> list[dict]:
@@ -150,7 +149,7 @@ def test_continue_final_message_with_a_tool_call_is_refused(client):
 @pytest.mark.parametrize("extra, param", [
     ({"use_beam_search": True}, "use_beam_search"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
-    ({"add_special_tokens": False}, "add_special_tokens"),
+    ({"add_special_tokens": True}, "add_special_tokens"),
     ({"priority": 5}, "priority"),
     ({"logits_processors": ["my.module:Processor"]}, "logits_processors"),
 ])
@@ -162,7 +161,7 @@ def test_extras_not_implemented_are_refused_by_name(client, extra, param):
 def test_extras_at_their_neutral_values_are_accepted(client):
     neutral = {"use_beam_search": False, "length_penalty": 1.0, "bad_words": [], "spaces_between_special_tokens": True,
                "logits_processors": [], "mm_processor_kwargs": {}, "return_token_ids": False, "vllm_xargs": {}, "priority": 0,
-               "chat_template": None, "documents": None, "add_special_tokens": True, "skip_special_tokens": True,
+               "chat_template": None, "documents": None, "add_special_tokens": False, "skip_special_tokens": True,
                "include_stop_str_in_output": False, "stop_token_ids": [], "echo": False, "add_generation_prompt": True,
                "chat_template_kwargs": {"enable_thinking": False}}
     assert ask(client, CIRCLES, extra_body=neutral).choices[0].message.content == ask(client, CIRCLES).choices[0].message.content
@@ -254,8 +253,15 @@ def test_a_cache_salt_shares_cached_prefixes_with_its_own_salt_only(client, engi
     assert plain.usage.prompt_tokens_details.cached_tokens < plain.usage.prompt_tokens // 2
     image_key = engine.prompter.decoded((EXAMPLES / "three_shapes.png").read_bytes())[1]
     assert engine.prefixes.has_features(image_key, "tenant-a") and not engine.prefixes.has_features(image_key, "tenant-z")
-    assert {first.choices[0].message.content, again.choices[0].message.content, other.choices[0].message.content} == {
-        plain.choices[0].message.content}
+    # a scored prompt (prompt_logprobs, lm-eval's echo) reuses nothing, and what it stores stays under its salt
+    scored = question("What does the scoring tenant see?", url)
+    ask(client, scored, max_tokens=2, extra_body={"cache_salt": "tenant-d", "prompt_logprobs": 0})
+    assert ask(client, scored, max_tokens=2).usage.prompt_tokens_details.cached_tokens < plain.usage.prompt_tokens // 2
+    again = ask(client, scored, max_tokens=2, extra_body={"cache_salt": "tenant-d"})
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    text = "A prompt only one tenant scored. USER: Hi ASSISTANT:"
+    complete(client, text, max_tokens=1, echo=True, logprobs=0, extra_body={"cache_salt": "tenant-e"})
+    assert (complete(client, text, max_tokens=1).usage.prompt_tokens_details or {"cached_tokens": 0}).cached_tokens < 8
     salted = complete(client, PROMPT, max_tokens=2, extra_body={"cache_salt": "tenant-c"})
     assert salted.usage.prompt_tokens_details is None or salted.usage.prompt_tokens_details.cached_tokens == 0
     again = complete(client, PROMPT, max_tokens=2, extra_body={"cache_salt": "tenant-c"})
@@ -276,7 +282,7 @@ def test_allowed_token_ids_are_the_only_tokens_drawn(client, engine):
     assert only.choices[0].finish_reason == "length"
     error = refused(lambda: ask(client, CIRCLES, extra_body={"allowed_token_ids": [tokens[0]], "bad_words": [
         engine.processor.tokenizer.decode([tokens[0]])]}))
-    assert error.status_code == 400 and error.body["param"] == "bad_words"
+    assert error.status_code == 400 and error.body["param"] == "allowed_token_ids"
 
 
 def contains(tokens: list[int], word: tuple[int, ...]) -> bool:
@@ -378,7 +384,7 @@ def test_prompt_logprobs_in_vllms_layout_equal_the_models_own(client, engine):
         row = expected[position - 1]
         assert list(entry)[0] == str(token)
         assert entry[str(token)]["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
-        assert entry[str(token)]["rank"] == int((row > row[token]).sum()) + 1
+        assert entry[str(token)]["rank"] == int((row >= row[token]).sum())  # vLLM's: the token and those at least as likely
         best = row.topk(2).indices.tolist()
         assert {key for key, value in entry.items() if value["rank"] <= 2} == {str(alternative) for alternative in best}
         assert 2 <= len(entry) <= 3
@@ -395,3 +401,70 @@ def test_prompt_logprobs_in_vllms_layout_equal_the_models_own(client, engine):
     error = refused(lambda: complete(client, PROMPT, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}))
     assert error.status_code == 400 and error.body["param"] == "prompt_logprobs"
     assert complete(client, PROMPT, max_tokens=1, echo=True, logprobs=1, extra_body={"prompt_logprobs": 1}).choices[0].logprobs
+
+
+@pytest.mark.parametrize("extra", [
+    {"allowed_token_ids": "image"},  # a token the model never generates
+    {"allowed_token_ids": "eos", "min_tokens": 3},  # only the end token, which min_tokens holds back
+    {"allowed_token_ids": "first", "bad_words": "first"},  # only a bad word
+])
+def test_token_rules_that_leave_no_token_are_a_400(client, engine, extra):
+    tokenizer = engine.processor.tokenizer
+    first = greedy_tokens(engine, client)[0]
+    named = {"image": engine.processor.image_token_id, "eos": tokenizer.eos_token_id, "first": first}
+    body = {key: [named[value]] if key == "allowed_token_ids" else [tokenizer.decode([named[value]])] if key == "bad_words" else value
+            for key, value in extra.items()}
+    for stream in (False, True):
+        error = refused(lambda: list(client.chat.completions.create(model=MODEL, messages=CIRCLES, max_tokens=8, stream=stream,
+                                                                    extra_body=body)) if stream else ask(client, CIRCLES, extra_body=body))
+        assert error.status_code == 400 and error.body["param"] == "allowed_token_ids", (extra, error.body)
+    assert ask(client, CIRCLES).choices[0].message.content  # the engine answers on
+
+
+def test_truncation_keeps_the_start_token_a_tokenizer_added_and_echoes_what_was_read(client, engine):
+    from engine.prompts import TruncationRefused
+    prompter, bos, image = engine.prompter, engine.processor.tokenizer.bos_token_id, engine.processor.image_token_id
+    ids = torch.tensor([[bos, 5, 6, 7, 8]])
+    assert prompter.kept(ids, 3).tolist() == [[bos, 7, 8]]  # as vLLM truncates on the left: special tokens stay
+    assert prompter.kept(ids, 3, keep_start=False).tolist() == [[6, 7, 8]]  # token ids sent: the last ones only
+    assert prompter.kept(ids, 9).tolist() == ids.tolist()
+    with pytest.raises(TruncationRefused):
+        prompter.kept(torch.tensor([[bos, 5, image, image, 8]]), 2)
+    echoed = complete(client, PROMPT, max_tokens=1, echo=True, logprobs=0, extra_body={"truncate_prompt_tokens": 6})
+    kept = engine.processor.tokenizer(PROMPT)["input_ids"][-6:]
+    text = echoed.choices[0].text
+    assert text.startswith(engine.processor.tokenizer.decode(kept, skip_special_tokens=True)) and not text.startswith(PROMPT[:10])
+    assert echoed.choices[0].logprobs.text_offset[:6] == sorted(echoed.choices[0].logprobs.text_offset[:6])
+
+
+def test_echo_after_a_user_message_without_an_opened_turn_answers_in_the_users_role(client):
+    """vLLM's: without add_generation_prompt the answer continues the last message's turn, whatever its role."""
+    messages = [{"role": "user", "content": "What is a circle? It is"}]
+    rendering = {"add_generation_prompt": False, "continue_final_message": True}
+    plain = ask(client, messages, max_tokens=6, extra_body=rendering)
+    echoed = ask(client, messages, max_tokens=6, extra_body={**rendering, "echo": True})
+    assert plain.choices[0].message.role == echoed.choices[0].message.role == "user"
+    assert echoed.choices[0].message.content == "What is a circle? It is" + plain.choices[0].message.content
+
+
+def test_chat_template_kwargs_reach_a_template_that_reads_them(engine):
+    import copy
+    from engine.prompts import Prompter
+    processor = copy.copy(engine.processor)
+    processor.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if enable_thinking %}<think>{% endif %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+    prompter = Prompter(processor)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert prompter.prompt(messages, None, {"enable_thinking": True}).text == "Hi<think> ASSISTANT:"
+    assert prompter.prompt(messages, None, {"enable_thinking": False, "eos_token": "!"}).text == "Hi ASSISTANT:"
+    assert prompter.prompt(messages, None, {"messages": [{"role": "user", "content": "other"}]}).text == "Hi ASSISTANT:"
+
+
+def test_a_chat_streams_its_prompts_facts_once_for_all_its_choices(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=CIRCLES, temperature=0, max_tokens=6, stream=True, n=2,
+                                                 extra_body={"return_token_ids": True}))
+    assert sum("prompt_token_ids" in chunk.model_extra for chunk in chunks) == 1
+    whole = ask(client, CIRCLES, max_tokens=6, n=2, extra_body={"return_token_ids": True})
+    for index in range(2):
+        ids = [token for chunk in chunks for choice in chunk.choices if choice.index == index for token in choice.model_extra["token_ids"]]
+        assert ids == whole.choices[index].model_extra["token_ids"] and ids
