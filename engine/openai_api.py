@@ -68,15 +68,19 @@ class JSONSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    """OpenAI's: plain text (the default), any JSON object, or JSON following `json_schema.schema`."""
-    type: Literal["text", "json_object", "json_schema"]
+    """OpenAI's: plain text (the default), any JSON object, or JSON following `json_schema.schema`; vLLM's
+    structural tag (`format`, xgrammar's; or its earlier `structures` and `triggers`)."""
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JSONSchemaFormat | None = None
+    format: dict | None = None
+    structures: list | None = None
+    triggers: list | None = None
 
 
 class StructuredOutputs(BaseModel):
     """vLLM's `structured_outputs` (which its `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`
     fields were before): one of json (a schema), regex, choice, grammar (EBNF) or json_object."""
-    model_config = ConfigDict(extra="forbid")  # structural_tag, whitespace_pattern ...: refused by name, not ignored
+    model_config = ConfigDict(extra="forbid")  # whitespace_pattern ...: refused by name, not ignored
     json_: dict | str | None = Field(None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
@@ -87,6 +91,7 @@ class StructuredOutputs(BaseModel):
     disable_any_whitespace: bool | None = None
     disable_fallback: bool | None = None  # there is one backend here: nothing to fall back from
     disable_additional_properties: bool | None = None  # what a schema does not name is refused already
+    structural_tag: str | None = None  # vLLM's: a structural tag as JSON text (structured_output.tag_format)
 
 
 # a top_k past int64 made the batched sampling's tensor overflow on the scheduler's thread, failing every answer
@@ -169,7 +174,10 @@ class SamplingRequest(BaseModel):
                 text = value if isinstance(value, str) else to_json(value).decode()
                 asked.append((param, Structure("json_schema", text, any_whitespace=not compact)))
 
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.response_format is not None and self.response_format.type == "structural_tag":
+            given = self.response_format.model_dump(include={"format", "structures", "triggers"}, exclude_none=True)
+            asked.append(("response_format", Structure("structural_tag", to_json(given).decode())))
+        elif self.response_format is not None and self.response_format.type != "text":
             inner = self.response_format.json_schema
             if self.response_format.type == "json_schema" and inner is not None and inner.schema_ is not None:
                 schema("response_format", inner.schema_)
@@ -187,6 +195,8 @@ class SamplingRequest(BaseModel):
         for param, value in [("structured_outputs.choice", outputs.choice), ("guided_choice", self.guided_choice)]:
             if value is not None:
                 asked.append((param, Structure("choice", to_json(value).decode())))
+        if outputs.structural_tag is not None:
+            asked.append(("structured_outputs.structural_tag", Structure("structural_tag", outputs.structural_tag)))
         return asked
 
     @property

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
 # characters of one spec (a schema as JSON text, a regular expression, an EBNF grammar, the choices as JSON): a
 # grammar's compilation grows with it, and it runs before the request's answer can begin
 MAX_SPEC_CHARS = 64_000
@@ -53,8 +53,10 @@ ANSWER_BUDGET = 2.0
 class Structure(NamedTuple):
     """What an answer is held to: `kind` one of KINDS; `spec` the schema as JSON text (json_schema), nothing
     (json_object: any JSON object), the regular expression (regex), the choices as a JSON list of strings
-    (choice), or the EBNF grammar, whose rule `root` is the answer (grammar). `any_whitespace`: JSON may have any
-    whitespace between its tokens (vLLM's default); without, it is laid out as json.dumps lays it out."""
+    (choice), the EBNF grammar, whose rule `root` is the answer (grammar), or a structural tag as JSON text
+    (structural_tag: xgrammar's `{"type": "structural_tag", "format": ...}`, or vLLM's earlier `{"structures":
+    [{"begin", "schema", "end"}], "triggers"}`, see `tag_format`). `any_whitespace`: JSON may have any whitespace
+    between its tokens (vLLM's default); without, it is laid out as json.dumps lays it out."""
     kind: str
     spec: str = ""
     any_whitespace: bool = True
@@ -113,6 +115,9 @@ def check_size(structure: Structure):
         raise StructureError(f"unknown structure {structure.kind!r}; one of {', '.join(KINDS)}")
     if len(structure.spec) > MAX_SPEC_CHARS:
         raise StructureError(f"the {structure.kind.replace('_', ' ')} is {len(structure.spec):,} characters; at most {MAX_SPEC_CHARS:,}")
+    if structure.kind == "structural_tag":
+        for schema in _tag_schemas(tag_format(structure.spec)):
+            _check_schema(schema)
     if structure.kind == "json_schema":
         try:
             schema = json.loads(structure.spec)
@@ -120,11 +125,52 @@ def check_size(structure: Structure):
             return  # xgrammar says what is wrong with it (check)
         except RecursionError:
             schema = None  # deeper than Python's parser goes
-        if schema is None or _depth(schema) > MAX_SCHEMA_DEPTH:
-            raise StructureError(f"the json schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep")
-        if found := _unheld(schema):
-            raise StructureError(f"the json schema {found}, which its grammar cannot hold (an answer could break it and "
-                                 "still end as complete); leave it out")
+        _check_schema(schema)
+
+
+def _check_schema(schema):
+    if schema is None or _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise StructureError(f"the json schema nests objects and arrays more than {MAX_SCHEMA_DEPTH} deep")
+    if found := _unheld(schema):
+        raise StructureError(f"the json schema {found}, which its grammar cannot hold (an answer could break it and "
+                             "still end as complete); leave it out")
+
+
+def tag_format(spec: str) -> dict:
+    """A structural tag's spec in xgrammar's form: as given, or vLLM's earlier form (`structures`, each a `begin`,
+    `schema` and `end`, and `triggers`: free text until a trigger, then one of the structures that begins with it)
+    in the form xgrammar gives the same meaning (triggered tags); StructureError for neither."""
+    try:
+        given = json.loads(spec)
+    except (ValueError, RecursionError):
+        raise StructureError("the structural tag is not a JSON object") from None
+    if not isinstance(given, dict):
+        raise StructureError("the structural tag is not a JSON object")
+    if "format" in given:
+        if _depth(given["format"]) > MAX_SCHEMA_DEPTH * 2:  # tags nest, and each may hold a schema
+            raise StructureError(f"the structural tag nests more than {MAX_SCHEMA_DEPTH * 2} deep")
+        return {"type": "structural_tag", "format": given["format"]}
+    structures, triggers = given.get("structures"), given.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not all(isinstance(item, dict) for item in structures):
+        raise StructureError('the structural tag has neither a "format" nor "structures" (each {"begin", "schema", '
+                             '"end"}) and "triggers"')
+    tags = [{"type": "tag", "begin": item.get("begin"), "end": item.get("end"),
+             "content": {"type": "json_schema", "json_schema": item.get("schema", {})}} for item in structures]
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}}
+
+
+def _tag_schemas(value) -> list:
+    """The JSON schemas a structural tag's format holds (each checked as a json_schema is)."""
+    found, level = [], [value]
+    while level:
+        item = level.pop()
+        if isinstance(item, dict):
+            if item.get("type") == "json_schema" and "json_schema" in item:
+                found.append(item["json_schema"])
+            level += [inner for key, inner in item.items() if key != "json_schema"]
+        elif isinstance(item, list):
+            level += item
+    return found
 
 
 # What xgrammar's grammar of a schema leaves out, so that an answer breaking it still ends with "stop" (each tried:
@@ -187,10 +233,10 @@ def check(structure: Structure):
 @functools.lru_cache(maxsize=128)
 def _parses(structure: Structure):
     grammar = _xgrammar().Grammar
-    _built(structure, grammar.from_json_schema, grammar.from_regex, grammar.from_ebnf)
+    _built(structure, grammar.from_json_schema, grammar.from_regex, grammar.from_ebnf, grammar.from_structural_tag)
 
 
-def _built(structure: Structure, from_schema, from_regex, from_ebnf):
+def _built(structure: Structure, from_schema, from_regex, from_ebnf, from_tag):
     """The structure's grammar, made by the makers of its kind (xgrammar's Grammar without a tokenizer, or a
     compiler's against one); StructureError if the spec gives none."""
     try:
@@ -199,6 +245,8 @@ def _built(structure: Structure, from_schema, from_regex, from_ebnf):
             return from_schema(schema, any_whitespace=structure.any_whitespace, strict_mode=strict)
         if structure.kind == "regex":
             return from_regex(structure.spec)
+        if structure.kind == "structural_tag":
+            return from_tag(json.dumps(tag_format(structure.spec)))
         return from_ebnf(_choice_ebnf(choices(structure)) if structure.kind == "choice" else structure.spec)
     except RuntimeError as error:
         raise StructureError(f"the {structure.kind.replace('_', ' ')} gives no grammar: {_reason(error)}") from None
@@ -303,7 +351,8 @@ class Grammars:
             if self._compiler is None:
                 self._compiler = xgrammar.GrammarCompiler(self._token_info(xgrammar), max_threads=1, cache_enabled=False)
         compiler = self._compiler
-        return _built(structure, compiler.compile_json_schema, compiler.compile_regex, compiler.compile_grammar)
+        return _built(structure, compiler.compile_json_schema, compiler.compile_regex, compiler.compile_grammar,
+                      compiler.compile_structural_tag)
 
     def constraint(self, structure: Structure) -> Constraint:
         """A matcher at the start of the structure's grammar; StructureError if the spec gives none, or one that

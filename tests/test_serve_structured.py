@@ -142,7 +142,11 @@ def test_a_spec_without_a_grammar_is_a_400_naming_its_field(client):
          "uses dependencies"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "give one"),
         ({"guided_choice": COLORS, "min_tokens": 2}, "min_tokens", "structured output"),
-        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "Extra inputs"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "neither"),
+        ({"structured_outputs": {"structural_tag": "[1"}}, "structured_outputs.structural_tag", "not a JSON object"),
+        ({"response_format": {"type": "structural_tag", "format": {"type": "nope"}}}, "response_format", "not recognized"),
+        ({"response_format": {"type": "structural_tag", "structures": [{"begin": "<a>", "schema": {"not": {}}, "end": "</a>"}],
+                              "triggers": ["<a>"]}}, "response_format", "uses not"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "needs its json_schema"),
         ({"guided_grammar": "root ::= root"}, "guided_grammar", "allows no answer"),  # found by the engine's walk
         ({"response_format": {"type": "xml"}}, "response_format.type", "json_schema"),
@@ -242,3 +246,24 @@ def test_a_step_whose_masks_cost_too_much_together_ends_the_costliest_answers():
     alone = Costing(budget * 0.6)
     structured_output.rule_out(torch.zeros(1, 64), [alone])
     assert alone.slow is None  # under the budget alone
+
+
+def test_a_structural_tag_holds_its_tagged_json_and_triggers_wait_for_their_trigger(client):
+    """vLLM's structural tags, through xgrammar: a tag that must come (xgrammar's format) gives its begin, its content
+    (here a regex's: JSON in a tag may have any whitespace, which xgrammar's tags do not let a request rule out, and
+    the shapes model fills) and its end; vLLM's earlier form (structures and triggers) leaves the text free until a
+    trigger comes."""
+    schema = {"type": "object", "properties": {"color": {"enum": COLORS}}, "required": ["color"]}
+    tagged = {"type": "structural_tag", "format": {"type": "tag", "begin": "<answer>", "end": "</answer>",
+                                                     "content": {"type": "regex", "pattern": "|".join(COLORS)}}}
+    for field in ({"response_format": tagged}, {"structured_outputs": {"structural_tag": json.dumps(tagged)}}):
+        for temperature in (0.0, 1.0):
+            answer = ask(client, CIRCLES, temperature=temperature, seed=1, max_tokens=40, extra_body=field).choices[0]
+            assert re.fullmatch(f"<answer>({'|'.join(COLORS)})</answer>", answer.message.content), answer.message.content
+            assert answer.finish_reason == "stop"
+    plain = ask(client, CIRCLES).choices[0].message.content
+    waiting = {"type": "structural_tag", "triggers": ["<call="],
+               "structures": [{"begin": "<call=color>", "schema": schema, "end": "</call>"}]}
+    free = ask(client, CIRCLES, extra_body={"response_format": waiting})
+    # no trigger came: the model's own answer, raw as a structured answer's text is (its leading space kept)
+    assert free.choices[0].message.content.strip() == plain and free.choices[0].finish_reason == "stop"
