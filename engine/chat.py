@@ -242,7 +242,7 @@ class ChatEngine:
         if not left:
             raise TokenRulesRefused("allowed_token_ids: every token it allows is a bad word or one this model never "
                                     "generates (its suppressed tokens)")
-        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.stop_ids))
+        stops = set(sampling.stop_token_ids) | set(self.stop_ids)  # all blocked before min_tokens (Sequence.blocked)
         if sampling.min_tokens and not left - stops:
             raise TokenRulesRefused(f"allowed_token_ids: it allows only end or stop tokens, which min_tokens "
                                     f"({sampling.min_tokens}) keeps from being drawn first")

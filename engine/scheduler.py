@@ -89,11 +89,12 @@ class Sequence:
 
     @property
     def blocked(self) -> set[int]:
-        """The tokens its next one may not be: its end tokens and stop tokens while it is short of its min_tokens (its
-        end tokens not with ignore_eos, where they are tokens as any other)."""
+        """The tokens its next one may not be: its end tokens and stop tokens while it is short of its min_tokens (with
+        ignore_eos too, as vLLM's min_tokens blocks every stop token: an end token would not end the answer there, but
+        an answer of at least min_tokens tokens has none of them before)."""
         if len(self.tokens) >= self.sampling.min_tokens:
             return set()
-        return self.stop_token_ids if self.sampling.ignore_eos else self.stop_ids | self.stop_token_ids
+        return self.stop_ids | self.stop_token_ids
 
     @property
     def scores_prompt(self) -> bool:

@@ -51,6 +51,13 @@ def test_stop_token_ids_wait_for_min_tokens_and_stop_also_with_ignore_eos(client
     first = tokens[0]
     later = ask(client, CIRCLES, extra_body={"stop_token_ids": [first], "min_tokens": 3})
     assert later.usage.completion_tokens >= 3  # blocked as the first token, so the answer went another way
+    # as vLLM's: min_tokens keeps the end token out of an answer's first tokens with ignore_eos too
+    eos = engine.processor.tokenizer.eos_token_id
+    through = ask(client, CIRCLES, max_tokens=len(tokens) + 4, extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert eos in through.choices[0].model_extra["token_ids"][: len(tokens) + 1]
+    held = ask(client, CIRCLES, max_tokens=len(tokens) + 4,
+               extra_body={"ignore_eos": True, "min_tokens": len(tokens) + 2, "return_token_ids": True})
+    assert eos not in held.choices[0].model_extra["token_ids"][: len(tokens) + 2]
     ignoring = ask(client, CIRCLES, max_tokens=30, extra_body={"stop_token_ids": [tokens[2]], "ignore_eos": True})
     assert ignoring.choices[0].finish_reason == "stop" and ignoring.usage.completion_tokens == 3
     assert ignoring.choices[0].model_extra["stop_reason"] == tokens[2]
