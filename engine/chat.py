@@ -203,7 +203,7 @@ class ChatEngine:
             raise ContextTooLong(f"the conversation is {ids.shape[1]} tokens, the model's whole context: start a new one")
         if outside := [token for token, _ in sampling.logit_bias if not 0 <= token < self.scheduler.vocabulary]:
             raise ChatError(f"logit_bias names the token id {outside[0]}, outside the model's vocabulary")
-        if sampling.allowed_token_ids is not None:
+        if sampling.allowed_token_ids is not None or sampling.min_tokens and sampling.stop_token_ids:
             self._check_token_rules(sampling)
         try:  # compiled here, in the request's thread: the scheduler's only matches
             constraint = self.grammars.constraint(sampling.structure) if sampling.structure is not None else None
@@ -235,14 +235,21 @@ class ChatEngine:
             yield from self._decode(session, ids, pixel_values, image_sizes, sampling, one_off, interval, cancel, constraint)
 
     def _check_token_rules(self, sampling: Sampling):
-        """TokenRulesRefused where allowed_token_ids leave no token to draw: every one is never generated (the
-        model's suppressed tokens), a one-token bad word, or, before min_tokens, an end or stop token."""
+        """TokenRulesRefused (its message begins with the field to blame) where the answer's rules leave no token to
+        draw: allowed_token_ids that are all never generated (the model's suppressed tokens) or one-token bad words,
+        or, before min_tokens, only end or stop tokens (allowed, or left by stop_token_ids)."""
+        vocabulary = self.scheduler.vocabulary
         ruled_out = set(self.scheduler.suppress) | {word[0] for word in sampling.bad_words if len(word) == 1}
+        stops = set(sampling.stop_token_ids) | set(self.stop_ids)  # all blocked before min_tokens (Sequence.blocked)
+        if sampling.allowed_token_ids is None:  # the whole vocabulary, less what is ruled out and, first, the stops
+            if sampling.min_tokens and len({token for token in ruled_out | stops if 0 <= token < vocabulary}) >= vocabulary:
+                raise TokenRulesRefused(f"stop_token_ids: with the end tokens and the tokens never generated they are every "
+                                        f"token, which min_tokens ({sampling.min_tokens}) keeps from being drawn first")
+            return
         left = set(sampling.allowed_token_ids) - ruled_out
         if not left:
             raise TokenRulesRefused("allowed_token_ids: every token it allows is a bad word or one this model never "
                                     "generates (its suppressed tokens)")
-        stops = set(sampling.stop_token_ids) | set(self.stop_ids)  # all blocked before min_tokens (Sequence.blocked)
         if sampling.min_tokens and not left - stops:
             raise TokenRulesRefused(f"allowed_token_ids: it allows only end or stop tokens, which min_tokens "
                                     f"({sampling.min_tokens}) keeps from being drawn first")

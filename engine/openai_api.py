@@ -373,8 +373,8 @@ REFUSED_BECAUSE = {"functions": "OpenAI's former function calling: send tools an
                    "use_beam_search": "each answer is sampled on its own; there is no beam search",
                    "chat_template": "a template sent with a request would run the client's code on the server; the model's "
                                     "own template renders every conversation",
-                   "add_special_tokens": "the rendered conversation has its start token already (this model's template "
-                                         "leaves it to the tokenizer); a second one is not a prompt the model knows",
+                   "add_special_tokens": "a conversation is tokenized as the model's template renders it, with the special "
+                                         "tokens its tokenizer adds; more on top is not a prompt the model was trained on",
                    "priority": "requests are served in the order they come"}
 # /v1/chat/completions' own: vLLM's fields of a conversation's rendering that are not implemented
 # (add_special_tokens false, vLLM's default for a chat: nothing added past what the rendering makes)
@@ -538,7 +538,11 @@ def _check_rendering(request: Rendering):
         raise APIError(400, "continue_final_message: the last message is continued, or the assistant's next one begins "
                        "after it (add_generation_prompt, true by default): not both; send add_generation_prompt false",
                        param="continue_final_message")
-    if continued and getattr(request, "tool_plan", None) is not None:
+    plan = getattr(request, "tool_plan", None)
+    if getattr(request, "echo", None) and plan is not None and plan.mode in ("named", "required"):
+        raise APIError(400, "echo: an answer that must call a tool has no text to begin with the last message; send "
+                       "tool_choice auto or none", param="echo")
+    if continued and plan is not None:
         raise APIError(400, "continue_final_message: a message continued is text, not a tool's call; send tool_choice none",
                        param="continue_final_message")
 

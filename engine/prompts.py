@@ -156,6 +156,9 @@ class Prompter:
         except ChatError:  # too long for the model
             raise
         except ValueError as error:  # markers and images that do not match
+            if arguments["continue_final_message"]:  # the template renders a message's images after its text, cut off
+                raise ChatError(f"continue_final_message: the continued message ends before its images' place in the prompt "
+                                f"({error}); send its images in an earlier message, or open a new turn") from error
             raise ChatError(str(error)) from error
         if arguments["continue_final_message"]:
             tail = prompt.ids[0] if prompt.ids is not None else self.processor.tokenizer(text)["input_ids"]

@@ -114,9 +114,9 @@ class Sequence:
                 self.error = NonFiniteScores(f"after {len(self.tokens)} tokens, no token was left that both the structured "
                                              "output allows and the model's scores make possible (NaN or infinite scores, "
                                              "or only tokens never generated)")
-            elif self.penalties is not None and (self.sampling.allowed_token_ids is not None or self.sampling.bad_words):
+            elif self.blocked or self.penalties is not None and (self.sampling.allowed_token_ids is not None or self.sampling.bad_words):
                 self.error = TokenRulesRefused(f"after {len(self.tokens)} tokens, no token was left that the answer's "
-                                               "allowed_token_ids and bad_words allow")
+                                               "allowed_token_ids, bad_words and stop_token_ids (before min_tokens) allow")
             else:
                 self.error = NonFiniteScores(f"the model's next-token scores for this answer were NaN or infinite after "
                                              f"{len(self.tokens)} tokens; if the model runs in float16, bfloat16 or float32 "

@@ -354,8 +354,9 @@ def api_errors(param: str = "messages", structure: str | None = None):
         raise APIError(400, str(error), param=structure or param) from None
     except TruncationRefused as error:
         raise APIError(400, str(error), param="truncate_prompt_tokens") from None
-    except TokenRulesRefused as error:
-        raise APIError(400, str(error), param="allowed_token_ids") from None
+    except TokenRulesRefused as error:  # its message begins with the field to blame
+        blamed = str(error).partition(":")[0]
+        raise APIError(400, str(error), param=blamed if blamed in ("stop_token_ids", "bad_words") else "allowed_token_ids") from None
     except ChatError as error:
         raise APIError(400, str(error), param=param,
                        code="context_length_exceeded" if isinstance(error, ContextTooLong) else None) from None

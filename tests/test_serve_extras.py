@@ -475,3 +475,26 @@ def test_a_chat_streams_its_prompts_facts_once_for_all_its_choices(client):
     for index in range(2):
         ids = [token for chunk in chunks for choice in chunk.choices if choice.index == index for token in choice.model_extra["token_ids"]]
         assert ids == whole.choices[index].model_extra["token_ids"] and ids
+
+
+def test_stop_token_ids_that_leave_no_token_before_min_tokens_are_a_400(client, engine):
+    everything = list(range(engine.scheduler.vocabulary))
+    for path, body in (("chat", {"messages": [{"role": "user", "content": "hi"}]}), ("completions", {"prompt": PROMPT})):
+        call = (lambda: client.chat.completions.create(model=MODEL, max_tokens=5, extra_body={"stop_token_ids": everything[:1024],
+                "min_tokens": 1}, **body)) if path == "chat" else (lambda: client.completions.create(
+                model=MODEL, max_tokens=5, extra_body={"stop_token_ids": everything[:1024], "min_tokens": 1}, **body))
+        assert engine.scheduler.vocabulary <= 1024
+        error = refused(call)
+        assert error.status_code == 400 and error.body["param"] == "stop_token_ids", error.body
+    # without min_tokens they end the answer at once, as its end token would
+    ended = ask(client, CIRCLES, extra_body={"stop_token_ids": everything[:1024]})
+    assert ended.choices[0].finish_reason == "stop" and ended.choices[0].message.content == ""
+
+
+def test_echo_with_a_forced_tool_call_is_refused_and_a_continued_message_cut_before_its_image_is_explained(client):
+    tool = {"type": "function", "function": {"name": "color", "parameters": {"type": "object", "properties": {}}}}
+    error = refused(lambda: ask(client, continued(CIRCLES, "The"), tools=[tool], tool_choice="required", extra_body={"echo": True}))
+    assert error.status_code == 400 and error.body["param"] == "echo"
+    assert ask(client, continued(CIRCLES, "The"), tools=[tool], tool_choice="auto", extra_body={"echo": True}).choices[0]
+    cut = refused(lambda: ask(client, CIRCLES, extra_body={"continue_final_message": True, "add_generation_prompt": False}))
+    assert cut.status_code == 400 and "continue_final_message" in cut.body["message"]
